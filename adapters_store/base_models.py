@@ -21,9 +21,23 @@ from adapters_store.errors import ValidationError
 from adapters_store.names import validate_name
 
 # Keys that describe how a checkpoint was written, not what it computes.
-_VOLATILE_CONFIG_KEYS = frozenset({"_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures",
-                                   "id2label", "label2id", "_attn_implementation_autoset", "gradient_checkpointing",
-                                   "use_cache", "output_hidden_states", "output_attentions", "return_dict"})
+_VOLATILE_CONFIG_KEYS = frozenset(
+    {
+        "_name_or_path",
+        "transformers_version",
+        "torch_dtype",
+        "dtype",
+        "architectures",
+        "id2label",
+        "label2id",
+        "_attn_implementation_autoset",
+        "gradient_checkpointing",
+        "use_cache",
+        "output_hidden_states",
+        "output_attentions",
+        "return_dict",
+    }
+)
 # Buffers, not weights: present in some checkpoints and absent in others for the same model.
 _IGNORED_TENSOR_SUFFIXES = ("position_ids", "num_batches_tracked")
 _MAX_HEADER = 100 * 1024 * 1024
@@ -71,7 +85,11 @@ def _weight_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         bins = sorted(p.name for p in folder.glob("*.bin"))
-        hint = f" (found {', '.join(bins)}: pickle checkpoints are not loaded; convert to safetensors)" if bins else ""
+        hint = (
+            f" (found {', '.join(bins)}: pickle checkpoints are not loaded; convert to safetensors)"
+            if bins
+            else ""
+        )
         raise ValidationError(f"{folder} holds no *.safetensors weights{hint}")
     return files
 
@@ -79,7 +97,7 @@ def _weight_files(folder: Path) -> list[Path]:
 def strip_prefix(name: str, prefixes: tuple[str, ...]) -> str:
     for p in prefixes:
         if name.startswith(p):
-            return name[len(p):]
+            return name[len(p) :]
     return name
 
 
@@ -110,7 +128,7 @@ def fingerprint_folder(folder: str | Path) -> tuple[str, dict[str, Any], dict[st
                     maps[wf] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             start, end = meta["data_offsets"]
             h.update(f"{tname}|{meta['dtype']}|{meta['shape']}|".encode())
-            h.update(maps[wf][offset + start: offset + end])
+            h.update(maps[wf][offset + start : offset + end])
     finally:
         for m in maps.values():
             m.close()
@@ -118,7 +136,9 @@ def fingerprint_folder(folder: str | Path) -> tuple[str, dict[str, Any], dict[st
     return h.hexdigest(), config, shapes
 
 
-def describe_base(name: str, folder: str | Path, source: str | None = None, **metadata: Any) -> BaseModelEntry:
+def describe_base(
+    name: str, folder: str | Path, source: str | None = None, **metadata: Any
+) -> BaseModelEntry:
     """Fingerprint a model folder and describe it as a registry entry (not yet stored)."""
     fp, config, shapes = fingerprint_folder(folder)
     return BaseModelEntry(

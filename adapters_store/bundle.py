@@ -51,7 +51,12 @@ Kind = Literal["head", "lora", "ia3", "partial", "full"]
 Task = Literal["feature-extraction", "text-classification", "image-classification", "audio-classification"]
 Pooling = Literal["mean", "cls", "pooler"]
 KINDS: tuple[str, ...] = ("head", "lora", "ia3", "partial", "full")
-TASKS: tuple[str, ...] = ("feature-extraction", "text-classification", "image-classification", "audio-classification")
+TASKS: tuple[str, ...] = (
+    "feature-extraction",
+    "text-classification",
+    "image-classification",
+    "audio-classification",
+)
 REQUIRED_FILES: dict[str, tuple[str, ...]] = {
     "head": (HEAD_WEIGHTS_FILE,),
     "lora": (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE),
@@ -75,7 +80,9 @@ def check_file_name(name: str) -> str:
     if not isinstance(name, str) or not name or len(name) > _FILE_NAME_MAX:
         raise ValidationError(f"bundle file name must be 1-{_FILE_NAME_MAX} characters")
     if name != os.path.basename(name) or "\\" in name or name.startswith(".") or "\x00" in name:
-        raise ValidationError(f"bundle file name {name[:80]!r} must be a plain file name (no folders, no leading '.')")
+        raise ValidationError(
+            f"bundle file name {name[:80]!r} must be a plain file name (no folders, no leading '.')"
+        )
     ext = os.path.splitext(name)[1].lower()
     if ext in PICKLE_EXTENSIONS:
         raise UnsafeFormat(
@@ -83,9 +90,13 @@ def check_file_name(name: str) -> str:
             "(PEFT: save_pretrained(..., safe_serialization=True))"
         )
     if ext in GRAPH_EXTENSIONS:
-        raise UnsafeFormat(f"{name!r}: ONNX graphs are built by loraplex from registered bases, never uploaded")
+        raise UnsafeFormat(
+            f"{name!r}: ONNX graphs are built by loraplex from registered bases, never uploaded"
+        )
     if ext not in ALLOWED_EXTENSIONS:
-        raise ValidationError(f"{name!r}: unsupported file type; allowed: {', '.join(sorted(ALLOWED_EXTENSIONS))}")
+        raise ValidationError(
+            f"{name!r}: unsupported file type; allowed: {', '.join(sorted(ALLOWED_EXTENSIONS))}"
+        )
     return name
 
 
@@ -131,7 +142,9 @@ class AdapterManifest(_Frozen):
     pooling: Pooling = Field(default="mean", description="how the sequence is reduced before the head")
     normalize: bool = Field(default=False, description="L2-normalise embeddings (feature-extraction)")
     head: HeadSpec | None = None
-    first_trained_layer: int | None = Field(default=None, ge=0, description="partial: first tenant-owned block")
+    first_trained_layer: int | None = Field(
+        default=None, ge=0, description="partial: first tenant-owned block"
+    )
     files: dict[str, FileEntry]
     created_at: str = Field(default_factory=utc_now)
     metrics: dict[str, Any] = Field(default_factory=dict)
@@ -163,7 +176,9 @@ class AdapterManifest(_Frozen):
         if self.task != "feature-extraction" and not self.labels:
             raise ValueError(f"task {self.task!r} needs 'labels'")
         if self.head is not None and self.labels and self.head.num_outputs != len(self.labels):
-            raise ValueError(f"head has {self.head.num_outputs} outputs but there are {len(self.labels)} labels")
+            raise ValueError(
+                f"head has {self.head.num_outputs} outputs but there are {len(self.labels)} labels"
+            )
         return self
 
     @property

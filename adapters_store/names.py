@@ -83,7 +83,9 @@ class AdapterRef:
         if tenant is not None and len(parts) == 1:
             parts = [tenant, parts[0]]
         if len(parts) != 2:
-            raise InvalidName(f"adapter reference {text[:80]!r} must look like 'tenant/name[@version|@alias]'")
+            raise InvalidName(
+                f"adapter reference {text[:80]!r} must look like 'tenant/name[@version|@alias]'"
+            )
         t = validate_name(parts[0], "tenant")
         n = validate_name(parts[1], "adapter name")
         if selector == "":

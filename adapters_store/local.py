@@ -1,0 +1,119 @@
+"""The embedded default: a store in a local folder.
+
+Every write goes to a temp file in the target folder, is fsynced, then renamed over the key, so a
+reader sees the old bytes or the new, never a mix. A conditional create links the fsynced temp file to
+the key: ``link`` fails atomically if the key exists, which is the commit point of a put.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+import uuid
+from pathlib import Path
+
+from adapters_store.errors import NotFound, ValidationError
+from adapters_store.store import ObjectStore
+from adapters_store.validation import StoreLimits
+
+_TMP_PREFIX = ".tmp-"
+
+
+class LocalStore(ObjectStore):
+    def __init__(self, root: str | os.PathLike, limits: StoreLimits | None = None):
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.url = f"file://{self.root}"
+        self.limits = limits or StoreLimits()
+
+    def _path(self, key: str) -> Path:
+        # Keys are built from validated names; this is the last line of defence against traversal.
+        parts = key.strip("/").split("/")
+        if any(p in ("", ".", "..") or p.startswith(".") or "\\" in p or "\x00" in p for p in parts):
+            raise ValidationError(f"invalid storage key {key!r}")
+        path = self.root.joinpath(*parts)
+        if self.root not in path.parents:
+            raise ValidationError(f"invalid storage key {key!r}")
+        return path
+
+    def _read(self, key: str) -> bytes:
+        path = self._path(key)
+        if path.is_symlink():  # the store never writes links; one placed here is not followed
+            raise NotFound(key)
+        try:
+            return path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise NotFound(key) from None
+
+    def _temp(self, path: Path, data: bytes) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return tmp
+
+    def _fsync_dir(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _write(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        tmp = self._temp(path, data)
+        os.replace(tmp, path)
+        self._fsync_dir(path.parent)
+
+    def _create(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        tmp = self._temp(path, data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._fsync_dir(path.parent)
+        return True
+
+    def _delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink()
+        except FileNotFoundError:
+            pass
+
+    def _list(self, prefix: str) -> list[tuple[str, float]]:
+        base = self._path(prefix.rstrip("/"))
+        if not base.is_dir():
+            return []
+        out = []
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for fn in filenames:
+                p = Path(dirpath) / fn
+                if fn.startswith(".") or p.is_symlink():
+                    continue
+                try:
+                    out.append((p.relative_to(self.root).as_posix(), p.stat().st_mtime))
+                except FileNotFoundError:
+                    continue  # deleted while listing
+        return out
+
+    def _sweep_backend(self, grace_s: float) -> int:
+        removed, now = 0, time.time()
+        for dirpath, _, filenames in os.walk(self.root):
+            for fn in filenames:
+                p = Path(dirpath) / fn
+                if fn.startswith(_TMP_PREFIX):
+                    try:
+                        if now - p.stat().st_mtime > grace_s:
+                            p.unlink()
+                            removed += 1
+                    except OSError as e:
+                        if e.errno != errno.ENOENT:
+                            raise
+        return removed

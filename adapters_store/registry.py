@@ -1,0 +1,43 @@
+"""Choose a store implementation by URL scheme from a small registry."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from urllib.parse import urlparse
+
+from adapters_store.errors import InvalidRequest
+from adapters_store.store import AdapterStore
+from adapters_store.validation import StoreLimits
+
+DEFAULT_STORE_URL = os.environ.get("LORAPLEX_STORE", ".loraplex/store")
+
+
+def _local(url: str, limits: StoreLimits | None) -> AdapterStore:
+    from adapters_store.local import LocalStore
+
+    return LocalStore(url[len("file://") :] if url.startswith("file://") else url, limits)
+
+
+def _s3(url: str, limits: StoreLimits | None) -> AdapterStore:
+    from adapters_store.s3 import S3Store
+
+    return S3Store(url, limits)
+
+
+STORE_SCHEMES: dict[str, Callable[[str, StoreLimits | None], AdapterStore]] = {
+    "": _local,
+    "file": _local,
+    "s3": _s3,
+}
+
+
+def open_store(url: str | os.PathLike | None = None, limits: StoreLimits | None = None) -> AdapterStore:
+    """Open a store: a folder path or ``file://`` URL (local), or ``s3://bucket/prefix[?endpoint=...]``."""
+    url = os.fspath(url) if url is not None else DEFAULT_STORE_URL
+    scheme = urlparse(url).scheme
+    factory = STORE_SCHEMES.get(scheme if len(scheme) > 1 else "")  # 1 letter: a Windows drive
+    if factory is None:
+        valid = ", ".join(f"{s}://" for s in STORE_SCHEMES if s) + ", or a folder path"
+        raise InvalidRequest(f"unknown store URL scheme {scheme!r}; use {valid}")
+    return factory(url, limits)

@@ -1,0 +1,335 @@
+"""The ``AdapterStore`` protocol and its one implementation over a tiny object-storage interface.
+
+Layout (keys are the same on local disk and on S3)::
+
+    bases/<base>.json                                   registered base model (BaseModelEntry)
+    bases/<base>/artifacts/<fingerprint>/<file>         derived artifacts (ONNX exports), never tenant-supplied
+    tenants/<tenant>/blobs/<sha256>                     file contents, content-addressed, immutable
+    tenants/<tenant>/adapters/<name>/versions/<N>.json  manifest of version N: the commit point
+    tenants/<tenant>/adapters/<name>/aliases/<alias>.json   {"version": N}
+
+A put uploads blobs first and then creates ``versions/<N>.json`` with a conditional create (O_EXCL-like
+link on disk, ``If-None-Match: *`` on S3). A crash before that leaves only unreferenced blobs, which
+``sweep_orphans`` removes after a grace period; a crash after it leaves a complete version. Two
+concurrent puts race for N; the loser retries with N+1, so both land with distinct versions.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from abc import ABC, abstractmethod
+from typing import Protocol, runtime_checkable
+
+from adapters_store.base_models import BaseModelEntry
+from adapters_store.bundle import AdapterManifest, Bundle
+from adapters_store.errors import (
+    Conflict,
+    IncompatibleBase,
+    IntegrityError,
+    LoraplexError,
+    NotFound,
+    ValidationError,
+)
+from adapters_store.names import LATEST, AdapterRef, validate_alias, validate_name
+from adapters_store.validation import StoreLimits, validate_bundle
+
+_PUT_RETRIES = 64
+
+
+@runtime_checkable
+class AdapterStore(Protocol):
+    """What training writes and serving reads. ``open_store(url)`` returns one."""
+
+    url: str
+    limits: StoreLimits
+
+    def register_base(self, entry: BaseModelEntry) -> BaseModelEntry: ...
+    def get_base(self, name: str) -> BaseModelEntry: ...
+    def list_bases(self) -> list[BaseModelEntry]: ...
+    def put(self, bundle: Bundle) -> AdapterManifest: ...
+    def resolve(self, ref: AdapterRef | str) -> AdapterManifest: ...
+    def get(self, ref: AdapterRef | str) -> Bundle: ...
+    def list_tenants(self) -> list[str]: ...
+    def list_adapters(self, tenant: str) -> list[str]: ...
+    def list_versions(self, tenant: str, name: str) -> list[AdapterManifest]: ...
+    def aliases(self, tenant: str, name: str) -> dict[str, int]: ...
+    def set_alias(self, tenant: str, name: str, alias: str, version: int) -> None: ...
+    def delete_alias(self, tenant: str, name: str, alias: str) -> None: ...
+    def delete_version(self, tenant: str, name: str, version: int) -> None: ...
+    def delete_adapter(self, tenant: str, name: str) -> int: ...
+    def verify(self, ref: AdapterRef | str) -> AdapterManifest: ...
+    def sweep_orphans(self, grace_s: float = 3600.0) -> int: ...
+    def put_artifact(self, base: str, fingerprint: str, filename: str, data: bytes) -> None: ...
+    def get_artifact(self, base: str, fingerprint: str, filename: str) -> bytes: ...
+    def has_artifact(self, base: str, fingerprint: str, filename: str) -> bool: ...
+
+
+class ObjectStore(ABC):
+    """The registry logic over five object primitives; ``LocalStore`` and ``S3Store`` supply them."""
+
+    url: str
+    limits: StoreLimits
+
+    # -- primitives -------------------------------------------------------------------------------
+    @abstractmethod
+    def _read(self, key: str) -> bytes:
+        """Bytes of ``key``; raise NotFound if absent."""
+
+    @abstractmethod
+    def _write(self, key: str, data: bytes) -> None:
+        """Atomically create or replace ``key``."""
+
+    @abstractmethod
+    def _create(self, key: str, data: bytes) -> bool:
+        """Atomically create ``key`` only if absent; False if it already existed."""
+
+    @abstractmethod
+    def _delete(self, key: str) -> None:
+        """Remove ``key`` (no error if absent)."""
+
+    @abstractmethod
+    def _list(self, prefix: str) -> list[tuple[str, float]]:
+        """(key, modified time) of every object under ``prefix`` (a folder-like prefix ending in '/')."""
+
+    # -- bases ------------------------------------------------------------------------------------
+    def register_base(self, entry: BaseModelEntry) -> BaseModelEntry:
+        key = f"bases/{validate_name(entry.name, 'base name')}.json"
+        if not self._create(key, entry.model_dump_json(indent=2).encode()):
+            existing = self.get_base(entry.name)
+            if existing.fingerprint != entry.fingerprint:
+                raise Conflict(
+                    f"base {entry.name!r} is already registered with another fingerprint "
+                    f"({existing.fingerprint[:12]}...); register the new weights under a new name"
+                )
+            return existing
+        return entry
+
+    def get_base(self, name: str) -> BaseModelEntry:
+        data = self._read_or(
+            f"bases/{validate_name(name, 'base name')}.json", f"base model {name!r} is not registered"
+        )
+        return BaseModelEntry.model_validate_json(data)
+
+    def list_bases(self) -> list[BaseModelEntry]:
+        keys = [k for k, _ in self._list("bases/") if k.count("/") == 1 and k.endswith(".json")]
+        return [BaseModelEntry.model_validate_json(self._read(k)) for k in sorted(keys)]
+
+    def _base_for(self, fingerprint: str, name: str) -> BaseModelEntry:
+        try:
+            base = self.get_base(name)
+        except NotFound:
+            raise IncompatibleBase(
+                f"base {name!r} is not registered in this store; run 'loraplex base register'"
+            ) from None
+        if base.fingerprint != fingerprint:
+            raise IncompatibleBase(
+                f"base {name!r} in this store has fingerprint {base.fingerprint[:12]}..., "
+                f"the bundle names {fingerprint[:12]}...; it was trained on other weights"
+            )
+        return base
+
+    # -- adapters ---------------------------------------------------------------------------------
+    def put(self, bundle: Bundle) -> AdapterManifest:
+        m = bundle.manifest
+        base = self._base_for(m.base.fingerprint, m.base.name)
+        validate_bundle(bundle, base, self.limits)
+        root = self._adapter_root(m.tenant, m.name)
+        for entry_name, data in bundle.files.items():
+            # Rewritten on every put: refreshes the blob's age so a concurrent sweep keeps it.
+            self._write(f"tenants/{m.tenant}/blobs/{m.files[entry_name].sha256}", data)
+        version = self._latest_version(m.tenant, m.name) + 1
+        for _ in range(_PUT_RETRIES):
+            stamped = m.model_copy(update={"version": version})
+            if self._create(f"{root}versions/{version}.json", stamped.to_json()):
+                return stamped
+            version += 1
+        raise Conflict(f"{m.tenant}/{m.name}: too many concurrent puts; retry")
+
+    def resolve(self, ref: AdapterRef | str) -> AdapterManifest:
+        ref = AdapterRef.parse(ref) if isinstance(ref, str) else ref
+        version = ref.version
+        if version is None:
+            version = self._alias_target(ref)
+        return self._manifest(ref.tenant, ref.name, version)
+
+    def get(self, ref: AdapterRef | str) -> Bundle:
+        manifest = self.resolve(ref)
+        return self.read_bundle(manifest)
+
+    def read_bundle(self, manifest: AdapterManifest) -> Bundle:
+        """Fetch and verify every file of a resolved manifest."""
+        files = {}
+        for fname, entry in manifest.files.items():
+            try:
+                files[fname] = self._read(f"tenants/{manifest.tenant}/blobs/{entry.sha256}")
+            except NotFound:
+                raise IntegrityError(
+                    f"{manifest.tenant}/{manifest.name}@{manifest.version}: file {fname!r} "
+                    "is missing from the store"
+                ) from None
+        bundle = Bundle(manifest, files)
+        bundle.verify()
+        return bundle
+
+    def verify(self, ref: AdapterRef | str) -> AdapterManifest:
+        return self.get(ref).manifest
+
+    def list_tenants(self) -> list[str]:
+        return sorted({k.split("/")[1] for k, _ in self._list("tenants/") if "/adapters/" in k})
+
+    def list_adapters(self, tenant: str) -> list[str]:
+        prefix = f"tenants/{validate_name(tenant, 'tenant')}/adapters/"
+        return sorted({k[len(prefix) :].split("/")[0] for k, _ in self._list(prefix) if "/versions/" in k})
+
+    def list_versions(self, tenant: str, name: str) -> list[AdapterManifest]:
+        return [self._manifest(tenant, name, v) for v in self._versions(tenant, name)]
+
+    def aliases(self, tenant: str, name: str) -> dict[str, int]:
+        prefix = f"{self._adapter_root(tenant, name)}aliases/"
+        out = {}
+        for key, _ in self._list(prefix):
+            alias = key[len(prefix) :].removesuffix(".json")
+            try:
+                out[alias] = int(json.loads(self._read(key))["version"])
+            except (NotFound, KeyError, ValueError, TypeError):
+                continue  # deleted meanwhile, or damaged: an alias that does not parse points nowhere
+        versions = self._versions(tenant, name)
+        if versions:
+            out[LATEST] = versions[-1]
+        return out
+
+    def set_alias(self, tenant: str, name: str, alias: str, version: int) -> None:
+        alias = validate_alias(alias)
+        if alias == LATEST:
+            raise Conflict("'latest' always points at the newest version and cannot be moved")
+        self._manifest(tenant, name, version)  # the target must exist
+        self._write(
+            f"{self._adapter_root(tenant, name)}aliases/{alias}.json",
+            json.dumps({"version": version}).encode(),
+        )
+
+    def delete_alias(self, tenant: str, name: str, alias: str) -> None:
+        key = f"{self._adapter_root(tenant, name)}aliases/{validate_alias(alias)}.json"
+        self._read_or(key, f"{tenant}/{name} has no alias {alias!r}")
+        self._delete(key)
+
+    def delete_version(self, tenant: str, name: str, version: int) -> None:
+        """Remove one version; aliases that pointed at it are removed too. Blobs go at the next sweep."""
+        root = self._adapter_root(tenant, name)
+        self._manifest(tenant, name, version)
+        for alias, target in self.aliases(tenant, name).items():
+            if target == version and alias != LATEST:
+                self._delete(f"{root}aliases/{alias}.json")
+        self._delete(f"{root}versions/{version}.json")
+
+    def delete_adapter(self, tenant: str, name: str) -> int:
+        versions = self._versions(tenant, name)
+        if not versions:
+            raise NotFound(f"adapter {tenant}/{name} does not exist")
+        root = self._adapter_root(tenant, name)
+        for key, _ in self._list(f"{root}aliases/"):
+            self._delete(key)
+        for v in versions:
+            self._delete(f"{root}versions/{v}.json")
+        return len(versions)
+
+    def sweep_orphans(self, grace_s: float = 3600.0) -> int:
+        """Delete blobs that no manifest references and that are older than ``grace_s`` seconds."""
+        removed = 0
+        now = time.time()
+        for tenant in sorted({k.split("/")[1] for k, _ in self._list("tenants/")}):
+            live = {
+                e.sha256
+                for n in self.list_adapters(tenant)
+                for m in self.list_versions(tenant, n)
+                for e in m.files.values()
+            }
+            for key, mtime in self._list(f"tenants/{tenant}/blobs/"):
+                if key.rsplit("/", 1)[1] not in live and now - mtime > grace_s:
+                    self._delete(key)
+                    removed += 1
+        return removed + self._sweep_backend(grace_s)
+
+    def _sweep_backend(self, grace_s: float) -> int:
+        """Backend-specific leftovers (temp files on disk); none by default."""
+        return 0
+
+    # -- artifacts (derived from a base, e.g. ONNX exports) -----------------------------------------
+    def _artifact_key(self, base: str, fingerprint: str, filename: str) -> str:
+        from adapters_store.bundle import check_file_name
+
+        if not (len(fingerprint) == 64 and all(c in "0123456789abcdef" for c in fingerprint)):
+            raise ValidationError("artifact fingerprint must be 64 lower-case hex digits")
+        name = filename if filename.endswith((".onnx", ".data")) else check_file_name(filename)
+        validate_name(name.rsplit(".", 1)[0].lower(), "artifact file name")
+        return f"bases/{validate_name(base, 'base name')}/artifacts/{fingerprint}/{name}"
+
+    def put_artifact(self, base: str, fingerprint: str, filename: str, data: bytes) -> None:
+        self._base_for(fingerprint, base)
+        self._write(self._artifact_key(base, fingerprint, filename), data)
+
+    def get_artifact(self, base: str, fingerprint: str, filename: str) -> bytes:
+        return self._read_or(
+            self._artifact_key(base, fingerprint, filename),
+            f"base {base!r} has no artifact {filename!r}; run 'loraplex onnx export --base {base}'",
+        )
+
+    def has_artifact(self, base: str, fingerprint: str, filename: str) -> bool:
+        try:
+            self._read(self._artifact_key(base, fingerprint, filename))
+            return True
+        except NotFound:
+            return False
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _adapter_root(self, tenant: str, name: str) -> str:
+        return f"tenants/{validate_name(tenant, 'tenant')}/adapters/{validate_name(name, 'adapter name')}/"
+
+    def _versions(self, tenant: str, name: str) -> list[int]:
+        prefix = f"{self._adapter_root(tenant, name)}versions/"
+        out = []
+        for key, _ in self._list(prefix):
+            stem = key[len(prefix) :].removesuffix(".json")
+            if stem.isdigit():
+                out.append(int(stem))
+        return sorted(out)
+
+    def _latest_version(self, tenant: str, name: str) -> int:
+        versions = self._versions(tenant, name)
+        return versions[-1] if versions else 0
+
+    def _alias_target(self, ref: AdapterRef) -> int:
+        if ref.selector == LATEST:
+            latest = self._latest_version(ref.tenant, ref.name)
+            if not latest:
+                raise NotFound(f"adapter {ref.tenant}/{ref.name} does not exist")
+            return latest
+        key = f"{self._adapter_root(ref.tenant, ref.name)}aliases/{ref.selector}.json"
+        data = self._read_or(key, f"adapter {ref.tenant}/{ref.name} has no alias {ref.selector!r}")
+        try:
+            return int(json.loads(data)["version"])
+        except (KeyError, ValueError, TypeError):
+            raise IntegrityError(f"alias {ref} is damaged") from None
+
+    def _manifest(self, tenant: str, name: str, version: int) -> AdapterManifest:
+        data = self._read_or(
+            f"{self._adapter_root(tenant, name)}versions/{int(version)}.json",
+            f"adapter {tenant}/{name} has no version {version}",
+        )
+        try:
+            manifest = AdapterManifest.model_validate_json(data)
+        except Exception:
+            raise IntegrityError(f"stored manifest of {tenant}/{name}@{version} is damaged") from None
+        if (manifest.tenant, manifest.name, manifest.version) != (tenant, name, version):
+            raise IntegrityError(f"stored manifest of {tenant}/{name}@{version} names another adapter")
+        return manifest
+
+    def _read_or(self, key: str, message: str) -> bytes:
+        try:
+            return self._read(key)
+        except NotFound:
+            raise NotFound(message) from None
+
+
+__all__ = ["AdapterStore", "ObjectStore", "LoraplexError"]
