@@ -40,3 +40,37 @@ def tiny_resnet_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def minilm_path() -> Path:
     return minilm_dir()
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    """One real SeaweedFS S3 server for the whole session; ``seaweed.store_url()`` gives a fresh bucket URL."""
+    from tests.helpers.seaweed import start_seaweed
+
+    server = start_seaweed(tmp_path_factory.mktemp("seaweed"))
+    yield server
+    server.stop()
+
+
+def _new_store(kind: str, tmp_path, request):
+    from adapters_store import open_store
+
+    if kind == "local":
+        return open_store(tmp_path / "store")
+    server = request.getfixturevalue("seaweed")
+    store = open_store(server.store_url())
+    store.ensure_bucket()
+    return store
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def any_store(request, tmp_path):
+    """The same tests against the local store and the S3 store on SeaweedFS."""
+    return _new_store(request.param, tmp_path, request)
+
+
+@pytest.fixture
+def local_store(tmp_path):
+    from adapters_store import open_store
+
+    return open_store(tmp_path / "store")

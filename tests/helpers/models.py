@@ -52,8 +52,15 @@ def make_tiny_vit(dest: Path, seed: int = 0) -> Path:
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
     torch.manual_seed(seed)
-    cfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                    image_size=16, patch_size=4, num_channels=3)
+    cfg = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+    )
     ViTModel(cfg).eval().save_pretrained(dest, safe_serialization=True)
     ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(dest)
     return dest
