@@ -1,0 +1,11 @@
+"""loraplex training: turn a registered base plus a tenant's data into a registered adapter bundle.
+
+>>> from training import TrainConfig, train  # doctest: +SKIP
+>>> train(TrainConfig(store=".loraplex/store", base="minilm", tenant="acme", name="intent",
+...                   strategy="lora", train_file="intents.csv"))  # doctest: +SKIP
+"""
+
+from training.config import TrainConfig
+from training.pipeline import train, train_bundle
+
+__all__ = ["TrainConfig", "train", "train_bundle"]

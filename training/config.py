@@ -1,0 +1,108 @@
+"""``TrainConfig``: every training option, typed, bounded and documented in one place.
+
+The CLI (``loraplex train``) builds its options from these fields, so a new field appears in ``--help``
+without touching the command. Cross-field rules live in ``_consistent``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from adapters_store.names import validate_name
+
+Strategy = Literal["head", "lora", "ia3", "partial", "full"]
+TrainTask = Literal["text-classification", "image-classification", "audio-classification"]
+DomainMethod = Literal["none", "dann", "mmd", "self-training"]
+PoolingChoice = Literal["auto", "mean", "cls", "pooler"]
+STRATEGIES: tuple[str, ...] = ("head", "lora", "ia3", "partial", "full")
+
+
+class TrainConfig(BaseModel):
+    """What to train, on which data, and how. ``training.train(config)`` runs it and registers the bundle."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, validate_assignment=True)
+
+    # --- where: store, base, names ------------------------------------------------------------------
+    store: Any = Field(description="store URL/path (open_store) or an AdapterStore object")
+    base: str = Field(description="registered base model name to train on")
+    tenant: str = Field(description="tenant that owns the new adapter")
+    name: str = Field(description="adapter name; the store assigns the next version")
+    strategy: Strategy = Field(default="head", description="head | lora | ia3 | partial | full")
+    task: TrainTask = Field(default="text-classification", description="what the adapter predicts")
+
+    # --- data ----------------------------------------------------------------------------------------
+    train_file: Path | None = Field(default=None, description="CSV/JSONL (text tasks) or image folder")
+    val_file: Path | None = Field(default=None, description="validation CSV/JSONL or folder; else split")
+    text_column: str = Field(default="text", min_length=1, description="column holding the text")
+    label_column: str = Field(default="label", min_length=1, description="column holding the label")
+    val_fraction: float = Field(default=0.2, gt=0.0, lt=0.9, description="stratified validation share")
+    target_file: Path | None = Field(default=None, description="unlabelled target-domain data (adaptation)")
+
+    # --- optimisation ----------------------------------------------------------------------------------
+    epochs: int = Field(default=5, ge=1, le=1000, description="maximum passes over the training data")
+    lr: float = Field(default=1e-3, gt=0.0, le=1.0, description="learning rate of the head / adapter")
+    weight_decay: float = Field(default=0.01, ge=0.0, le=1.0, description="AdamW weight decay")
+    batch_size: int = Field(default=16, ge=1, le=4096, description="examples per forward pass")
+    grad_accum_steps: int = Field(default=1, ge=1, le=1024, description="batches per optimizer step")
+    max_seq_len: int = Field(default=128, ge=4, le=8192, description="tokens kept per text")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1, description="seeds data split, init and shuffling")
+    patience: int = Field(default=0, ge=0, le=1000, description="early stop after N epochs w/o gain; 0=off")
+    monitor: Literal["macro_f1", "accuracy"] = Field(default="macro_f1", description="validation metric")
+    num_threads: int = Field(default=2, ge=1, le=256, description="torch CPU threads")
+    progress: bool = Field(default=True, description="show a progress bar per epoch")
+
+    # --- head ------------------------------------------------------------------------------------------
+    pooling: PoolingChoice = Field(default="auto", description="auto: pooler for BERT lora/ia3, else mean")
+    head_hidden: int | None = Field(
+        default=None, ge=1, le=65536, description="hidden layer width of the head"
+    )
+    head_activation: Literal["relu", "tanh", "gelu"] = Field(default="relu", description="hidden activation")
+    feature_cache_dir: Path | None = Field(default=None, description="reuse backbone features across runs")
+
+    # --- lora / ia3 ------------------------------------------------------------------------------------
+    lora_r: int = Field(default=8, ge=1, le=1024, description="LoRA rank")
+    lora_alpha: float = Field(default=16.0, gt=0.0, le=4096.0, description="LoRA scaling numerator")
+    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="dropout on the LoRA input")
+    target_modules: list[str] | None = Field(default=None, description="modules to adapt; None=per-arch")
+
+    # --- partial / full ------------------------------------------------------------------------------
+    top_k: int = Field(default=2, ge=1, le=1024, description="partial: how many top blocks to train")
+    backbone_lr: float | None = Field(default=None, gt=0.0, le=1.0, description="top block lr; None=lr")
+    layer_lr_decay: float = Field(default=1.0, gt=0.0, le=1.0, description="lr x decay per block down")
+    unfreeze_every: int = Field(default=0, ge=0, le=1000, description="unfreeze a block every N epochs")
+
+    # --- domain adaptation ---------------------------------------------------------------------------
+    domain_adaptation: DomainMethod = Field(default="none", description="none | dann | mmd | self-training")
+    da_weight: float = Field(default=0.5, ge=0.0, le=100.0, description="weight of the DANN / MMD loss")
+    pseudo_label_threshold: float = Field(default=0.9, gt=0.0, lt=1.0, description="self-training confidence")
+    self_training_rounds: int = Field(default=2, ge=1, le=50, description="pseudo-labelling iterations")
+
+    @field_validator("base", "tenant", "name")
+    @classmethod
+    def _names(cls, v: str, info) -> str:
+        return validate_name(v, info.field_name)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        from training.errors import TrainConfigError
+
+        if self.domain_adaptation != "none" and self.strategy not in ("head", "lora"):
+            raise TrainConfigError(
+                f"domain adaptation works with strategy head or lora, not {self.strategy!r}"
+            )
+        if self.strategy in ("lora", "ia3") and self.task == "audio-classification":
+            raise TrainConfigError(
+                f"strategy {self.strategy!r} supports text and image classification; use head"
+            )
+        if self.layer_lr_decay < 1.0 and self.strategy not in ("partial", "full"):
+            raise TrainConfigError("layer_lr_decay applies to strategy partial or full")
+        if self.unfreeze_every and self.strategy not in ("partial", "full"):
+            raise TrainConfigError("unfreeze_every applies to strategy partial or full")
+        return self
+
+    @property
+    def effective_backbone_lr(self) -> float:
+        return self.backbone_lr if self.backbone_lr is not None else self.lr

@@ -1,0 +1,23 @@
+"""Errors the training side raises; all are ``LoraplexError`` subclasses so the CLI and service map them."""
+
+from __future__ import annotations
+
+from adapters_store.errors import InvalidRequest, LoraplexError, ValidationError
+
+
+class DatasetError(ValidationError):
+    """The training data cannot be used as given (missing column, one class, bad encoding...)."""
+
+    code = "dataset_error"
+
+
+class TrainConfigError(InvalidRequest):
+    """A training option is missing or inconsistent with the others."""
+
+    code = "invalid_train_config"
+
+
+class TrainingFailed(LoraplexError):
+    """Training itself broke (non-finite loss...); nothing was registered."""
+
+    status, code = 500, "training_failed"

@@ -1,0 +1,149 @@
+"""``train(config)``: base + data -> trained adapter -> bundle -> ``store.put``.
+
+The store is only written at the very end, with one ``put`` of a complete, validated bundle: if anything
+fails before that (bad data, a non-finite loss, an invalid bundle), nothing is registered.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from adapters_store.base_models import BaseModelEntry, fingerprint_folder
+from adapters_store.bundle import TRAINING_CURVE_FILE, AdapterManifest, Bundle
+from adapters_store.errors import IncompatibleBase
+from training.backbone import default_pooling, load_backbone, make_preprocess, modality_of
+from training.config import TrainConfig
+from training.datasets import DataSplit, load_split
+from training.errors import TrainConfigError
+from training.learners.base import Exported
+from training.loop import FitResult, evaluate
+from training.metrics import curve_png
+from training.strategies import build_learner, fit_with_adaptation
+
+TASK_MODALITY = {
+    "text-classification": "text",
+    "image-classification": "image",
+    "audio-classification": "audio",
+}
+
+
+@dataclass
+class TrainOutcome:
+    """Everything a run produced; ``bundle`` is what gets put."""
+
+    bundle: Bundle
+    result: FitResult
+    learner: Any
+
+
+def resolve_store(store: Any) -> Any:
+    if isinstance(store, str | Path):
+        from adapters_store import open_store
+
+        return open_store(store)
+    return store
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def base_folder(entry: BaseModelEntry, verify: bool = True) -> Path:
+    """The base's local folder; with ``verify`` its weights must still match the registered fingerprint."""
+    folder = Path(entry.source)
+    if not (folder / "config.json").is_file():
+        raise IncompatibleBase(f"base {entry.name!r}: folder {folder} is missing; re-register the base")
+    if verify and fingerprint_folder(folder)[0] != entry.fingerprint:
+        raise IncompatibleBase(f"base {entry.name!r}: the files in {folder} changed since it was registered")
+    return folder
+
+
+def train(
+    config: TrainConfig, train_data: Any = None, val_data: Any = None, target_data: Any = None
+) -> AdapterManifest:
+    """Train per ``config``, register the bundle and return its manifest (with the assigned version).
+
+    ``train_data``/``val_data``/``target_data`` (:class:`training.data.LabelledData`) replace the files in
+    ``config`` when given, e.g. in-memory arrays of images.
+    """
+    store = resolve_store(config.store)
+    outcome = train_bundle(config, store, train_data, val_data, target_data)
+    return store.put(outcome.bundle)
+
+
+def train_bundle(
+    config: TrainConfig, store: Any, train_data: Any = None, val_data: Any = None, target_data: Any = None
+) -> TrainOutcome:
+    """Everything :func:`train` does except the ``put``."""
+    torch.set_num_threads(config.num_threads)
+    entry = store.get_base(config.base)
+    folder = base_folder(entry)
+    modality = modality_of(entry.model_type)
+    if modality != TASK_MODALITY[config.task]:
+        raise TrainConfigError(
+            f"task {config.task!r} needs a {TASK_MODALITY[config.task]} base; "
+            f"{entry.name!r} is a {modality} model ({entry.model_type})"
+        )
+    split = load_split(config, modality, train_data, val_data, target_data)
+    seed_everything(config.seed)
+    pooling = (
+        default_pooling(entry.model_type, config.strategy) if config.pooling == "auto" else config.pooling
+    )
+    preprocess = make_preprocess(folder, modality, config.max_seq_len)
+    backbone = None if config.strategy in ("lora", "ia3") else load_backbone(folder)
+
+    def make() -> Any:
+        seed_everything(config.seed)  # why: every self-training round starts from the same init
+        return build_learner(config, entry, folder, backbone, preprocess, pooling, split.names)
+
+    start = time.perf_counter()
+    learner, result = fit_with_adaptation(make, split, config, entry)
+    seconds = time.perf_counter() - start
+    bundle = _bundle(config, entry, split, learner, result, seconds)
+    return TrainOutcome(bundle, result, learner)
+
+
+def _bundle(
+    cfg: TrainConfig, entry: BaseModelEntry, split: DataSplit, learner: Any, result: FitResult, seconds: float
+) -> Bundle:
+    exported: Exported = learner.export(cfg.strategy) if cfg.strategy in ("lora", "ia3") else learner.export()
+    val = evaluate(learner, learner.prepare(split.val.inputs), split.val_y, split.names, cfg.batch_size * 2)
+    metrics = {
+        **val,
+        "train_counts": split.train_counts(),
+        "trainable_params": learner.trainable_params(),
+        "train_time_s": round(seconds, 3),
+        "epochs_run": len(result.history),
+        "best_epoch": result.best_epoch,
+        "stopped_early": result.stopped_early,
+        "history": result.history,
+        **split.extra_metrics,
+    }
+    files = dict(exported.files)
+    files[TRAINING_CURVE_FILE] = curve_png(result.history, cfg.monitor)
+    return Bundle.build(
+        files,
+        tenant=cfg.tenant,
+        name=cfg.name,
+        task=cfg.task,
+        labels=list(split.names),
+        base=entry.ref,
+        metrics=metrics,
+        metadata={"train_config": _config_record(cfg)},
+        **exported.manifest_fields,
+    )
+
+
+def _config_record(cfg: TrainConfig) -> dict[str, Any]:
+    """The options that shaped the run, JSON-safe, without the store object or local paths."""
+    skip = {"store", "train_file", "val_file", "target_file", "feature_cache_dir", "progress", "num_threads"}
+    return cfg.model_dump(mode="json", exclude=skip)
