@@ -15,6 +15,7 @@ from adapters_store.errors import InvalidName
 NAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,63}"
 _NAME_RE = re.compile(rf"^{NAME_PATTERN}$")
 _VERSION_RE = re.compile(r"^v?([1-9][0-9]{0,8})$")
+_NUMERIC_RE = re.compile(r"^v?[0-9]+$")
 
 LATEST = "latest"
 RESERVED_ALIASES = frozenset({LATEST})
@@ -45,7 +46,7 @@ def parse_version(value: str) -> int | None:
 
 def validate_alias(value: object) -> str:
     alias = validate_name(value, "alias")
-    if parse_version(alias) is not None:
+    if _NUMERIC_RE.match(alias):
         raise InvalidName(f"alias {alias!r} looks like a version number; pick a name such as 'production'")
     return alias
 
@@ -91,5 +92,7 @@ class AdapterRef:
         if selector == "":
             selector = LATEST
         elif parse_version(selector) is None:
+            if _NUMERIC_RE.match(selector):
+                raise InvalidName(f"version {selector!r} is out of range: versions are 1, 2, 3...")
             validate_name(selector, "alias")
         return cls(t, n, selector)

@@ -213,7 +213,7 @@ def check_peft_weights(
     r = cfg.get("r") if kind == "lora" else None
     if kind == "lora":
         _check_lora_config(cfg, limits)
-    seen_modules = set()
+    seen_modules: dict[str, set[str]] = {}
     for key, meta in header.items():
         name = backbone_name(key, base.model_type)
         if _is_saved_module(name, saved):
@@ -233,10 +233,13 @@ def check_peft_weights(
             raise IncompatibleBase(
                 f"{PEFT_WEIGHTS_FILE}: module {module!r} is not a Linear layer of base {base.name!r}"
             )
-        seen_modules.add(module)
+        seen_modules.setdefault(module, set()).add(m.groupdict().get("ab") or "l")
         _check_adapter_shape(kind, key, meta["shape"], base_shape, _rank_for(cfg, module, r), m, cfg)
     if not seen_modules:
         raise ValidationError(f"{PEFT_WEIGHTS_FILE} holds no {kind} weights")
+    half = sorted(mod for mod, parts in seen_modules.items() if kind == "lora" and parts != {"A", "B"})
+    if half:
+        raise ValidationError(f"{PEFT_WEIGHTS_FILE}: module {half[0]!r} needs both lora_A and lora_B weights")
 
 
 def _check_lora_config(cfg: dict[str, Any], limits: StoreLimits) -> None:
