@@ -1,0 +1,275 @@
+"""The ASGI middleware in front of every route: auth, body limits, overload, error bodies, metrics.
+
+Order for each HTTP request: public probe paths pass straight through; otherwise the bearer token is
+resolved to a :class:`~serving.auth.Principal` (401 without one), the route's role is checked (403),
+the in-flight limit is taken (429), the body limit applied (413 from ``Content-Length`` or while
+streaming), inference bodies are validated (400/415/422 with our messages), and the principal is put
+in ``scope["state"]`` for the routes. Any 4xx/5xx that some inner layer (BentoML, Starlette) wrote in
+its own shape is rewritten to ``{"error", "message"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic import ValidationError as PydanticValidationError
+
+from adapters_store.errors import (
+    InvalidRequest,
+    LoraplexError,
+    ServiceUnavailable,
+    UnsupportedMediaType,
+    ValidationError,
+)
+from serving import metrics
+from serving.auth import DEV_TENANT_HEADER, Principal, TokenBook
+from serving.limits import InflightLimiter, check_content_length, check_items, limited_receive, read_body
+from serving.settings import LimitSettings
+
+logger = logging.getLogger("loraplex.gateway")
+
+PRINCIPAL_KEY = "loraplex_principal"
+PUBLIC_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schema.json", "/"})
+PUBLIC_PREFIXES = ("/static_content/", "/assets/")
+INFERENCE_PATHS = frozenset({"/v1/classify", "/v1/embed"})
+_CODES = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "too_many_requests",
+    503: "unavailable",
+    504: "timeout",
+}
+
+
+@dataclass
+class GatewayState:
+    """Filled by the service at start; the middleware reads it per request."""
+
+    tokens: TokenBook | None = None
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    validators: dict[str, type[BaseModel]] = field(default_factory=dict)
+    is_ready: Callable[[], bool] = lambda: False
+    cache_stats: Callable[[], dict[str, Any]] = dict
+    limiter: InflightLimiter | None = None
+
+
+STATE = GatewayState()
+
+
+def is_public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
+def is_upload(method: str, path: str) -> bool:
+    return method == "POST" and path.startswith("/v1/admin/") and path.endswith("/versions")
+
+
+def required_role(path: str) -> str:
+    """``admin`` for management, ``tenant`` for everything else under /v1 and unknown paths."""
+    return "admin" if path == "/v1/admin" or path.startswith("/v1/admin/") else "tenant"
+
+
+def json_error(err: LoraplexError) -> tuple[int, bytes]:
+    return err.status, json.dumps(err.to_dict()).encode()
+
+
+def normalise_error_body(status: int, body: bytes, path: str, ready: bool) -> tuple[int, bytes]:
+    """Rewrite a foreign error body into ``{"error", "message"}``; ours pass unchanged."""
+    try:
+        data = json.loads(body) if body else None
+    except ValueError:
+        data = None
+    if isinstance(data, dict) and set(data) == {"error", "message"}:
+        return status, body
+    if status == 503 and ready and path in INFERENCE_PATHS:
+        # BentoML's batch dispatcher sheds load with 503; to clients that is overload: 429.
+        status, data = 429, {"error": "server is overloaded; retry shortly"}
+    message = _foreign_message(data, body)
+    return status, json.dumps({"error": _CODES.get(status, "internal_error"), "message": message}).encode()
+
+
+def _foreign_message(data: Any, body: bytes) -> str:
+    if isinstance(data, list) and data and isinstance(data[0], dict):
+        data = data[0]
+    if isinstance(data, dict):
+        text = str(data.get("error") or data.get("detail") or data)
+        if isinstance(data.get("detail"), list):
+            text += ": " + "; ".join(str(d.get("msg", d)) for d in data["detail"][:5] if isinstance(d, dict))
+        return text[:1000]
+    return (body.decode(errors="replace").strip() or "request failed")[:1000]
+
+
+def validate_inference_body(body: bytes, model: type[BaseModel], limits: LimitSettings) -> None:
+    """Parse with the route's schema and apply item limits; raises our errors with clear messages."""
+    try:
+        parsed = model.model_validate_json(body)
+    except PydanticValidationError as e:
+        if any(err.get("type") == "json_invalid" for err in e.errors()):
+            raise InvalidRequest("request body is not valid JSON") from None
+        details = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors()[:5]
+        )
+        raise ValidationError(f"request body does not match the schema: {details}") from None
+    check_items(getattr(parsed, "items", []), limits)
+
+
+class GatewayMiddleware:
+    """ASGI middleware; BentoML installs it with ``Service.add_asgi_middleware``."""
+
+    def __init__(self, app, state: GatewayState | None = None):
+        self.app = app
+        self.state = state or STATE
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if is_public(path):
+            if path == "/metrics":
+                self._publish_cache_stats()
+            return await self.app(scope, receive, send)
+        start, principal, status = time.perf_counter(), None, 500
+        limiter = self.state.limiter
+        try:
+            principal = self._authenticate(scope)
+            if limiter is not None:
+                limiter.acquire()
+            try:
+                receive = await self._guard_body(scope, receive, principal)
+                scope.setdefault("state", {})[PRINCIPAL_KEY] = principal
+                status = await self._call_app(scope, receive, send, path)
+            finally:
+                if limiter is not None:
+                    limiter.release()
+        except LoraplexError as err:
+            status = await _send_json(send, *json_error(err))
+        metrics.observe_request(
+            principal.tenant if principal else None, path, status, time.perf_counter() - start
+        )
+
+    def _authenticate(self, scope) -> Principal:
+        tokens = self.state.tokens
+        if tokens is None:
+            raise ServiceUnavailable("service is starting")  # tokens are set in the service's __init__
+        headers = dict(scope["headers"])
+        auth = headers.get(b"authorization", b"").decode("latin-1")
+        dev = headers.get(DEV_TENANT_HEADER.encode(), b"").decode("latin-1") or None
+        principal = tokens.authenticate(auth, dev_tenant=dev)
+        if required_role(scope["path"]) == "admin":
+            principal.require_admin()
+        return principal
+
+    async def _guard_body(self, scope, receive, principal: Principal):
+        headers = dict(scope["headers"])
+        method, path = scope["method"], scope["path"]
+        limit = (
+            self.state.limits.max_upload_bytes
+            if is_upload(method, path)
+            else self.state.limits.max_body_bytes
+        )
+        check_content_length(headers, limit)
+        model = self.state.validators.get(path)
+        if model is None or method != "POST":
+            return limited_receive(receive, limit)
+        principal.require_tenant()
+        ctype = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise UnsupportedMediaType(
+                f"send JSON with 'Content-Type: application/json' (got {ctype or 'none'!r})"
+            )
+        body = await read_body(receive, limit)
+        validate_inference_body(body, model, self.state.limits)
+        return _replay(body)
+
+    async def _call_app(self, scope, receive, send, path: str) -> int:
+        rewriter = _ErrorRewriter(send, path, self.state.is_ready())
+        try:
+            await self.app(scope, receive, rewriter)
+        except LoraplexError as err:  # e.g. PayloadTooLarge raised from the limited receive
+            if rewriter.started:
+                raise
+            return await _send_json(send, *json_error(err))
+        return rewriter.status
+
+    def _publish_cache_stats(self) -> None:
+        try:
+            metrics.publish_cache_stats(self.state.cache_stats())
+        except Exception:  # metrics must never break the scrape
+            logger.exception("cache stats unavailable")
+
+
+def _replay(body: bytes):
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+async def _send_json(send, status: int, body: bytes) -> int:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+    return status
+
+
+class _ErrorRewriter:
+    """Wraps ``send``: passes 2xx/3xx through, buffers error bodies and rewrites them (they are small)."""
+
+    def __init__(self, send, path: str, ready: bool):
+        self.send, self.path, self.ready = send, path, ready
+        self.status, self.started = 500, False
+        self._start: dict[str, Any] | None = None
+        self._chunks: list[bytes] = []
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.status, self.started = message["status"], True
+            if self.status < 400:
+                return await self.send(message)
+            self._start = message
+            return None
+        if message["type"] == "http.response.body" and self._start is not None:
+            self._chunks.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return None
+            return await self._flush()
+        return await self.send(message)
+
+    async def _flush(self) -> None:
+        status, body = normalise_error_body(self.status, b"".join(self._chunks), self.path, self.ready)
+        self.status = status
+        keep = [
+            (k, v)
+            for k, v in self._start.get("headers", [])
+            if k.lower() not in (b"content-length", b"content-type")
+        ]
+        headers = keep + [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+        await self.send({"type": "http.response.body", "body": body})

@@ -1,0 +1,419 @@
+"""Management and listing routes (a Starlette app BentoML mounts at ``/v1``).
+
+Admin (admin token): ``/v1/admin/...`` upload, list, show, promote/rollback aliases, delete, warm, pin,
+cache status. Tenants (tenant token): ``/v1/adapters[/{name}]`` show their own adapters only; another
+tenant's adapter and a missing one give the same 404. Every change invalidates this replica's engine
+entries for that adapter, so it serves the new state at once; other replicas follow within the
+engine's alias TTL.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from adapters_store.base_models import BaseModelEntry
+from adapters_store.bundle import (
+    MANIFEST_FILE,
+    PEFT_CONFIG_FILE,
+    PEFT_WEIGHTS_FILE,
+    AdapterManifest,
+    Bundle,
+    check_file_name,
+)
+from adapters_store.errors import (
+    InvalidRequest,
+    LoraplexError,
+    NotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    UnsupportedMediaType,
+    ValidationError,
+)
+from adapters_store.names import LATEST, AdapterRef, validate_alias, validate_name
+from adapters_store.peft_import import bundle_from_peft_files
+from adapters_store.store import AdapterStore
+from serving.auth import Principal
+from serving.gateway import PRINCIPAL_KEY
+from serving.schemas import AliasRequest, RollbackRequest, version_view
+
+logger = logging.getLogger("loraplex.management")
+ADAPTER = "/admin/tenants/{tenant}/adapters/{name}"
+MAX_UPLOAD_FILES = 16
+
+
+@dataclass
+class ManagementContext:
+    """What the routes act on; the service fills it once the store is open and the engine built."""
+
+    store: AdapterStore | None = None
+    base: BaseModelEntry | None = None
+    engine: Any = None
+    max_upload_bytes: int = 600 << 20
+
+    def need_engine(self):
+        if self.engine is None:
+            raise ServiceUnavailable("the backbone is still loading; retry when /readyz is 200")
+        return self.engine
+
+    def need_store(self) -> AdapterStore:
+        if self.store is None or self.base is None:
+            raise ServiceUnavailable("the adapter store is not open yet; retry when /readyz is 200")
+        return self.store
+
+    def invalidate(self, tenant: str, name: str | None = None) -> None:
+        if self.engine is not None:
+            self.engine.invalidate(tenant, name)
+
+
+CONTEXT = ManagementContext()
+Handler = Callable[[Request, ManagementContext], Awaitable[Any]]
+
+
+def principal_of(request: Request) -> Principal:
+    principal = request.scope.get("state", {}).get(PRINCIPAL_KEY)
+    if not isinstance(principal, Principal):
+        raise ServiceUnavailable("request reached a route without passing the gateway")
+    return principal
+
+
+def route(path: str, methods: list[str], role: str, status: int = 200):
+    """Wrap a handler: check the role, map LoraplexError to its status with ``{error, message}``."""
+
+    def deco(fn: Handler) -> Route:
+        async def endpoint(request: Request) -> JSONResponse:
+            try:
+                p = principal_of(request)
+                p.require_admin() if role == "admin" else p.require_tenant()
+                return JSONResponse(await fn(request, CONTEXT), status_code=status)
+            except LoraplexError as err:
+                return JSONResponse(err.to_dict(), status_code=err.status)
+
+        endpoint.__doc__ = fn.__doc__
+        return Route(path, endpoint, methods=methods, name=fn.__name__)
+
+    return deco
+
+
+def path_names(request: Request) -> tuple[str, str]:
+    p = request.path_params
+    return validate_name(p["tenant"], "tenant"), validate_name(p["name"], "adapter name")
+
+
+def path_version(request: Request) -> int:
+    try:
+        version = int(request.path_params["version"])
+    except ValueError:
+        raise InvalidRequest("version must be a positive integer") from None
+    if version < 1:
+        raise InvalidRequest("version must be a positive integer")
+    return version
+
+
+async def json_body(request: Request, model):
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    raw = await request.body()
+    if not raw:
+        return model()
+    if ctype != "application/json":
+        raise UnsupportedMediaType("send JSON with 'Content-Type: application/json'")
+    try:
+        return model.model_validate_json(raw)
+    except Exception as e:
+        raise ValidationError(f"invalid body: {str(e)[:400]}") from None
+
+
+def adapter_view(store: AdapterStore, tenant: str, name: str) -> dict[str, Any]:
+    versions = store.list_versions(tenant, name)
+    if not versions:
+        raise NotFound(f"adapter {name!r} not found")
+    return {
+        "tenant": tenant,
+        "name": name,
+        "aliases": store.aliases(tenant, name),
+        "versions": [version_view(m) for m in versions],
+    }
+
+
+# -- tenant routes -----------------------------------------------------------------------------------
+@route("/adapters", ["GET"], "tenant")
+async def list_own_adapters(request: Request, ctx: ManagementContext):
+    """List the calling tenant's adapters with their aliases."""
+    tenant, store = principal_of(request).require_tenant(), ctx.need_store()
+
+    def work():
+        return {
+            "tenant": tenant,
+            "adapters": [
+                {"name": n, "aliases": store.aliases(tenant, n)} for n in store.list_adapters(tenant)
+            ],
+        }
+
+    return await run_in_threadpool(work)
+
+
+@route("/adapters/{name}", ["GET"], "tenant")
+async def show_own_adapter(request: Request, ctx: ManagementContext):
+    """One of the calling tenant's adapters: versions and aliases (404 if it is not theirs)."""
+    tenant, store = principal_of(request).require_tenant(), ctx.need_store()
+    name = validate_name(request.path_params["name"], "adapter name")
+    return await run_in_threadpool(adapter_view, store, tenant, name)
+
+
+# -- admin routes ------------------------------------------------------------------------------------
+@route("/admin/tenants", ["GET"], "admin")
+async def list_tenants(request: Request, ctx: ManagementContext):
+    """Tenants that have at least one adapter."""
+    return {"tenants": await run_in_threadpool(ctx.need_store().list_tenants)}
+
+
+@route("/admin/tenants/{tenant}/adapters", ["GET"], "admin")
+async def list_adapters(request: Request, ctx: ManagementContext):
+    """A tenant's adapters with aliases."""
+    tenant, store = validate_name(request.path_params["tenant"], "tenant"), ctx.need_store()
+
+    def work():
+        return {
+            "tenant": tenant,
+            "adapters": [
+                {"name": n, "aliases": store.aliases(tenant, n)} for n in store.list_adapters(tenant)
+            ],
+        }
+
+    return await run_in_threadpool(work)
+
+
+@route(ADAPTER, ["GET"], "admin")
+async def show_adapter(request: Request, ctx: ManagementContext):
+    """Versions and aliases of one adapter."""
+    tenant, name = path_names(request)
+    return await run_in_threadpool(adapter_view, ctx.need_store(), tenant, name)
+
+
+@route(ADAPTER, ["DELETE"], "admin")
+async def delete_adapter(request: Request, ctx: ManagementContext):
+    """Delete every version and alias of an adapter."""
+    tenant, name = path_names(request)
+    n = await run_in_threadpool(ctx.need_store().delete_adapter, tenant, name)
+    ctx.invalidate(tenant, name)
+    return {"tenant": tenant, "name": name, "deleted_versions": n}
+
+
+@route(ADAPTER + "/versions", ["POST"], "admin", status=201)
+async def upload_version(request: Request, ctx: ManagementContext):
+    """Register a new version from multipart files: a bundle (``manifest.json`` + weights) or a PEFT
+    ``save_pretrained`` folder's files (form fields ``task``, ``labels``, ``pooling`` optional).
+    Form field ``alias`` (e.g. ``production``) points that alias at the new version."""
+    tenant, name = path_names(request)
+    store = ctx.need_store()
+    files, fields = await read_upload(request, ctx.max_upload_bytes)
+    alias = validate_alias(fields["alias"]) if fields.get("alias") else None
+    bundle = bundle_from_upload(files, fields, tenant, name, ctx.base)
+    manifest = await run_in_threadpool(store.put, bundle)
+    if alias:
+        await run_in_threadpool(store.set_alias, tenant, name, alias, manifest.version)
+    ctx.invalidate(tenant, name)
+    logger.info("registered %s/%s@%s (%s)", tenant, name, manifest.version, manifest.digest[:12])
+    return {**version_view(manifest), "alias": alias}
+
+
+async def read_upload(request: Request, max_bytes: int) -> tuple[dict[str, bytes], dict[str, str]]:
+    """Multipart parts -> ({file name: bytes}, {field: value}); file names are checked as bundle names."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "multipart/form-data":
+        raise UnsupportedMediaType("upload with 'Content-Type: multipart/form-data' (one part per file)")
+    files: dict[str, bytes] = {}
+    fields: dict[str, str] = {}
+    total = 0
+    async with request.form(max_files=MAX_UPLOAD_FILES, max_fields=16, max_part_size=1 << 20) as form:
+        for key, value in form.multi_items():
+            if isinstance(value, str):
+                fields[key] = value
+                continue
+            fname = check_file_name((value.filename or "").rsplit("/", 1)[-1])
+            if fname in files:
+                raise ValidationError(f"file {fname!r} was sent twice")
+            files[fname] = await value.read()
+            total += len(files[fname])
+            if total > max_bytes:
+                raise PayloadTooLarge(f"upload is over the limit of {max_bytes} bytes")
+    return files, fields
+
+
+def bundle_from_upload(
+    files: dict[str, bytes], fields: dict[str, str], tenant: str, name: str, base: BaseModelEntry
+) -> Bundle:
+    """A full bundle if ``manifest.json`` is among the files, else a PEFT folder's two files."""
+    if MANIFEST_FILE in files:
+        manifest = AdapterManifest.from_json(files.pop(MANIFEST_FILE))
+        if (manifest.tenant, manifest.name) != (tenant, name):
+            raise ValidationError(
+                f"manifest names {manifest.tenant}/{manifest.name} but the upload URL is {tenant}/{name}"
+            )
+        bundle = Bundle(manifest.model_copy(update={"version": None}), files)
+        bundle.verify()
+        return bundle
+    if PEFT_CONFIG_FILE in files and PEFT_WEIGHTS_FILE in files:
+        return bundle_from_peft_files(
+            files[PEFT_CONFIG_FILE],
+            files[PEFT_WEIGHTS_FILE],
+            tenant,
+            name,
+            base,
+            task=fields.get("task") or None,
+            labels=parse_labels(fields.get("labels")),
+            pooling=fields.get("pooling") or None,
+        )
+    raise ValidationError(
+        f"upload either a bundle ({MANIFEST_FILE} + its files) or a PEFT folder "
+        f"({PEFT_CONFIG_FILE} + {PEFT_WEIGHTS_FILE}); got {', '.join(sorted(files)) or 'no files'}"
+    )
+
+
+def parse_labels(value: str | None) -> list[str] | None:
+    """``'["neg","pos"]'`` or ``'neg,pos'`` -> ``['neg', 'pos']``."""
+    if not value:
+        return None
+    if value.lstrip().startswith("["):
+        try:
+            labels = json.loads(value)
+        except ValueError:
+            raise ValidationError("labels is not a valid JSON list") from None
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise ValidationError("labels must be a list of strings")
+        return labels
+    return [x.strip() for x in value.split(",") if x.strip()]
+
+
+@route(ADAPTER + "/versions/{version}", ["GET"], "admin")
+async def show_version(request: Request, ctx: ManagementContext):
+    """One stored version's manifest summary."""
+    tenant, name = path_names(request)
+    ref = AdapterRef(tenant, name, str(path_version(request)))
+    return version_view(await run_in_threadpool(ctx.need_store().resolve, ref))
+
+
+@route(ADAPTER + "/versions/{version}", ["DELETE"], "admin")
+async def delete_version(request: Request, ctx: ManagementContext):
+    """Delete one version (aliases pointing at it go too)."""
+    tenant, name = path_names(request)
+    version = path_version(request)
+    await run_in_threadpool(ctx.need_store().delete_version, tenant, name, version)
+    ctx.invalidate(tenant, name)
+    return {"tenant": tenant, "name": name, "deleted_version": version}
+
+
+@route(ADAPTER + "/aliases/{alias}", ["PUT"], "admin")
+async def set_alias(request: Request, ctx: ManagementContext):
+    """Point an alias (e.g. ``production``) at a version: promote or roll back explicitly."""
+    tenant, name = path_names(request)
+    alias = validate_alias(request.path_params["alias"])
+    body = await json_body(request, AliasRequest)
+    await run_in_threadpool(ctx.need_store().set_alias, tenant, name, alias, body.version)
+    ctx.invalidate(tenant, name)
+    return {"tenant": tenant, "name": name, "alias": alias, "version": body.version}
+
+
+@route(ADAPTER + "/aliases/{alias}", ["DELETE"], "admin")
+async def delete_alias(request: Request, ctx: ManagementContext):
+    """Remove an alias (unaliased requests then fall back to ``latest``)."""
+    tenant, name = path_names(request)
+    alias = validate_alias(request.path_params["alias"])
+    await run_in_threadpool(ctx.need_store().delete_alias, tenant, name, alias)
+    ctx.invalidate(tenant, name)
+    return {"tenant": tenant, "name": name, "deleted_alias": alias}
+
+
+@route(ADAPTER + "/rollback", ["POST"], "admin")
+async def rollback(request: Request, ctx: ManagementContext):
+    """Move an alias to the newest version older than the one it points at now."""
+    tenant, name = path_names(request)
+    alias = validate_alias((await json_body(request, RollbackRequest)).alias)
+    store = ctx.need_store()
+    target = await run_in_threadpool(rollback_target, store, tenant, name, alias)
+    await run_in_threadpool(store.set_alias, tenant, name, alias, target[1])
+    ctx.invalidate(tenant, name)
+    return {"tenant": tenant, "name": name, "alias": alias, "from_version": target[0], "version": target[1]}
+
+
+def rollback_target(store: AdapterStore, tenant: str, name: str, alias: str) -> tuple[int, int]:
+    aliases = store.aliases(tenant, name)
+    current = aliases.get(alias, aliases.get(LATEST)) if alias == "production" else aliases.get(alias)
+    if current is None:
+        raise NotFound(f"{tenant}/{name} has no alias {alias!r}")
+    older = [m.version for m in store.list_versions(tenant, name) if m.version and m.version < current]
+    if not older:
+        raise InvalidRequest(f"{tenant}/{name}@{alias} is at version {current}; there is no older version")
+    return current, max(older)
+
+
+@route(ADAPTER + "/warm", ["POST"], "admin")
+async def warm(request: Request, ctx: ManagementContext):
+    """Load an adapter into the engine cache now (query ``selector``, default production/latest)."""
+    tenant, name = path_names(request)
+    ref = ref_from_query(request, tenant, name)
+    engine = ctx.need_engine()
+    await run_in_threadpool(engine.warm, ref)
+    return {"tenant": tenant, "name": name, "warmed": ref}
+
+
+@route(ADAPTER + "/pin", ["PUT", "DELETE"], "admin")
+async def pin(request: Request, ctx: ManagementContext):
+    """PUT pins an adapter in the engine cache (never evicted); DELETE unpins it."""
+    tenant, name = path_names(request)
+    engine = ctx.need_engine()
+    target = f"{tenant}/{name}"
+    if request.method == "PUT":
+        await run_in_threadpool(engine.pin, target)
+    else:
+        await run_in_threadpool(engine.unpin, target)
+    return {"tenant": tenant, "name": name, "pinned": request.method == "PUT"}
+
+
+@route("/admin/cache", ["GET"], "admin")
+async def cache_status(request: Request, ctx: ManagementContext):
+    """Engine cache counters (hits, misses, evictions, loads, bytes) and pins."""
+    return jsonable(ctx.need_engine().cache_stats())
+
+
+def ref_from_query(request: Request, tenant: str, name: str) -> str:
+    """``tenant/name`` or ``tenant/name@selector``, the selector validated like any reference."""
+    selector = request.query_params.get("selector")
+    return str(AdapterRef.parse(f"{tenant}/{name}@{selector}")) if selector else f"{tenant}/{name}"
+
+
+def jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda o: getattr(o, "__dict__", str(o))))
+
+
+ROUTES = [
+    list_own_adapters,
+    show_own_adapter,
+    list_tenants,
+    list_adapters,
+    show_adapter,
+    delete_adapter,
+    upload_version,
+    show_version,
+    delete_version,
+    set_alias,
+    delete_alias,
+    rollback,
+    warm,
+    pin,
+    cache_status,
+]
+
+
+def build_app() -> Starlette:
+    """The Starlette app the service mounts at ``/v1`` (BentoML's own routes take precedence)."""
+    return Starlette(routes=list(ROUTES))

@@ -1,0 +1,94 @@
+"""Prometheus metrics of the service, exported on BentoML's ``/metrics``.
+
+``bentoml.metrics`` (not ``prometheus_client``) so BentoML's multiprocess registry picks them up.
+Tenant labels are bounded: only configured tenants (or ``-`` before authentication) appear.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import bentoml
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+REQUESTS = bentoml.metrics.Counter(
+    name="loraplex_requests_total",
+    documentation="HTTP requests by tenant, route and status code",
+    labelnames=["tenant", "route", "status"],
+)
+LATENCY = bentoml.metrics.Histogram(
+    name="loraplex_request_duration_seconds",
+    documentation="HTTP request latency by tenant and route",
+    labelnames=["tenant", "route"],
+    buckets=LATENCY_BUCKETS,
+)
+ITEMS = bentoml.metrics.Counter(
+    name="loraplex_inference_items_total",
+    documentation="Inference rows answered, by tenant, task and outcome (ok or error code)",
+    labelnames=["tenant", "task", "outcome"],
+)
+BATCH_ROWS = bentoml.metrics.Histogram(
+    name="loraplex_engine_batch_rows",
+    documentation="Rows per engine call (one adaptive batch)",
+    labelnames=["task"],
+    buckets=BATCH_BUCKETS,
+)
+BATCH_TENANTS = bentoml.metrics.Histogram(
+    name="loraplex_engine_batch_tenants",
+    documentation="Distinct tenants merged into one engine call",
+    labelnames=["task"],
+    buckets=BATCH_BUCKETS,
+)
+CACHE = bentoml.metrics.Gauge(
+    name="loraplex_cache",
+    documentation="Adapter cache counters from the engine (hits, misses, evictions, loads, bytes, entries)",
+    labelnames=["stat"],
+    multiprocess_mode="livesum",
+)
+READY = bentoml.metrics.Gauge(
+    name="loraplex_ready",
+    documentation="1 once the backbone is loaded and the replica serves",
+    multiprocess_mode="livemax",
+)
+
+
+def route_label(path: str) -> str:
+    """A bounded route name for labels: never the raw path (tenant and adapter names live there)."""
+    if path.startswith("/v1/admin"):
+        return "admin"
+    if path.startswith("/v1/adapters"):
+        return "adapters"
+    if path in ("/v1/classify", "/v1/embed"):
+        return path.rsplit("/", 1)[1]
+    return "other"
+
+
+def observe_request(tenant: str | None, path: str, status: int, seconds: float) -> None:
+    route = route_label(path)
+    REQUESTS.labels(tenant=tenant or "-", route=route, status=str(status)).inc()
+    LATENCY.labels(tenant=tenant or "-", route=route).observe(seconds)
+
+
+def observe_batch(task: str, rows: int, tenants: int) -> None:
+    BATCH_ROWS.labels(task=task).observe(rows)
+    BATCH_TENANTS.labels(task=task).observe(tenants)
+
+
+def observe_item(tenant: str, task: str, outcome: str) -> None:
+    ITEMS.labels(tenant=tenant, task=task, outcome=outcome).inc()
+
+
+def publish_cache_stats(stats: Mapping[str, object], prefix: str = "") -> None:
+    """Copy the engine's numeric cache counters into the ``loraplex_cache`` gauge; nested mappings
+    (the full-model LRU's ``full``) become ``full_<stat>``."""
+    for key, value in stats.items():
+        if isinstance(value, Mapping):
+            publish_cache_stats(value, prefix=f"{prefix}{key}_")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            CACHE.labels(stat=f"{prefix}{key}").set(float(value))
+
+
+def set_ready(ready: bool) -> None:
+    READY.set(1.0 if ready else 0.0)

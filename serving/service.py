@@ -1,0 +1,126 @@
+"""The BentoML service: wiring and routes only (engine, auth, limits and management live elsewhere).
+
+Start it with environment variables only (see serving/settings.py)::
+
+    LORAPLEX_STORE=/path/to/store LORAPLEX_BASE=minilm LORAPLEX_ADMIN_TOKEN=... \\
+    LORAPLEX_TENANT_TOKENS="acme:tok-a,globex:tok-g" \\
+    bentoml serve serving.service:LoraplexService --host 127.0.0.1 --port 3000
+
+Routes: ``POST /v1/classify`` and ``POST /v1/embed`` (batchable: concurrent requests of any tenants
+merge into one engine call), ``/v1/adapters`` (tenant listing), ``/v1/admin/...`` (management), and
+BentoML's ``/livez``, ``/readyz`` (503 until the backbone is loaded) and ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import bentoml
+
+from adapters_store import open_store
+from serving import metrics
+from serving.auth import token_book_from_settings
+from serving.gateway import STATE, GatewayMiddleware
+from serving.http_io import ClassifyInput, EmbedInput, ResultsOutput
+from serving.inference import run_batch
+from serving.limits import InflightLimiter, TokenCounter
+from serving.management import CONTEXT, build_app
+from serving.schemas import ClassifyItem, EmbedItem, ItemResult
+from serving.settings import ServiceSettings
+
+logger = logging.getLogger("loraplex.service")
+
+# Decorator arguments are fixed when the class is defined, so these two are read at import.
+MAX_BATCH_SIZE = int(os.environ.get("LORAPLEX_MAX_BATCH_SIZE", "64"))
+MAX_QUEUE_MS = int(os.environ.get("LORAPLEX_MAX_QUEUE_MS", "10000"))
+
+
+def engine_settings(settings: ServiceSettings):
+    from serving.engine import EngineSettings
+
+    return EngineSettings(
+        cache_bytes=settings.cache_bytes,
+        pins=settings.pins,
+        alias_ttl_s=settings.alias_ttl_s,
+        threads=settings.threads,
+        max_batch_rows=settings.max_batch_size,
+        max_seq_len=settings.limits.max_tokens,
+    )
+
+
+@bentoml.asgi_app(build_app(), path="/v1", name="loraplex-management")
+@bentoml.service(name="loraplex", workers=1, traffic={"timeout": 120}, resources={"cpu": "2"})
+class LoraplexService:
+    """Many tenants' adapters on one shared backbone."""
+
+    def __init__(self) -> None:
+        settings = ServiceSettings.from_env()
+        self.settings = settings
+        self.engine = None
+        self.load_error: str | None = None
+        self.store = open_store(settings.store)
+        self.base = self.store.get_base(settings.base)
+        STATE.tokens = token_book_from_settings(settings)
+        STATE.limits = settings.limits
+        STATE.validators = {"/v1/classify": ClassifyInput, "/v1/embed": EmbedInput}
+        STATE.limiter = InflightLimiter(settings.limits.max_inflight)
+        STATE.is_ready = self.__is_ready__
+        STATE.cache_stats = lambda: self.engine.cache_stats() if self.engine is not None else {}
+        CONTEXT.store, CONTEXT.base = self.store, self.base
+        CONTEXT.max_upload_bytes = settings.limits.max_upload_bytes
+        self.tokens = self._token_counter()
+        metrics.set_ready(False)
+        # Load the backbone off the startup path: /livez answers at once, /readyz once it is loaded.
+        threading.Thread(target=self._load_engine, name="loraplex-engine-load", daemon=True).start()
+
+    def _token_counter(self) -> TokenCounter | None:
+        path = Path(self.base.source) / "tokenizer.json"
+        if self.settings.limits.token_policy != "reject" or not path.is_file():
+            return None
+        return TokenCounter(str(path))
+
+    def _load_engine(self) -> None:
+        from serving.engine import Engine
+
+        try:
+            engine = Engine(self.store, base=self.settings.base, settings=engine_settings(self.settings))
+        except Exception as e:  # keep /readyz at 503 and say why in the log
+            self.load_error = f"{type(e).__name__}: {e}"
+            logger.exception("loading the engine failed")
+            return
+        self.engine = CONTEXT.engine = engine
+        metrics.set_ready(True)
+        logger.info("loraplex ready: base %s (%s...)", self.base.name, self.base.fingerprint[:12])
+
+    def __is_ready__(self) -> bool:
+        return self.engine is not None
+
+    @bentoml.api(
+        route="/v1/classify",
+        batchable=True,
+        input_spec=ClassifyInput,
+        output_spec=ResultsOutput,
+        max_batch_size=MAX_BATCH_SIZE,
+        max_latency_ms=MAX_QUEUE_MS,
+    )
+    def classify(self, items: list[ClassifyItem]) -> list[ItemResult]:
+        """Classify texts or images with your adapters: labels (most probable first) and scores."""
+        return run_batch(self.engine, "classify", items, self.settings.limits, self.tokens)
+
+    @bentoml.api(
+        route="/v1/embed",
+        batchable=True,
+        input_spec=EmbedInput,
+        output_spec=ResultsOutput,
+        max_batch_size=MAX_BATCH_SIZE,
+        max_latency_ms=MAX_QUEUE_MS,
+    )
+    def embed(self, items: list[EmbedItem]) -> list[ItemResult]:
+        """Embed texts with your adapter (or the bare shared backbone when ``adapter`` is null)."""
+        return run_batch(self.engine, "embed", items, self.settings.limits, self.tokens)
+
+
+LoraplexService.add_asgi_middleware(GatewayMiddleware)
