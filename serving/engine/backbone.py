@@ -1,0 +1,166 @@
+"""The ONE shared backbone: loading it from a registered base folder, wrapping it, and feeding it.
+
+Every ``nn.Linear`` is wrapped by :class:`MultiTenantLinear` (LoRA/IA3 per row) and every encoder
+block by :class:`LayerSwitch` (partial fine-tunes). Tenants never get their own copy of it; only the
+``full`` kind builds a dedicated model (see :func:`build_full_model`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from adapters_store.base_models import BaseModelEntry
+from adapters_store.errors import ServiceUnavailable, ValidationError
+from serving.engine.lora_layers import LayerSwitch, MultiTenantLinear, wrap_layers, wrap_linears
+
+Modality = Literal["text", "image"]
+_IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+_IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+@dataclass
+class Backbone:
+    """The loaded base model and what adapters are validated against."""
+
+    entry: BaseModelEntry
+    model: nn.Module
+    modality: Modality
+    preprocessor: Any  # a tokenizer (text), an image processor or None (image)
+    linears: dict[str, MultiTenantLinear]  # module path (as in the base's weight names) -> wrapper
+    layers: list[LayerSwitch]  # encoder blocks; [] when the architecture has none to switch
+    layer_factory: Callable[[int], nn.Module] | None
+    feature_dim: int
+
+    @property
+    def prefix(self) -> str:
+        """The task-model prefix of weight names (``bert.``), stripped from adapter keys."""
+        return f"{self.entry.model_type}."
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+
+def load_backbone(entry: BaseModelEntry) -> Backbone:
+    """Load the base's HF folder once, in eval mode, and wrap it for mixed batches."""
+    from transformers import AutoConfig, AutoModel
+
+    folder = Path(entry.source)
+    if not (folder / "config.json").is_file():
+        raise ServiceUnavailable(
+            f"base {entry.name!r}: weights folder {folder} is not available on this host"
+        )
+    config = AutoConfig.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder, config=config).eval()
+    modality: Modality = "image" if hasattr(config, "num_channels") else "text"
+    encoder_layers = _encoder_layers(model)
+    factory = _layer_factory(type(encoder_layers[0]), model.config) if encoder_layers is not None else None
+    linears = wrap_linears(model)  # before wrap_layers, so paths stay the base's weight names
+    layers = wrap_layers(encoder_layers) if encoder_layers is not None else []
+    return Backbone(
+        entry=entry,
+        model=model,
+        modality=modality,
+        preprocessor=_preprocessor(folder, modality),
+        linears=linears,
+        layers=layers,
+        layer_factory=factory,
+        feature_dim=_feature_dim(config),
+    )
+
+
+def _encoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    encoder = getattr(model, "encoder", None)
+    layers = getattr(encoder, "layer", None)
+    return layers if isinstance(layers, nn.ModuleList) and len(layers) > 0 else None
+
+
+def _layer_factory(cls: type[nn.Module], config: Any) -> Callable[[int], nn.Module]:
+    takes_idx = "layer_idx" in inspect.signature(cls.__init__).parameters
+
+    def make(index: int) -> nn.Module:
+        return (cls(config, layer_idx=index) if takes_idx else cls(config)).eval()
+
+    return make
+
+
+def _feature_dim(config: Any) -> int:
+    sizes = getattr(config, "hidden_sizes", None)  # ResNet-style: the last stage's channels
+    return int(sizes[-1]) if sizes else int(config.hidden_size)
+
+
+def _preprocessor(folder: Path, modality: Modality) -> Any:
+    if modality == "text":
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(folder)
+    if (folder / "preprocessor_config.json").is_file():
+        from transformers import AutoImageProcessor
+
+        return AutoImageProcessor.from_pretrained(folder)
+    return None
+
+
+def build_full_model(backbone: Backbone, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A dedicated, unwrapped copy of the base architecture holding a full fine-tune's weights."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_config(backbone.model.config).eval()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ValidationError(
+            f"full fine-tune does not match the base: missing {missing[:3]}, extra {unexpected[:3]}"
+        )
+    return model
+
+
+def encode_texts(backbone: Backbone, texts: Sequence[str], max_len: int) -> dict[str, torch.Tensor]:
+    return backbone.preprocessor(
+        list(texts), padding=True, truncation=True, max_length=max_len, return_tensors="pt"
+    )
+
+
+def encode_images(backbone: Backbone, images: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
+    """HWC uint8 images -> ``pixel_values``; with no image processor, ImageNet normalisation, no resize."""
+    if backbone.preprocessor is not None:
+        return {
+            "pixel_values": backbone.preprocessor(images=list(images), return_tensors="pt")["pixel_values"]
+        }
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+    return {"pixel_values": (pixels - _IMAGENET_MEAN) / _IMAGENET_STD}
+
+
+def run_model(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(last hidden state, pooler output or None) of an HF base model."""
+    out = model(**inputs)
+    return out.last_hidden_state, getattr(out, "pooler_output", None)
+
+
+def pool(
+    hidden: torch.Tensor, mask: torch.Tensor | None, pooler: torch.Tensor | None, how: str
+) -> torch.Tensor:
+    """Reduce per-token (or per-pixel) features to one vector per row.
+
+    hidden: [B, T, H] (tokens/patches) or [B, C, h, w] (conv maps); mask: [B, T] or None.
+    """
+    if how == "pooler":
+        if pooler is None:
+            raise ValidationError("pooling 'pooler' needs a backbone with a pooler layer")
+        return pooler.flatten(1)
+    if hidden.dim() == 4:
+        return hidden.mean(dim=(2, 3))
+    if how == "cls":
+        return hidden[:, 0]
+    if mask is None:
+        return hidden.mean(dim=1)
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)

@@ -1,0 +1,191 @@
+"""The in-process multi-tenant engine: one backbone, every tenant's adapter, mixed in one forward pass.
+
+>>> engine = Engine(open_store("/data/store"), base="minilm")            # doctest: +SKIP
+>>> engine.infer([InferenceItem("acme", "intent", "classify", text="cancel my order")])  # doctest: +SKIP
+[InferenceResult(adapter='acme/intent', version=3, digest='9f2c...', labels=[...], scores=[...], ...)]
+
+Rows fail one by one: a row with an unknown adapter, an adapter trained on another base or a damaged
+file gets its :class:`LoraplexError`; the other rows are answered. ``full`` fine-tunes are the
+expensive option: each needs a whole dedicated model copy, held in a separate LRU of
+``settings.full_cache_size`` entries.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from adapters_store.bundle import AdapterManifest
+from adapters_store.errors import IncompatibleBase, LoraplexError, ValidationError
+from adapters_store.names import AdapterRef, validate_name
+from serving.engine.backbone import load_backbone
+from serving.engine.cache import AdapterCache, Lease
+from serving.engine.forward import PreparedRow, run_full, run_shared
+from serving.engine.items import TASKS, InferenceItem, InferenceResult
+from serving.engine.loader import LoadedAdapter, load_adapter
+from serving.engine.plan import chunk_rows, group_rows
+from serving.engine.resolver import AliasResolver
+from serving.engine.settings import EngineSettings
+
+log = logging.getLogger(__name__)
+_UNLIMITED = 1 << 62
+
+
+class Engine:
+    """Serves every tenant of ONE registered base from ONE loaded backbone. Thread-safe."""
+
+    def __init__(self, store: Any, base: str = "minilm", settings: EngineSettings | None = None):
+        self.settings = settings or EngineSettings()
+        torch.set_num_threads(self.settings.threads)
+        self.store = store
+        self.base = store.get_base(base)
+        self.backbone = load_backbone(self.base)
+        self._cache = AdapterCache(self.settings.cache_bytes, pins=self.settings.pins)
+        self._full = AdapterCache(_UNLIMITED, max_entries=self.settings.full_cache_size)
+        self._resolver = AliasResolver(store, self.settings.alias_ttl_s)
+        self._forward_lock = threading.Lock()  # the wrappers' batch context is shared state
+
+    # -- inference --------------------------------------------------------------------------------
+    def infer(self, items: Sequence[InferenceItem]) -> list[InferenceResult | LoraplexError]:
+        """Answer every row; same length and order as ``items``. Bad rows get their LoraplexError."""
+        out: list[InferenceResult | LoraplexError | None] = [None] * len(items)
+        leases: list[Lease] = []
+        try:
+            rows = [self._prepare(item, leases, out, i) for i, item in enumerate(items)]
+            self._run_groups(rows, out)
+        finally:
+            for lease in leases:
+                lease.release()
+        return out  # type: ignore[return-value]
+
+    def _prepare(self, item: InferenceItem, leases: list[Lease], out: list, index: int) -> PreparedRow | None:
+        try:
+            self._check_item(item)
+            if item.adapter is None:
+                if item.task == "classify":
+                    raise ValidationError("the bare base has no classifier; name an adapter to classify")
+                return PreparedRow(item, None, None, None)
+            manifest = self._resolver.resolve(item.tenant, item.adapter)
+            if item.task == "classify" and manifest.task == "feature-extraction":
+                raise ValidationError(
+                    f"{manifest.tenant}/{manifest.name} is an embedding adapter; use task 'embed'"
+                )
+            lease = self._lease(manifest)
+            leases.append(lease)
+            return PreparedRow(item, lease.value, manifest.version, manifest.digest)
+        except LoraplexError as e:
+            out[index] = e
+        except Exception as e:  # a loader bug must not fail the other rows
+            log.exception("preparing row %d failed", index)
+            out[index] = LoraplexError(f"could not prepare this row: {type(e).__name__}")
+        return None
+
+    def _check_item(self, item: InferenceItem) -> None:
+        validate_name(item.tenant, "tenant")
+        if item.task not in TASKS:
+            raise ValidationError(f"task must be one of {', '.join(TASKS)}, got {item.task!r}")
+        if self.backbone.modality == "text":
+            if not isinstance(item.text, str) or not item.text.strip():
+                raise ValidationError("this base reads text: give a non-empty 'text'")
+        else:
+            img = item.image
+            if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+                raise ValidationError("this base reads images: give 'image' as an HxWx3 uint8 array")
+
+    def _lease(self, manifest: AdapterManifest) -> Lease:
+        if manifest.base.fingerprint != self.base.fingerprint:
+            raise IncompatibleBase(
+                f"{manifest.tenant}/{manifest.name} v{manifest.version} was trained on base "
+                f"{manifest.base.name!r}, not on {self.base.name!r} served here (fingerprints differ)"
+            )
+        cache = self._full if manifest.kind == "full" else self._cache
+        owner = (manifest.tenant, manifest.name)
+        return cache.acquire(manifest.digest, owner, lambda: self._load(manifest))
+
+    def _load(self, manifest: AdapterManifest) -> tuple[LoadedAdapter, int]:
+        read_bundle = getattr(self.store, "read_bundle", None)  # skips a second resolve when offered
+        if read_bundle is not None:
+            bundle = read_bundle(manifest)
+        else:
+            bundle = self.store.get(AdapterRef(manifest.tenant, manifest.name, str(manifest.version)))
+        if bundle.manifest.digest != manifest.digest:  # replaced between resolve and get
+            raise ValidationError(f"{manifest.tenant}/{manifest.name} changed while loading; retry")
+        loaded = load_adapter(bundle, self.backbone)
+        return loaded, loaded.nbytes
+
+    def _run_groups(self, rows: list[PreparedRow | None], out: list) -> None:
+        keys = [None if r is None else self._group_key(r) for r in rows]
+        for key, idx in group_rows(keys).items():
+            for chunk in chunk_rows(idx, self.settings.max_batch_rows):
+                self._run_chunk(key, [rows[i] for i in chunk], chunk, out)
+
+    def _group_key(self, row: PreparedRow) -> tuple:
+        full = row.adapter.digest if row.adapter is not None and row.adapter.kind == "full" else None
+        shape = row.item.image.shape if self.backbone.preprocessor is None else None
+        return (full, shape)
+
+    def _run_chunk(self, key: tuple, rows: list[PreparedRow], idx: list[int], out: list) -> None:
+        try:
+            with self._forward_lock, torch.inference_mode():
+                if key[0] is not None:
+                    answers = run_full(rows[0].adapter, rows, self.backbone, self.settings)
+                else:
+                    answers = run_shared(self.backbone, rows, self.settings)
+        except LoraplexError as e:
+            answers = [e] * len(rows)
+        except Exception as e:  # a bug must not take down other groups' rows
+            log.exception("engine forward failed")
+            answers = [LoraplexError(f"inference failed: {type(e).__name__}")] * len(rows)
+        for i, answer in zip(idx, answers, strict=True):
+            out[i] = answer
+
+    # -- cache administration ---------------------------------------------------------------------
+    def warm(self, ref: str) -> AdapterManifest:
+        """Load ``tenant/name[@sel]`` into the cache now (validating it); returns its manifest."""
+        parsed = AdapterRef.parse(ref)
+        adapter = parsed.name if "@" not in ref else f"{parsed.name}@{parsed.selector}"
+        manifest = self._resolver.resolve(parsed.tenant, adapter)
+        self._lease(manifest).release()
+        return manifest
+
+    def pin(self, ref: str) -> None:
+        """Never evict ``tenant`` or ``tenant/name``'s adapters (any version); a named adapter is warmed."""
+        pattern = _owner_pattern(ref)
+        self._cache.pin(pattern)
+        self._full.pin(pattern)
+        if "/" in pattern:
+            self.warm(ref)
+
+    def unpin(self, ref: str) -> None:
+        pattern = _owner_pattern(ref)
+        self._cache.unpin(pattern)
+        self._full.unpin(pattern)
+
+    def invalidate(self, tenant: str, name: str | None = None) -> int:
+        """Forget cached resolutions and adapters of ``tenant`` (or one adapter); returns entries dropped."""
+        self._resolver.forget(tenant, name)
+
+        def match(owner: tuple[str, str]) -> bool:
+            return owner[0] == tenant and (name is None or owner[1] == name)
+
+        return self._cache.invalidate(match) + self._full.invalidate(match)
+
+    def cache_stats(self) -> dict[str, Any]:
+        """Adapter cache counters (hits, misses, loads, evictions, load_time_s, bytes_used, entries,
+        pinned, ...) plus ``full``: the same for the dedicated full-model LRU."""
+        stats = self._cache.stats()
+        stats["full"] = self._full.stats()
+        return stats
+
+
+def _owner_pattern(ref: str) -> str:
+    tenant, _, rest = ref.partition("/")
+    validate_name(tenant, "tenant")
+    if not rest:
+        return tenant
+    return f"{tenant}/{validate_name(rest.partition('@')[0], 'adapter name')}"

@@ -1,0 +1,185 @@
+"""One planned forward pass: set the wrappers' context from a plan, run the backbone, pool, apply heads.
+
+Callers hold the engine's forward lock: the wrappers' context is shared state of the one backbone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from adapters_store.errors import ValidationError
+from serving.engine.backbone import Backbone, encode_images, encode_texts, pool, run_model
+from serving.engine.items import InferenceItem, InferenceResult
+from serving.engine.loader import LoadedAdapter
+from serving.engine.plan import MixedBatchPlan, Segment, assign_slots, plan_batch
+from serving.engine.settings import EngineSettings
+
+
+@dataclass(frozen=True)
+class PreparedRow:
+    """A validated row: its item, the manifest that answers it (None = bare base) and the loaded adapter."""
+
+    item: InferenceItem
+    adapter: LoadedAdapter | None
+    version: int | None
+    digest: str | None
+
+
+def plan_rows(rows: Sequence[PreparedRow], num_layers: int) -> tuple[MixedBatchPlan, list[LoadedAdapter]]:
+    """Slot per distinct adapter; partial adapters last, those starting higher up first."""
+    slots, keys = assign_slots([r.adapter.digest if r.adapter else None for r in rows])
+    by_key = {r.adapter.digest: r.adapter for r in rows if r.adapter}
+    adapters = [by_key[k] for k in keys]
+    rank = {s: num_layers + 1 - a.first_layer for s, a in enumerate(adapters) if a.kind == "partial"}
+    return plan_batch(slots, rank), adapters
+
+
+def set_context(backbone: Backbone, plan: MixedBatchPlan, adapters: Sequence[LoadedAdapter]) -> None:
+    """Point every touched wrapper at this batch's segments; untouched wrappers stay on the base path."""
+    batch = len(plan.order)
+    lora: dict[str, list] = {}
+    ia3: dict[tuple[str, bool], torch.Tensor] = {}
+    for seg in plan.segments:
+        if seg.slot < 0:
+            continue
+        a = adapters[seg.slot]
+        for path, (a_t, b_t) in a.lora.items():
+            lora.setdefault(path, []).append((seg.start, seg.end, a_t, b_t))
+        for is_in, vectors in ((True, a.ia3_in), (False, a.ia3_out)):
+            for path, vec in vectors.items():
+                _ia3_rows(ia3, backbone, path, is_in, batch)[seg.start : seg.end] = vec
+    for path in {p for p in lora} | {p for p, _ in ia3}:
+        backbone.linears[path].set_context(lora.get(path, ()), ia3.get((path, True)), ia3.get((path, False)))
+    _set_layer_context(backbone, plan, adapters)
+
+
+def _ia3_rows(ia3: dict, backbone: Backbone, path: str, is_in: bool, batch: int) -> torch.Tensor:
+    key = (path, is_in)
+    if key not in ia3:
+        lin = backbone.linears[path]
+        ia3[key] = torch.ones(batch, 1, lin.in_features if is_in else lin.out_features)
+    return ia3[key][:, 0]
+
+
+def _set_layer_context(backbone: Backbone, plan: MixedBatchPlan, adapters: Sequence[LoadedAdapter]) -> None:
+    partial = [
+        (seg, adapters[seg.slot]) for seg in plan.segments if seg.slot >= 0 and adapters[seg.slot].blocks
+    ]
+    if not partial:
+        return
+    for layer in backbone.layers:
+        own = [(s.start, s.end, a.blocks[layer.index]) for s, a in partial if layer.index in a.blocks]
+        if own:
+            base_rows = min(start for start, _, _ in own)
+            # The plan puts active partial rows last; anything else would leave rows unanswered.
+            if sum(end - start for start, end, _ in own) != len(plan.order) - base_rows:
+                raise RuntimeError("partial segments are not a suffix of the batch; plan_rows is broken")
+            layer.set_context(base_rows, own)
+
+
+def clear_context(backbone: Backbone) -> None:
+    for lin in backbone.linears.values():
+        lin.clear_context()
+    for layer in backbone.layers:
+        layer.clear_context()
+
+
+def encode_rows(backbone: Backbone, rows: Sequence[PreparedRow], settings: EngineSettings) -> dict:
+    if backbone.modality == "text":
+        return dict(encode_texts(backbone, [r.item.text for r in rows], settings.max_seq_len))
+    return encode_images(backbone, [r.item.image for r in rows])
+
+
+def run_shared(
+    backbone: Backbone, rows: Sequence[PreparedRow], settings: EngineSettings
+) -> list[InferenceResult]:
+    """Answer ``rows`` (none of kind 'full') with ONE pass of the shared backbone; results in row order."""
+    plan, adapters = plan_rows(rows, backbone.num_layers)
+    ordered = [rows[i] for i in plan.order]
+    inputs = encode_rows(backbone, ordered, settings)
+    set_context(backbone, plan, adapters)
+    try:
+        hidden, pooled = run_model(backbone.model, inputs)
+    finally:
+        clear_context(backbone)
+    mask = inputs.get("attention_mask")
+    out: list[InferenceResult | None] = [None] * len(rows)
+    for seg in plan.segments:
+        adapter = adapters[seg.slot] if seg.slot >= 0 else None
+        answers = finish_segment(seg, ordered, adapter, hidden, mask, pooled, settings)
+        for pos, answer in zip(range(seg.start, seg.end), answers, strict=True):
+            out[plan.order[pos]] = answer
+    return out  # type: ignore[return-value]
+
+
+def run_full(
+    adapter: LoadedAdapter, rows: Sequence[PreparedRow], backbone: Backbone, settings: EngineSettings
+) -> list[InferenceResult]:
+    """Answer one full fine-tune's rows on its dedicated model copy."""
+    inputs = encode_rows(backbone, rows, settings)
+    hidden, pooled = run_model(adapter.full_model, inputs)
+    seg = Segment(0, 0, len(rows))
+    return finish_segment(seg, rows, adapter, hidden, inputs.get("attention_mask"), pooled, settings)
+
+
+def finish_segment(
+    seg: Segment,
+    ordered: Sequence[PreparedRow],
+    adapter: LoadedAdapter | None,
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    pooled: torch.Tensor | None,
+    settings: EngineSettings,
+) -> list[InferenceResult]:
+    """Pool rows [start, end) and apply the adapter's head; one result per row."""
+    h = hidden[seg.start : seg.end]
+    m = None if mask is None else mask[seg.start : seg.end]
+    p = None if pooled is None else pooled[seg.start : seg.end]
+    if adapter is None:
+        feats = pool(h, m, p, settings.base_pooling)
+        feats = F.normalize(feats, dim=-1) if settings.base_normalize else feats
+        return [_result(r, embedding=feats[i]) for i, r in enumerate(ordered[seg.start : seg.end])]
+    if adapter.pooler is not None and adapter.pooling == "pooler":
+        p = adapter.pooler(h[:, 0])
+    feats = pool(h, m, p, adapter.pooling)
+    manifest = adapter.manifest
+    head_out = adapter.head(feats) if adapter.head is not None else None
+    embeds = head_out if manifest.task == "feature-extraction" and head_out is not None else feats
+    embeds = F.normalize(embeds, dim=-1) if manifest.normalize else embeds
+    answers = []
+    for i, row in enumerate(ordered[seg.start : seg.end]):
+        if row.item.task == "classify":
+            answers.append(_classified(row, head_out[i], manifest.labels))
+        else:
+            answers.append(_result(row, embedding=embeds[i]))
+    return answers
+
+
+def _result(row: PreparedRow, **fields) -> InferenceResult:
+    name = None if row.adapter is None else f"{row.adapter.manifest.tenant}/{row.adapter.manifest.name}"
+    emb = fields.pop("embedding", None)
+    return InferenceResult(
+        adapter=name,
+        version=row.version,
+        digest=row.digest,
+        embedding=None if emb is None else emb.tolist(),
+        **fields,
+    )
+
+
+def _classified(row: PreparedRow, logits: torch.Tensor, labels: Sequence[str]) -> InferenceResult:
+    if logits.numel() != len(labels):
+        raise ValidationError(f"head gives {logits.numel()} outputs for {len(labels)} labels")
+    probs = torch.softmax(logits, dim=-1).tolist()
+    order = np.argsort(-np.asarray(probs), kind="stable")
+    return _result(
+        row,
+        labels=[labels[i] for i in order],
+        scores=[probs[i] for i in order],
+        logits=logits.tolist(),
+    )

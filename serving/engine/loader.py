@@ -1,0 +1,264 @@
+"""Mechanism: a verified :class:`Bundle` -> :class:`LoadedAdapter`, tensors packed for the layer wrappers.
+
+Everything is checked against the live backbone before an adapter can reach a forward pass: the base
+fingerprint, the store's own bundle validation (digests, safetensors headers, finiteness, shapes), and
+then every key must name a real module of this backbone with matching shapes. Only safetensors are
+read; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from torch import nn
+
+from adapters_store.bundle import (
+    HEAD_WEIGHTS_FILE,
+    MODEL_WEIGHTS_FILE,
+    PEFT_CONFIG_FILE,
+    PEFT_WEIGHTS_FILE,
+    AdapterManifest,
+    Bundle,
+)
+from adapters_store.errors import IncompatibleBase, UnsupportedAdapter, ValidationError
+from adapters_store.validation import StoreLimits, backbone_name, parse_peft_config, validate_bundle
+from serving.engine.backbone import Backbone, build_full_model
+from serving.engine.heads import HeadParams, head_from_classifier, head_from_file
+
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+_IA3_KEY = re.compile(r"^(?P<module>.+)\.ia3_l$")
+_LAYER_KEY = re.compile(r"^encoder\.layer\.(?P<idx>\d+)\.(?P<rest>.+)$")
+_HEAD_MODULES = ("classifier", "score")
+# PEFT options that change the maths; the engine refuses them rather than serve something different.
+_UNSUPPORTED_FLAGS = (
+    "use_dora",
+    "lora_bias",
+    "layer_replication",
+    "alora_invocation_tokens",
+    "target_parameters",
+    "trainable_token_indices",
+    "use_bdlora",
+)
+_LIMITS = StoreLimits()
+
+
+@dataclass
+class LoadedAdapter:
+    """One tenant adapter ready to serve. ``nbytes`` is what the cache budget charges for it."""
+
+    manifest: AdapterManifest
+    pooling: str
+    normalize: bool
+    head: HeadParams | None = None
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # path -> (A^T, B^T*s)
+    ia3_in: dict[str, torch.Tensor] = field(default_factory=dict)  # path -> [in] input scale
+    ia3_out: dict[str, torch.Tensor] = field(default_factory=dict)  # path -> [out] output scale
+    blocks: dict[int, nn.Module] = field(default_factory=dict)  # partial: layer index -> own block
+    pooler: nn.Module | None = None  # partial: own pooler, when shipped
+    full_model: nn.Module | None = None  # full: dedicated model copy
+    nbytes: int = 0
+
+    @property
+    def kind(self) -> str:
+        return self.manifest.kind
+
+    @property
+    def digest(self) -> str:
+        return self.manifest.digest
+
+    @property
+    def first_layer(self) -> int:
+        return min(self.blocks) if self.blocks else 0
+
+
+def load_adapter(bundle: Bundle, backbone: Backbone) -> LoadedAdapter:
+    """Validate ``bundle`` against ``backbone`` and pack its tensors. Raises a specific LoraplexError."""
+    m = bundle.manifest
+    if m.base.fingerprint != backbone.entry.fingerprint:
+        raise IncompatibleBase(
+            f"{m.tenant}/{m.name} v{m.version} was trained on base {m.base.name!r} "
+            f"({m.base.fingerprint[:12]}...), but this engine serves {backbone.entry.name!r} "
+            f"({backbone.entry.fingerprint[:12]}...)"
+        )
+    validate_bundle(bundle, backbone.entry, _LIMITS)
+    loaded = LoadedAdapter(manifest=m, pooling=m.pooling, normalize=m.normalize)
+    if m.kind in ("lora", "ia3"):
+        _load_peft(bundle, backbone, loaded)
+    else:
+        loaded.head = head_from_file(
+            _tensors(bundle, HEAD_WEIGHTS_FILE), m.head.activation, backbone.feature_dim
+        )
+    if m.kind == "partial":
+        _load_partial(bundle, backbone, loaded)
+    elif m.kind == "full":
+        loaded.full_model = build_full_model(backbone, _strip(_tensors(bundle, MODEL_WEIGHTS_FILE), backbone))
+    if m.task != "feature-extraction" and loaded.head is None:
+        raise ValidationError(
+            f"{m.tenant}/{m.name}: task {m.task!r} needs a head (modules_to_save classifier)"
+        )
+    loaded.nbytes = _nbytes(loaded)
+    return loaded
+
+
+def _tensors(bundle: Bundle, name: str) -> dict[str, torch.Tensor]:
+    try:
+        tensors = load_safetensors(bytes(bundle.files[name]))
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise ValidationError(f"{name} is not a readable safetensors file: {e}") from None
+    for key, t in tensors.items():
+        if not t.is_floating_point():
+            raise ValidationError(
+                f"{name}: tensor {key!r} has dtype {t.dtype}; weights must be floating point"
+            )
+    return {k: t.float() for k, t in tensors.items()}
+
+
+def _strip(tensors: dict[str, torch.Tensor], backbone: Backbone) -> dict[str, torch.Tensor]:
+    p = backbone.prefix
+    return {(k[len(p) :] if k.startswith(p) else k): t for k, t in tensors.items()}
+
+
+def _load_peft(bundle: Bundle, backbone: Backbone, loaded: LoadedAdapter) -> None:
+    cfg = parse_peft_config(bundle.files[PEFT_CONFIG_FILE])
+    for flag in _UNSUPPORTED_FLAGS:
+        if cfg.get(flag):
+            raise UnsupportedAdapter(
+                f"{PEFT_CONFIG_FILE}: {flag} is not supported by the engine; train a plain adapter"
+            )
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    saved: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in _tensors(bundle, PEFT_WEIGHTS_FILE).items():
+        name = backbone_name(key, backbone.entry.model_type)
+        if (m := _LORA_KEY.match(name)) and loaded.kind == "lora":
+            lora.setdefault(_linear(backbone, m["module"], key), {})[m["ab"]] = t
+        elif (m := _IA3_KEY.match(name)) and loaded.kind == "ia3":
+            _add_ia3(loaded, backbone, cfg, _linear(backbone, m["module"], key), t.flatten())
+        elif name.split(".")[0] in _HEAD_MODULES and name.count(".") == 1:
+            saved.setdefault(name.split(".")[0], {})[name.split(".")[1]] = t
+        else:
+            raise UnsupportedAdapter(
+                f"{PEFT_WEIGHTS_FILE}: tensor {key!r} is not something the engine serves"
+            )
+    for module, ab in lora.items():
+        loaded.lora[module] = _pack_lora(cfg, backbone, module, ab)
+    if HEAD_WEIGHTS_FILE in bundle.files:
+        head = loaded.manifest.head
+        activation = head.activation if head else "relu"
+        loaded.head = head_from_file(_tensors(bundle, HEAD_WEIGHTS_FILE), activation, backbone.feature_dim)
+    elif saved:
+        loaded.head = head_from_classifier(next(iter(saved.values())), backbone.feature_dim)
+
+
+def _linear(backbone: Backbone, module: str, key: str) -> str:
+    if module not in backbone.linears:
+        raise UnsupportedAdapter(f"{key!r} targets {module!r}, which is not a Linear layer of this backbone")
+    return module
+
+
+def _pattern_value(patterns: dict[str, Any] | None, module: str, default: Any) -> Any:
+    # PEFT's rule: a pattern matches the module path or any dotted suffix of it.
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def _pack_lora(cfg: dict[str, Any], backbone: Backbone, module: str, ab: dict[str, torch.Tensor]):
+    if set(ab) != {"A", "B"}:
+        raise ValidationError(f"{module}: LoRA needs both lora_A and lora_B")
+    lin = backbone.linears[module]
+    a, b = ab["A"], ab["B"]
+    r = a.shape[0]
+    if a.shape != (r, lin.in_features) or b.shape != (lin.out_features, r):
+        raise ValidationError(f"{module}: LoRA shapes {list(a.shape)}/{list(b.shape)} do not fit the layer")
+    alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", r)))
+    scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    # Fold the scaling into B once at load time, so a forward pass does two matmuls and nothing else.
+    return a.t().contiguous(), (b.t() * scaling).contiguous()
+
+
+def _is_feedforward(cfg: dict[str, Any], module: str, backbone: Backbone) -> bool:
+    ff = cfg.get("feedforward_modules") or []
+    names = (module, backbone.prefix + module)  # PEFT matched against the (maybe task-prefixed) path
+    if isinstance(ff, str):
+        return any(re.fullmatch(ff, n) for n in names)
+    return any(n.endswith(t) for n in names for t in ff)
+
+
+def _add_ia3(loaded: LoadedAdapter, backbone: Backbone, cfg: dict[str, Any], module: str, vec: torch.Tensor):
+    lin = backbone.linears[module]
+    if _is_feedforward(cfg, module, backbone):
+        if vec.numel() != lin.in_features:
+            raise ValidationError(
+                f"{module}: IA3 vector has {vec.numel()} values, the layer takes {lin.in_features}"
+            )
+        loaded.ia3_in[module] = vec.contiguous()
+    else:
+        if vec.numel() != lin.out_features:
+            raise ValidationError(
+                f"{module}: IA3 vector has {vec.numel()} values, the layer gives {lin.out_features}"
+            )
+        loaded.ia3_out[module] = vec.contiguous()
+
+
+def _load_partial(bundle: Bundle, backbone: Backbone, loaded: LoadedAdapter) -> None:
+    if backbone.layer_factory is None:
+        raise UnsupportedAdapter(
+            f"base {backbone.entry.name!r} has no encoder blocks to serve a partial fine-tune"
+        )
+    first = loaded.manifest.first_trained_layer or 0
+    if not 0 <= first < backbone.num_layers:
+        raise ValidationError(
+            f"first_trained_layer={first} is outside the base's {backbone.num_layers} layers"
+        )
+    per_layer: dict[int, dict[str, torch.Tensor]] = {}
+    pooler: dict[str, torch.Tensor] = {}
+    for key, t in _strip(_tensors(bundle, MODEL_WEIGHTS_FILE), backbone).items():
+        if key.startswith("pooler.dense."):
+            pooler[key.removeprefix("pooler.dense.")] = t
+        elif (m := _LAYER_KEY.match(key)) and int(m["idx"]) >= first:
+            per_layer.setdefault(int(m["idx"]), {})[m["rest"]] = t
+        else:
+            raise ValidationError(f"{MODEL_WEIGHTS_FILE}: {key!r} is not a block at or above layer {first}")
+    for idx in range(first, backbone.num_layers):
+        loaded.blocks[idx] = _block(backbone, idx, per_layer.get(idx, {}))
+    if pooler:
+        dense = nn.Linear(backbone.feature_dim, backbone.feature_dim)
+        _load_strict(dense, pooler, "pooler.dense")
+        loaded.pooler = nn.Sequential(dense, nn.Tanh()).eval()
+
+
+def _block(backbone: Backbone, idx: int, state: dict[str, torch.Tensor]) -> nn.Module:
+    block = backbone.layer_factory(idx)  # type: ignore[misc]
+    _load_strict(block, state, f"encoder.layer.{idx}")
+    return block
+
+
+def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    want = module.state_dict()
+    missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    if missing or extra:
+        raise ValidationError(
+            f"{MODEL_WEIGHTS_FILE}: {where} is incomplete or has extras: missing {missing[:3]}, "
+            f"unexpected {extra[:3]}"
+        )
+    for k, t in state.items():
+        if t.shape != want[k].shape:
+            raise ValidationError(f"{MODEL_WEIGHTS_FILE}: {where}.{k} has shape {list(t.shape)}")
+    module.load_state_dict(state, strict=True)
+    module.requires_grad_(False)
+
+
+def _nbytes(loaded: LoadedAdapter) -> int:
+    tensors: list[torch.Tensor] = [t for pair in loaded.lora.values() for t in pair]
+    tensors += list(loaded.ia3_in.values()) + list(loaded.ia3_out.values())
+    for mod in (*loaded.blocks.values(), loaded.pooler, loaded.full_model):
+        if mod is not None:
+            tensors += list(mod.parameters())
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    return total + (loaded.head.nbytes if loaded.head else 0)

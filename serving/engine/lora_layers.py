@@ -1,0 +1,139 @@
+"""Multi-tenant wrappers around the ONE backbone's modules, driven by a per-batch context.
+
+Every ``nn.Linear`` of the backbone is wrapped once at start-up. Before a forward pass the engine sets
+each wrapper's context from the batch plan (rows are already sorted into contiguous adapter segments):
+
+* ``lora``: ``(start, end, A^T [in, r], B^T*scaling [r, out])`` per segment that targets this module;
+  the delta is added in place on a view of the output, so rows of other tenants get exactly zero.
+* ``ia3_in`` / ``ia3_out``: per-row scale vectors ``[B, 1, in]`` / ``[B, 1, out]`` (ones for rows
+  without IA3), PEFT semantics: feed-forward modules scale their input, the others their output.
+
+A wrapper whose context is empty costs one extra Python call: the LoRA path is skipped entirely.
+Context is only touched under the engine's forward lock, so one context per wrapper is enough.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+LoraSegment = tuple[int, int, torch.Tensor, torch.Tensor]  # (start row, end row, A^T, B^T * scaling)
+
+
+class MultiTenantLinear(nn.Module):
+    """``base(x)`` plus per-segment low-rank deltas and per-row IA3 scales."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base = base
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.lora: Sequence[LoraSegment] = ()
+        self.ia3_in: torch.Tensor | None = None
+        self.ia3_out: torch.Tensor | None = None
+
+    def set_context(
+        self, lora: Sequence[LoraSegment], ia3_in: torch.Tensor | None, ia3_out: torch.Tensor | None
+    ) -> None:
+        self.lora, self.ia3_in, self.ia3_out = lora, ia3_in, ia3_out
+
+    def clear_context(self) -> None:
+        self.lora, self.ia3_in, self.ia3_out = (), None, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]  # a partial-layer switch may run this on a prefix of the batch
+        x_in = x if self.ia3_in is None else x * _per_row(self.ia3_in, rows, x.dim())
+        out = self.base(x_in)
+        if self.ia3_out is not None:
+            out = out * _per_row(self.ia3_out, rows, out.dim())
+        if self.lora:
+            _add_lora(x, out, self.lora, rows)
+        return out
+
+
+def _per_row(scale: torch.Tensor, rows: int, dim: int) -> torch.Tensor:
+    """[B, 1, d] scale for [rows, T, d] activations, or [B, d] for [rows, d] (a pooler's input)."""
+    scale = scale[:rows]
+    return scale if dim == 3 else scale.reshape(rows, -1)
+
+
+def _add_lora(x: torch.Tensor, out: torch.Tensor, segments: Sequence[LoraSegment], rows: int) -> None:
+    # Segments are contiguous row ranges, so x[s:e] and out[s:e] are views: no gather, no copy.
+    out_f = out.shape[-1]
+    in_f = x.shape[-1]
+    for start, end, a_t, b_t in segments:
+        if start >= rows:
+            continue
+        seg_out = out[start:end].view(-1, out_f)
+        seg_out.addmm_(torch.mm(x[start:end].reshape(-1, in_f), a_t), b_t)
+
+
+class LayerSwitch(nn.Module):
+    """An encoder block that runs the shared base block on the batch's leading rows and each partial
+    tenant's own copy of the block on that tenant's rows only (rows are planned so this is a prefix
+    plus trailing segments)."""
+
+    def __init__(self, base: nn.Module, index: int):
+        super().__init__()
+        self.base = base
+        self.index = index
+        self.base_rows: int | None = None  # None: every row uses the base block
+        self.own: Sequence[tuple[int, int, nn.Module]] = ()
+
+    def set_context(self, base_rows: int | None, own: Sequence[tuple[int, int, nn.Module]]) -> None:
+        self.base_rows, self.own = base_rows, own
+
+    def clear_context(self) -> None:
+        self.base_rows, self.own = None, ()
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if not self.own:
+            return self.base(hidden_states, *args, **kwargs)
+        batch = hidden_states.shape[0]
+        out = torch.empty_like(hidden_states)
+        if self.base_rows:
+            out[: self.base_rows] = _first(
+                self._run(self.base, hidden_states, 0, self.base_rows, batch, args, kwargs)
+            )
+        for start, end, block in self.own:
+            out[start:end] = _first(self._run(block, hidden_states, start, end, batch, args, kwargs))
+        return out
+
+    @staticmethod
+    def _run(block: nn.Module, hidden: torch.Tensor, start: int, end: int, batch: int, args, kwargs):
+        # Slice every per-row tensor argument (attention masks) to the same rows.
+        def cut(v):
+            return v[start:end] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch else v
+
+        return block(hidden[start:end], *[cut(a) for a in args], **{k: cut(v) for k, v in kwargs.items()})
+
+
+def _first(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def wrap_linears(model: nn.Module, skip: Sequence[str] = ()) -> dict[str, MultiTenantLinear]:
+    """Replace every ``nn.Linear`` under ``model`` by a :class:`MultiTenantLinear`; returns them by path."""
+    targets = [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) and not any(name.startswith(s) for s in skip)
+    ]
+    wrapped: dict[str, MultiTenantLinear] = {}
+    for name, mod in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        wrapper = MultiTenantLinear(mod)
+        setattr(parent, attr, wrapper)
+        wrapped[name] = wrapper
+    return wrapped
+
+
+def wrap_layers(layers: nn.ModuleList) -> list[LayerSwitch]:
+    """Replace each block of an encoder's ``ModuleList`` by a :class:`LayerSwitch`."""
+    switches = [LayerSwitch(block, i) for i, block in enumerate(layers)]
+    for i, sw in enumerate(switches):
+        layers[i] = sw
+    return switches

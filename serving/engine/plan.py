@@ -1,0 +1,108 @@
+"""Batch planning as pure functions: which row uses which adapter slot, and which rows share a segment.
+
+A mixed batch is reordered so that rows of one adapter are contiguous (a *segment*); the layer
+wrappers then run one pair of matmuls per segment on a view of the activations, with no gather or
+copy. Slots marked *late* (partial fine-tunes, which replace the top blocks) are put last, so every
+other row forms one contiguous prefix ``[0, shared_rows)`` that the base blocks run on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+
+BASE_SLOT = -1  # rows with no adapter
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows ``[start, end)`` of the planned batch all use adapter ``slot``."""
+
+    slot: int
+    start: int
+    end: int
+
+    @property
+    def rows(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class MixedBatchPlan:
+    """How one forward pass lays out its rows.
+
+    order:       planned position -> original row index (len = batch rows)
+    segments:    contiguous runs of one slot, in planned order, covering every row exactly once
+    shared_rows: rows ``[0, shared_rows)`` use no late slot
+    """
+
+    order: tuple[int, ...]
+    segments: tuple[Segment, ...]
+    shared_rows: int
+
+    def slot_of_position(self) -> list[int]:
+        out: list[int] = []
+        for seg in self.segments:
+            out.extend([seg.slot] * seg.rows)
+        return out
+
+
+def plan_batch(slots: Sequence[int], late: Mapping[int, int] | None = None) -> MixedBatchPlan:
+    """Group rows by slot (stable within a slot), late slots last in increasing ``late[slot]`` rank.
+
+    ``late`` maps a late slot to its rank (>= 1); the engine ranks partial adapters so that those whose
+    own blocks start higher up come first, which keeps the rows on base blocks a prefix at every layer.
+
+    >>> plan_batch([2, -1, 2, 0]).order
+    (1, 3, 0, 2)
+    """
+    rank = dict(late or {})
+    order = tuple(sorted(range(len(slots)), key=lambda i: (rank.get(slots[i], 0), slots[i])))
+    segments = _segments([slots[i] for i in order])
+    shared = sum(s.rows for s in segments if s.slot not in rank)
+    return MixedBatchPlan(order=order, segments=tuple(segments), shared_rows=shared)
+
+
+def _segments(ordered_slots: Sequence[int]) -> list[Segment]:
+    segments: list[Segment] = []
+    start = 0
+    for i in range(1, len(ordered_slots) + 1):
+        if i == len(ordered_slots) or ordered_slots[i] != ordered_slots[start]:
+            segments.append(Segment(ordered_slots[start], start, i))
+            start = i
+    return segments
+
+
+def chunk_rows(rows: Sequence[int], max_rows: int) -> list[list[int]]:
+    """Split row indices into forward passes of at most ``max_rows``.
+
+    >>> chunk_rows([5, 6, 7], 2)
+    [[5, 6], [7]]
+    """
+    if max_rows < 1:
+        raise ValueError("max_rows must be >= 1")
+    return [list(rows[i : i + max_rows]) for i in range(0, len(rows), max_rows)]
+
+
+def group_rows(keys: Sequence[Hashable | None]) -> dict[Hashable, list[int]]:
+    """Row indices per key, keys and rows in first-seen order; ``None`` keys (failed rows) are dropped.
+
+    >>> group_rows(["a", None, "b", "a"])
+    {'a': [0, 3], 'b': [2]}
+    """
+    groups: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(keys):
+        if key is not None:
+            groups.setdefault(key, []).append(i)
+    return groups
+
+
+def assign_slots(keys: Sequence[Hashable | None]) -> tuple[list[int], list[Hashable]]:
+    """Map each row's adapter key to a dense slot index; ``None`` (bare base) -> :data:`BASE_SLOT`.
+
+    >>> assign_slots(["x", None, "y", "x"])
+    ([0, -1, 1, 0], ['x', 'y'])
+    """
+    index: dict[Hashable, int] = {}
+    slots = [BASE_SLOT if k is None else index.setdefault(k, len(index)) for k in keys]
+    return slots, list(index)

@@ -1,0 +1,73 @@
+"""Adapter references -> manifests, with alias answers trusted for at most ``ttl_s`` seconds.
+
+A reference inside a tenant is ``name``, ``name@3`` or ``name@production``. Without ``@`` the alias
+``production`` is tried first and ``latest`` second. A manifest carries its content digest, which is
+the cache key downstream, so a re-push under the same alias is served as soon as the TTL lapses.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from adapters_store.bundle import AdapterManifest
+from adapters_store.errors import InvalidName, NotFound
+from adapters_store.names import LATEST, AdapterRef, validate_name
+
+PRODUCTION = "production"
+
+
+def parse_tenant_ref(tenant: str, adapter: str) -> tuple[AdapterRef, bool]:
+    """(reference, explicit selector?). A tenant can only name its own adapters: no '/' allowed.
+
+    >>> parse_tenant_ref("acme", "intent")
+    (AdapterRef(tenant='acme', name='intent', selector='latest'), False)
+    """
+    validate_name(tenant, "tenant")
+    if not isinstance(adapter, str) or "/" in adapter:
+        raise InvalidName(
+            f"adapter {str(adapter)[:80]!r} must be 'name', 'name@version' or 'name@alias' (no '/')"
+        )
+    return AdapterRef.parse(adapter, tenant=tenant), "@" in adapter
+
+
+class AliasResolver:
+    """Resolves ``(tenant, adapter)`` through an AdapterStore with a small TTL cache."""
+
+    def __init__(self, store, ttl_s: float):
+        self._store = store
+        self._ttl = ttl_s
+        self._cache: dict[tuple[str, str], tuple[AdapterManifest, float]] = {}
+        self._lock = threading.Lock()
+
+    def resolve(self, tenant: str, adapter: str) -> AdapterManifest:
+        key = (tenant, adapter)
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(key)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        manifest = self._lookup(*parse_tenant_ref(tenant, adapter))
+        if self._ttl > 0:
+            with self._lock:
+                self._cache[key] = (manifest, now + self._ttl)
+        return manifest
+
+    def _lookup(self, ref: AdapterRef, explicit: bool) -> AdapterManifest:
+        if explicit:
+            return self._store.resolve(ref)
+        try:
+            return self._store.resolve(AdapterRef(ref.tenant, ref.name, PRODUCTION))
+        except NotFound:
+            return self._store.resolve(AdapterRef(ref.tenant, ref.name, LATEST))
+
+    def forget(self, tenant: str, name: str | None = None) -> None:
+        with self._lock:
+            for key in [
+                k for k in self._cache if k[0] == tenant and (name is None or _name_of(k[1]) == name)
+            ]:
+                del self._cache[key]
+
+
+def _name_of(adapter: str) -> str:
+    return adapter.partition("@")[0]
