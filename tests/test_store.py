@@ -137,7 +137,8 @@ def test_sweep_removes_only_unreferenced_blobs(any_store, base):
     any_store.delete_adapter("acme", "gone")
     assert any_store.sweep_orphans(grace_s=-1) == 2
     assert any_store.verify("acme/kept").version == kept.version
-    assert not any_store._list(f"tenants/acme/blobs/{gone.files['head.safetensors'].sha256}")
+    with pytest.raises(NotFound):
+        any_store._read(f"tenants/acme/blobs/{gone.files['head.safetensors'].sha256}")
 
 
 def test_artifacts_are_keyed_by_base_fingerprint(any_store, base):
