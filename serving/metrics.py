@@ -1,6 +1,7 @@
 """Prometheus metrics of the service, exported on BentoML's ``/metrics``.
 
-``bentoml.metrics`` (not ``prometheus_client``) so BentoML's multiprocess registry picks them up.
+Plain ``prometheus_client`` metrics (BentoML 1.4 deprecates ``bentoml.metrics``); BentoML's workers
+run prometheus in multiprocess mode, so gauges say how to merge workers (``multiprocess_mode``).
 Tenant labels are bounded: only configured tenants (or ``-`` before authentication) appear.
 """
 
@@ -8,46 +9,46 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import bentoml
+from prometheus_client import Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
-REQUESTS = bentoml.metrics.Counter(
+REQUESTS = Counter(
     name="loraplex_requests_total",
     documentation="HTTP requests by tenant, route and status code",
     labelnames=["tenant", "route", "status"],
 )
-LATENCY = bentoml.metrics.Histogram(
+LATENCY = Histogram(
     name="loraplex_request_duration_seconds",
     documentation="HTTP request latency by tenant and route",
     labelnames=["tenant", "route"],
     buckets=LATENCY_BUCKETS,
 )
-ITEMS = bentoml.metrics.Counter(
+ITEMS = Counter(
     name="loraplex_inference_items_total",
     documentation="Inference rows answered, by tenant, task and outcome (ok or error code)",
     labelnames=["tenant", "task", "outcome"],
 )
-BATCH_ROWS = bentoml.metrics.Histogram(
+BATCH_ROWS = Histogram(
     name="loraplex_engine_batch_rows",
     documentation="Rows per engine call (one adaptive batch)",
     labelnames=["task"],
     buckets=BATCH_BUCKETS,
 )
-BATCH_TENANTS = bentoml.metrics.Histogram(
+BATCH_TENANTS = Histogram(
     name="loraplex_engine_batch_tenants",
     documentation="Distinct tenants merged into one engine call",
     labelnames=["task"],
     buckets=BATCH_BUCKETS,
 )
-CACHE = bentoml.metrics.Gauge(
+CACHE = Gauge(
     name="loraplex_cache",
     documentation="Adapter cache counters from the engine (hits, misses, evictions, loads, bytes, entries)",
     labelnames=["stat"],
     multiprocess_mode="livesum",
 )
-READY = bentoml.metrics.Gauge(
+READY = Gauge(
     name="loraplex_ready",
     documentation="1 once the backbone is loaded and the replica serves",
     multiprocess_mode="livemax",

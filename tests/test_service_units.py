@@ -1,0 +1,343 @@
+"""Service pieces without a server: settings, tokens, limits, error bodies, uploads, batch answering."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+
+from adapters_store import describe_base, open_store
+from adapters_store.errors import (
+    Forbidden,
+    InvalidRequest,
+    PayloadTooLarge,
+    TooManyRequests,
+    Unauthorized,
+    UnsafeFormat,
+    ValidationError,
+)
+from serving.auth import TokenBook, hash_token, load_tokens_file
+from serving.gateway import GatewayMiddleware, GatewayState, normalise_error_body, required_role
+from serving.inference import run_batch
+from serving.limits import InflightLimiter, check_content_length, check_items, decode_image, read_body
+from serving.management import bundle_from_upload, parse_labels, rollback_target
+from serving.schemas import ClassifyItem, EmbedItem
+from serving.settings import LimitSettings, ServiceSettings, parse_tenant_tokens
+from tests.helpers.bundles import head_bundle, save_peft_lora
+
+
+# -- settings ------------------------------------------------------------------------------------------
+def test_settings_from_env_and_file(tmp_path):
+    cfg = tmp_path / "svc.json"
+    cfg.write_text(json.dumps({"base": "tiny", "cache_bytes": 1000, "limits": {"max_inputs": 5}}))
+    env = {
+        "LORAPLEX_CONFIG": str(cfg),
+        "LORAPLEX_STORE": "/srv/store",
+        "LORAPLEX_CACHE_BYTES": "2048",  # env wins over the file
+        "LORAPLEX_TENANT_TOKENS": "acme:tok-acme-1,acme:tok-acme-2, globex:tok-globex",
+        "LORAPLEX_PINS": "acme,globex/sentiment",
+        "LORAPLEX_MAX_CHARS": "100",
+        "LORAPLEX_INSECURE_DEV": "0",
+    }
+    s = ServiceSettings.from_env(env)
+    assert (s.store, s.base, s.cache_bytes) == ("/srv/store", "tiny", 2048)
+    assert s.tenant_tokens == {"acme": ("tok-acme-1", "tok-acme-2"), "globex": ("tok-globex",)}
+    assert s.pins == ("acme", "globex/sentiment")
+    assert (s.limits.max_inputs, s.limits.max_chars) == (5, 100)
+    assert s.insecure_dev is False
+
+
+@pytest.mark.parametrize(
+    "env, needle",
+    [
+        ({}, "store"),
+        ({"LORAPLEX_STORE": "x", "LORAPLEX_MAX_INPUTS": "0"}, "max_inputs"),
+        ({"LORAPLEX_STORE": "x", "LORAPLEX_BASE": "Bad/Name"}, "base"),
+        ({"LORAPLEX_STORE": "x", "LORAPLEX_INSECURE_DEV": "maybe"}, "INSECURE_DEV"),
+        ({"LORAPLEX_STORE": "x", "LORAPLEX_TENANT_TOKENS": "acme:short"}, "8 characters"),
+        ({"LORAPLEX_STORE": "x", "LORAPLEX_TENANT_TOKENS": "no-colon"}, "tenant:token"),
+        ({"LORAPLEX_STORE": "x", "LORAPLEX_RUNTIME": "tpu"}, "runtime"),
+    ],
+)
+def test_settings_errors_name_the_field(env, needle):
+    with pytest.raises(InvalidRequest, match=needle):
+        ServiceSettings.from_env(env)
+
+
+def test_parse_tenant_tokens_skips_blanks():
+    assert parse_tenant_tokens("a:12345678,, b:abcdefgh ") == {"a": ("12345678",), "b": ("abcdefgh",)}
+
+
+# -- tokens ----------------------------------------------------------------------------------------------
+def test_token_book_resolves_each_token_to_its_principal():
+    book = TokenBook(
+        ["admin-secret-1"],
+        {"acme": ["acme-secret-1"], "globex": [f"sha256:{hash_token('g-secret-1').hex()}"]},
+    )
+    assert book.authenticate("Bearer admin-secret-1").role == "admin"
+    assert book.authenticate("Bearer acme-secret-1").tenant == "acme"
+    assert book.authenticate("bearer g-secret-1").tenant == "globex"  # pre-hashed entry
+    for bad in ("Bearer acme-secret-2", "Bearer ", "acme-secret-1", None, "Basic YWJj"):
+        with pytest.raises(Unauthorized):
+            book.authenticate(bad)
+    with pytest.raises(Forbidden):
+        book.authenticate("Bearer admin-secret-1").require_tenant()
+    with pytest.raises(Forbidden):
+        book.authenticate("Bearer acme-secret-1").require_admin()
+
+
+def test_token_book_refuses_no_tokens_duplicates_and_bad_hashes():
+    with pytest.raises(InvalidRequest, match="INSECURE_DEV"):
+        TokenBook([], {})
+    with pytest.raises(InvalidRequest, match="twice"):
+        TokenBook(["same-token-1"], {"acme": ["same-token-1"]})
+    with pytest.raises(InvalidRequest, match="64 hex"):
+        TokenBook(["sha256:abc"], {})
+
+
+def test_insecure_dev_trusts_the_tenant_header_only_in_dev_mode():
+    dev = TokenBook([], {}, insecure_dev=True)
+    assert dev.authenticate(None, dev_tenant="acme").tenant == "acme"
+    assert dev.authenticate(None).role == "admin"
+    strict = TokenBook(["admin-secret-1"], {})
+    with pytest.raises(Unauthorized):
+        strict.authenticate(None, dev_tenant="acme")
+
+
+def test_tokens_file(tmp_path):
+    p = tmp_path / "tokens.json"
+    p.write_text(json.dumps({"admin": "adm-token-1", "tenants": {"acme": ["t-acme-1"], "b": "t-b-12345"}}))
+    admin, tenants = load_tokens_file(p)
+    assert admin == ["adm-token-1"] and tenants == {"acme": ["t-acme-1"], "b": ["t-b-12345"]}
+    p.write_text("[1, 2]")
+    with pytest.raises(InvalidRequest):
+        load_tokens_file(p)
+
+
+# -- limits ----------------------------------------------------------------------------------------------
+def test_content_length_limit_before_reading():
+    check_content_length({b"content-length": b"100"}, 100)
+    with pytest.raises(PayloadTooLarge):
+        check_content_length({b"content-length": b"101"}, 100)
+    with pytest.raises(InvalidRequest):
+        check_content_length({b"content-length": b"ten"}, 100)
+
+
+def test_streamed_body_stops_at_the_limit():
+    chunks = [b"x" * 60, b"y" * 60, b"z" * 60]
+    reads = []
+
+    async def receive():
+        reads.append(1)
+        body = chunks[len(reads) - 1]
+        return {"type": "http.request", "body": body, "more_body": len(reads) < len(chunks)}
+
+    with pytest.raises(PayloadTooLarge):
+        asyncio.run(read_body(receive, 100))
+    assert len(reads) == 2  # the third chunk was never requested
+    reads.clear()
+    assert asyncio.run(read_body(receive, 1000)) == b"".join(chunks)
+
+
+def test_check_items_limits():
+    limits = LimitSettings(max_inputs=2, max_chars=10)
+    check_items([ClassifyItem(adapter="a", text="0123456789")], limits)
+    with pytest.raises(ValidationError, match="limit is 2"):
+        check_items([EmbedItem(text="a")] * 3, limits)
+    with pytest.raises(ValidationError, match=r"items\[0\].text has 11"):
+        check_items([EmbedItem(text="x" * 11)], limits)
+    with pytest.raises(ValidationError, match="at least one"):
+        check_items([], limits)
+
+
+def _png(w: int, h: int) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (10, 20, 30)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_decode_image_checks_pixels_and_format():
+    limits = LimitSettings(max_image_pixels=64 * 64)
+    arr = decode_image(_png(16, 8), limits)
+    assert arr.shape == (8, 16, 3) and arr.dtype == np.uint8 and arr[0, 0].tolist() == [10, 20, 30]
+    with pytest.raises(ValidationError, match="pixels"):
+        decode_image(_png(65, 64), limits)
+    with pytest.raises(InvalidRequest, match="base64"):
+        decode_image("%%%not-base64", limits)
+    with pytest.raises(ValidationError, match="readable"):
+        decode_image(base64.b64encode(b"GIF89a-not-really").decode(), limits)
+
+
+def test_inflight_limiter():
+    lim = InflightLimiter(2)
+    lim.acquire()
+    lim.acquire()
+    with pytest.raises(TooManyRequests):
+        lim.acquire()
+    lim.release()
+    lim.acquire()
+
+
+# -- error bodies and routes -------------------------------------------------------------------------------
+def test_foreign_error_bodies_become_error_message():
+    status, body = normalise_error_body(
+        400, b'{"error":"1 validation error","detail":[{"msg":"Field required"}]}', "/v1/classify", True
+    )
+    assert status == 400 and json.loads(body) == {
+        "error": "invalid_request",
+        "message": "1 validation error: Field required",
+    }
+    status, body = normalise_error_body(404, b"Not Found", "/x", True)
+    assert (status, json.loads(body)["error"]) == (404, "not_found")
+    ours = b'{"error": "not_found", "message": "m"}'
+    assert normalise_error_body(404, ours, "/x", True) == (404, ours)
+    # BentoML sheds load with 503 once ready: the client sees 429; while loading 503 stays 503.
+    assert normalise_error_body(503, b'{"error":"overloaded"}', "/v1/embed", True)[0] == 429
+    assert normalise_error_body(503, b'{"error":"x"}', "/v1/embed", False)[0] == 503
+
+
+@pytest.mark.parametrize(
+    "path, role",
+    [
+        ("/v1/admin", "admin"),
+        ("/v1/admin/tenants", "admin"),
+        ("/v1/administrator", "tenant"),
+        ("/v1/classify", "tenant"),
+        ("/v1/adapters/x", "tenant"),
+        ("/anything", "tenant"),
+    ],
+)
+def test_required_role(path, role):
+    assert required_role(path) == role
+
+
+def test_gateway_sheds_load_with_429_and_counts_inflight():
+    """Two slow requests hold the only two slots; the third is refused at once, not queued."""
+    release = asyncio.Event()
+
+    async def slow_app(scope, receive, send):
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    state = GatewayState(tokens=TokenBook([], {"acme": ["acme-secret-1"]}), limiter=InflightLimiter(2))
+    mw = GatewayMiddleware(slow_app, state)
+
+    async def call():
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(msg):
+            sent.append(msg)
+
+        scope = {
+            "type": "http",
+            "path": "/v1/adapters",
+            "method": "GET",
+            "headers": [(b"authorization", b"Bearer acme-secret-1")],
+        }
+        await mw(scope, receive, send)
+        return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+    async def main():
+        first = [asyncio.create_task(call()) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        third = await asyncio.wait_for(call(), timeout=2)
+        release.set()
+        return third, [await t for t in first], state.limiter.active
+
+    third, firsts, active = asyncio.run(main())
+    assert third[0] == 429 and json.loads(third[1])["error"] == "too_many_requests"
+    assert [s for s, _ in firsts] == [200, 200] and active == 0
+
+
+# -- uploads -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_base(tiny_bert_dir):
+    return describe_base("tiny", tiny_bert_dir)
+
+
+def test_upload_of_peft_files_and_of_a_bundle(tiny_bert_dir, tiny_base, tmp_path):
+    folder = save_peft_lora(tiny_bert_dir, tmp_path / "peft", num_labels=2)
+    files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    bundle = bundle_from_upload(dict(files), {"labels": "neg,pos"}, "acme", "intent", tiny_base)
+    assert (bundle.manifest.kind, bundle.manifest.labels) == ("lora", ["neg", "pos"])
+    assert bundle.files["adapter_model.safetensors"] == files["adapter_model.safetensors"]  # bytes unchanged
+
+    head = head_bundle(tiny_base, tenant="acme", name="sent")
+    upload = {**head.files, "manifest.json": head.manifest.to_json()}
+    assert (
+        bundle_from_upload(dict(upload), {}, "acme", "sent", tiny_base).manifest.digest
+        == head.manifest.digest
+    )
+    with pytest.raises(ValidationError, match="upload URL"):
+        bundle_from_upload(dict(upload), {}, "globex", "sent", tiny_base)
+    tampered = {**upload, "head.safetensors": head.files["head.safetensors"] + b"x"}
+    with pytest.raises(Exception, match="sha256"):
+        bundle_from_upload(tampered, {}, "acme", "sent", tiny_base)
+    with pytest.raises(ValidationError, match="PEFT folder"):
+        bundle_from_upload({"README.md": b"hi"}, {}, "acme", "x", tiny_base)
+
+
+def test_upload_file_names_refuse_pickles():
+    from adapters_store.bundle import check_file_name
+
+    with pytest.raises(UnsafeFormat):
+        check_file_name("adapter_model.bin")
+
+
+def test_parse_labels():
+    assert parse_labels('["a", "b"]') == ["a", "b"]
+    assert parse_labels(" a, b ,") == ["a", "b"]
+    assert parse_labels("") is None
+    with pytest.raises(ValidationError):
+        parse_labels("[1, 2]")
+
+
+def test_rollback_target_is_the_previous_existing_version(tiny_base, tmp_path):
+    store = open_store(tmp_path / "store")
+    base = store.register_base(tiny_base)
+    for seed in range(3):
+        store.put(head_bundle(base, tenant="acme", name="h", seed=seed))
+    store.delete_version("acme", "h", 2)
+    store.set_alias("acme", "h", "production", 3)
+    assert rollback_target(store, "acme", "h", "production") == (3, 1)
+    store.set_alias("acme", "h", "production", 1)
+    with pytest.raises(InvalidRequest, match="no older"):
+        rollback_target(store, "acme", "h", "production")
+
+
+# -- one batch, many tenants ----------------------------------------------------------------------------------
+def test_run_batch_answers_rows_of_many_tenants_and_fails_bad_rows_alone(tiny_base, tmp_path):
+    import torch
+
+    from serving.engine import Engine, EngineSettings
+
+    torch.set_num_threads(1)
+    store = open_store(tmp_path / "store")
+    base = store.register_base(tiny_base)
+    store.put(head_bundle(base, tenant="acme", name="h", seed=1))
+    store.put(head_bundle(base, tenant="globex", name="h", seed=2))
+    engine = Engine(store, base="tiny", settings=EngineSettings(threads=1))
+    items = []
+    for tenant, adapter in [("acme", "h"), ("globex", "h"), ("acme", "missing"), ("globex", "h")]:
+        item = ClassifyItem(adapter=adapter, text="the same words")
+        item._tenant = tenant
+        items.append(item)
+    out = run_batch(engine, "classify", items, LimitSettings())
+    assert [r.error.error if r.error else None for r in out] == [None, None, "not_found", None]
+    assert out[2]._status == 404
+    assert out[0].version == 1 and out[0].digest and out[0].digest != out[1].digest
+    assert out[0].scores != out[1].scores  # tenants' heads differ on the same text
+    assert out[1].scores == pytest.approx(out[3].scores)
+    assert all(
+        r.error.error == "unavailable" for r in run_batch(None, "classify", items[:2], LimitSettings())
+    )
