@@ -1,0 +1,102 @@
+"""What an export stores under its base: the graph and a manifest that serving checks before loading.
+
+Store keys (``store.put_artifact(base, fingerprint, filename, data)``)::
+
+    bases/<base>/artifacts/<fingerprint>/backbone-<variant>.onnx   the graph, no external data
+    bases/<base>/artifacts/<fingerprint>/backbone-<variant>.json   OnnxExportManifest (written last)
+
+The manifest is the commit point: it is written after the graph and records the graph's sha256, so a
+half-written export is never served. ``serving/onnx_backbone.py`` reads this JSON with its own reader
+(serving never imports training); the round-trip tests keep the two in step.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from adapters_store.bundle import utc_now
+from training.onnx_export.validate import ValidationFigures
+
+EXPORT_SCHEMA_VERSION = 1
+Variant = Literal["fp32", "int8", "lora-fp32"]
+VARIANTS: tuple[str, ...] = ("fp32", "int8", "lora-fp32")
+
+
+def graph_file(variant: str) -> str:
+    return f"backbone-{variant}.onnx"
+
+
+def manifest_file(variant: str) -> str:
+    return f"backbone-{variant}.json"
+
+
+class GraphInputRecord(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    dtype: Literal["int64", "float32"]
+    dynamic_axes: dict[str, str] = Field(description="dimension index (as text) -> symbolic name")
+
+
+class LoraGraphRecord(BaseModel):
+    """How the LoRA variant's extra inputs are laid out (see training/onnx_export/lora_graph.py)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    targets: list[str] = Field(description="module names (last path part) that take a LoRA delta, e.g. query")
+    num_layers: int = Field(gt=0)
+    index_input: str = Field(description="int64 [batch]: the adapter slot of each row")
+    a_input: str = Field(description="pattern with {layer} and {target}: float32 [N, in, R] = A^T per slot")
+    b_input: str = Field(description="pattern with {layer} and {target}: float32 [N, R, out] = (scale*B)^T")
+    in_features: dict[str, int]
+    out_features: dict[str, int]
+
+
+class QuantAttempt(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    plan: str
+    min_cosine: float
+    mean_cosine: float
+    accepted: bool
+
+
+class QuantizationRecord(BaseModel):
+    """int8 only: the plan stored and every plan tried before it, with their measured cosines."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    scheme: str = "dynamic int8, per-channel QInt8 weights, MatMul only"
+    plan: str
+    excluded_patterns: list[str]
+    attempts: list[QuantAttempt]
+    min_cosine_required: float
+
+
+class OnnxExportManifest(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: Literal[1] = EXPORT_SCHEMA_VERSION
+    base: str
+    fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
+    variant: Variant
+    architecture: str
+    modality: Literal["text", "image"]
+    graph_file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(gt=0)
+    opset: int
+    exporter: str
+    torch_version: str
+    onnxruntime_version: str
+    inputs: list[GraphInputRecord]
+    outputs: list[str]
+    pooling_outputs: dict[str, str] = Field(description="manifest pooling (mean/cls/pooler) -> output name")
+    hidden_size: int
+    validation: ValidationFigures
+    validated_against: str = Field(description="what the figures compare to, e.g. 'torch fp32'")
+    lora: LoraGraphRecord | None = None
+    quantization: QuantizationRecord | None = None
+    created_at: str = Field(default_factory=utc_now)

@@ -1,0 +1,287 @@
+"""Export a registered base to ONNX, validate it against PyTorch, and store it as a base artifact.
+
+>>> report = export_base(open_store("/srv/loraplex"), "minilm", quantize="int8")  # doctest: +SKIP
+>>> report.manifest.validation.min_cosine  # doctest: +SKIP
+0.9931...
+
+The graph is built only from the registered base's own weights (the folder is re-fingerprinted and
+must match the registry entry), never from anything a tenant supplied.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import warnings
+from typing import Any, Literal
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from adapters_store.base_models import BaseModelEntry, fingerprint_folder
+from adapters_store.bundle import sha256_hex
+from adapters_store.errors import IncompatibleBase
+from training.onnx_export.artifacts import (
+    GraphInputRecord,
+    LoraGraphRecord,
+    OnnxExportManifest,
+    QuantAttempt,
+    QuantizationRecord,
+    graph_file,
+    manifest_file,
+)
+from training.onnx_export.errors import OnnxExportError, OnnxToleranceError
+from training.onnx_export.probes import quality_probes, shape_probes
+from training.onnx_export.quantize import INT8_PLANS, quantize_int8
+from training.onnx_export.specs import POOLING_OUTPUTS, ArchitectureSpec, spec_for
+from training.onnx_export.validate import Feed, Runner, ValidationFigures, check_fp32, measure
+from training.onnx_export.wrappers import features_module, pooler_of
+
+EXPORTER = "torch.onnx legacy (dynamo=False)"
+
+
+class ExportSettings(BaseModel):
+    """Knobs of one export run."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    threads: int = Field(default=2, ge=1, le=64, description="torch and ORT threads used while validating")
+    force: bool = Field(default=False, description="re-export even if a validated artifact already exists")
+    preprocess_int8: bool = Field(
+        default=False, description="run ORT's quant_pre_process first (measured: no cosine change on MiniLM)"
+    )
+    int8_plan: str | None = Field(default=None, description="force one int8 plan by name; default tries all")
+
+
+class ExportReport(BaseModel):
+    """The outcome for the requested variant (an int8 export also stores the fp32 graph it came from)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    manifest: OnnxExportManifest
+    reused: bool = Field(
+        description="True if a validated artifact was already stored and nothing was exported"
+    )
+    seconds: float = Field(ge=0, description="wall time of export + validation + store")
+    also_stored: list[str] = Field(default_factory=list, description="other variants written by this run")
+
+
+def export_base(
+    store: Any,
+    base_name: str,
+    quantize: Literal[None, "int8"] = None,
+    settings: ExportSettings | None = None,
+) -> ExportReport:
+    """Export ``base_name``'s backbone + pooling (fp32, or int8 with ``quantize="int8"``) into the store."""
+    settings = settings or ExportSettings()
+    if quantize not in (None, "int8"):
+        raise OnnxExportError(f"quantize must be None or 'int8', got {quantize!r}")
+    variant = "int8" if quantize == "int8" else "fp32"
+    t0 = time.perf_counter()
+    entry = store.get_base(base_name)
+    existing = stored_manifest(store, entry, variant)
+    if existing is not None and not settings.force:
+        return ExportReport(manifest=existing, reused=True, seconds=time.perf_counter() - t0)
+    torch.set_num_threads(settings.threads)
+    spec = spec_for(entry.model_type)
+    model = load_base_model(entry)
+    module = features_module(model, spec.modality)
+    outputs = spec.output_names(has_pooler=pooler_of(model) is not None)
+    probes = shape_probes(spec, model.config)
+    fp32 = export_graph(module, spec, probes[0], outputs)
+    fp32_manifest = validated_fp32(entry, spec, module, fp32, outputs, probes, settings.threads)
+    if variant == "fp32":
+        put_graph(store, fp32_manifest, fp32)
+        return ExportReport(manifest=fp32_manifest, reused=False, seconds=time.perf_counter() - t0)
+    quality = quality_probes(spec, entry.source, model.config)
+    int8, int8_manifest = validated_int8(entry, spec, module, fp32, outputs, quality, settings)
+    also = []
+    if settings.force or stored_manifest(store, entry, "fp32") is None:
+        put_graph(store, fp32_manifest, fp32)
+        also.append("fp32")
+    put_graph(store, int8_manifest, int8)
+    return ExportReport(
+        manifest=int8_manifest, reused=False, seconds=time.perf_counter() - t0, also_stored=also
+    )
+
+
+def validated_int8(
+    entry: BaseModelEntry,
+    spec: ArchitectureSpec,
+    module: torch.nn.Module,
+    fp32: bytes,
+    outputs: list[str],
+    probes: list[Feed],
+    settings: ExportSettings,
+) -> tuple[bytes, OnnxExportManifest]:
+    """Try the int8 plans fastest-first; keep the first whose min cosine vs torch passes the gate."""
+    bound = spec.tolerance.int8_min_cosine
+    plans = [p for p in INT8_PLANS if settings.int8_plan in (None, p.name)]
+    if not plans:
+        raise OnnxExportError(
+            f"unknown int8 plan {settings.int8_plan!r}; known: {[p.name for p in INT8_PLANS]}"
+        )
+    reference, attempts = torch_runner(module), []
+    for plan in plans:
+        graph = quantize_int8(fp32, plan, preprocess=settings.preprocess_int8)
+        figures = measure(reference, ort_runner(graph, settings.threads), probes, outputs)
+        ok = figures.min_cosine >= bound
+        attempts.append(
+            QuantAttempt(
+                plan=plan.name, min_cosine=figures.min_cosine, mean_cosine=figures.mean_cosine, accepted=ok
+            )
+        )
+        if ok:
+            record = QuantizationRecord(
+                plan=plan.name,
+                excluded_patterns=list(plan.exclude),
+                attempts=attempts,
+                min_cosine_required=bound,
+            )
+            hidden = int(module.model.config.hidden_size)
+            return graph, describe(entry, spec, "int8", graph, outputs, figures, hidden, quantization=record)
+    tried = ", ".join(f"{a.plan}: {a.min_cosine:.4f}" for a in attempts)
+    raise OnnxToleranceError(
+        f"{entry.name} int8 export refused: min cosine vs fp32 PyTorch below {bound} for every plan ({tried})",
+        output="*",
+        measured=max(a.min_cosine for a in attempts),
+        bound=bound,
+        metric="min_cosine",
+    )
+
+
+def validated_fp32(
+    entry: BaseModelEntry,
+    spec: ArchitectureSpec,
+    module: torch.nn.Module,
+    graph: bytes,
+    outputs: list[str],
+    probes: list[Feed],
+    threads: int,
+) -> OnnxExportManifest:
+    """Measure the fp32 graph on every shape probe and raise unless it is within the spec's tolerance."""
+    figures = measure(torch_runner(module), ort_runner(graph, threads), probes, outputs)
+    check_fp32(figures, spec.tolerance.atol, spec.tolerance.min_cosine, f"{entry.name} fp32 export")
+    return describe(entry, spec, "fp32", graph, outputs, figures, int(module.model.config.hidden_size))
+
+
+def load_base_model(entry: BaseModelEntry) -> torch.nn.Module:
+    """The registered base's backbone, after checking its folder still has the registered fingerprint."""
+    from transformers import AutoModel
+
+    fingerprint, _, _ = fingerprint_folder(entry.source)
+    if fingerprint != entry.fingerprint:
+        raise IncompatibleBase(
+            f"base {entry.name!r}: the weights at {entry.source} have fingerprint {fingerprint[:12]}..., "
+            f"not the registered {entry.fingerprint[:12]}...; re-register the base before exporting"
+        )
+    model = AutoModel.from_pretrained(entry.source, local_files_only=True, use_safetensors=True)
+    return model.eval()
+
+
+def export_graph(
+    module: torch.nn.Module,
+    spec: ArchitectureSpec,
+    sample: Feed,
+    outputs: list[str],
+    extra_inputs: dict[str, torch.Tensor] | None = None,
+    extra_axes: dict[str, dict[int, str]] | None = None,
+) -> bytes:
+    """Trace ``module`` with the legacy exporter (faster graphs at runtime here than dynamo, PROBES §4)."""
+    args = tuple(torch.from_numpy(sample[n]) for n in spec.input_names) + tuple((extra_inputs or {}).values())
+    names = spec.input_names + list((extra_inputs or {}).keys())
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")  # TracerWarnings are expected; the graph is validated below
+        torch.onnx.export(
+            module,
+            args,
+            buf,
+            dynamo=False,
+            opset_version=spec.opset,
+            input_names=names,
+            output_names=outputs,
+            dynamic_axes={**spec.dynamic_axes(outputs), **(extra_axes or {})},
+            do_constant_folding=True,
+        )
+    return buf.getvalue()
+
+
+def torch_runner(module: torch.nn.Module) -> Runner:
+    def run(feed: Feed) -> list[np.ndarray]:
+        with torch.inference_mode():
+            out = module(*(torch.from_numpy(v) for v in feed.values()))
+        return [o.numpy() for o in out]
+
+    return run
+
+
+def ort_runner(graph: bytes, threads: int) -> Runner:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
+    return lambda feed: session.run(None, feed)
+
+
+def describe(
+    entry: BaseModelEntry,
+    spec: ArchitectureSpec,
+    variant: str,
+    graph: bytes,
+    outputs: list[str],
+    figures: ValidationFigures,
+    hidden: int,
+    lora: LoraGraphRecord | None = None,
+    inputs: list[GraphInputRecord] | None = None,
+    quantization: QuantizationRecord | None = None,
+) -> OnnxExportManifest:
+    records = inputs or [
+        GraphInputRecord(
+            name=i.name, dtype=i.dtype, dynamic_axes={str(k): v for k, v in i.dynamic_axes.items()}
+        )
+        for i in spec.inputs
+    ]
+    return OnnxExportManifest(
+        base=entry.name,
+        fingerprint=entry.fingerprint,
+        variant=variant,
+        architecture=spec.name,
+        modality=spec.modality,
+        graph_file=graph_file(variant),
+        sha256=sha256_hex(graph),
+        size=len(graph),
+        opset=spec.opset,
+        exporter=EXPORTER,
+        torch_version=torch.__version__,
+        onnxruntime_version=ort.__version__,
+        inputs=records,
+        outputs=outputs,
+        pooling_outputs={p: o for p, o in POOLING_OUTPUTS.items() if o in outputs},
+        hidden_size=hidden,
+        validation=figures,
+        lora=lora,
+        quantization=quantization,
+        validated_against="torch fp32"
+        + (" (real-text probe set)" if variant == "int8" else " (shape probes)"),
+    )
+
+
+def put_graph(store: Any, manifest: OnnxExportManifest, graph: bytes) -> None:
+    """Graph first, manifest last: the manifest is the commit point serving looks for."""
+    store.put_artifact(manifest.base, manifest.fingerprint, manifest.graph_file, graph)
+    store.put_artifact(
+        manifest.base,
+        manifest.fingerprint,
+        manifest_file(manifest.variant),
+        manifest.model_dump_json(indent=2).encode(),
+    )
+
+
+def stored_manifest(store: Any, entry: BaseModelEntry, variant: str) -> OnnxExportManifest | None:
+    name = manifest_file(variant)
+    if not store.has_artifact(entry.name, entry.fingerprint, name):
+        return None
+    return OnnxExportManifest.model_validate_json(store.get_artifact(entry.name, entry.fingerprint, name))
