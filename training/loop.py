@@ -74,6 +74,11 @@ def _tracked(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for g in optimizer.param_groups for p in g["params"]]
 
 
+def _window_sizes(batches: list[torch.Tensor], accum: int) -> list[int]:
+    """Examples per optimizer step when ``accum`` batches are accumulated."""
+    return [sum(len(b) for b in batches[i : i + accum]) for i in range(0, len(batches), accum)]
+
+
 def _epoch(
     learner: Learner,
     opt: torch.optim.Optimizer,
@@ -88,6 +93,7 @@ def _epoch(
     x, y, tx = data["x"], data["y"], data.get("target")
     order = torch.randperm(len(y), generator=gen)
     batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    windows = _window_sizes(batches, cfg.grad_accum_steps)
     total, seen = 0.0, 0
     opt.zero_grad(set_to_none=True)
     for step, idx in enumerate(batches, start=1):
@@ -100,7 +106,9 @@ def _epoch(
             loss = loss + cfg.da_weight * domain(rep, trep, progress)
         if not torch.isfinite(loss):
             raise TrainingFailed(f"loss became {loss.item()} at epoch {epoch}, step {step}; lower the lr")
-        (loss / cfg.grad_accum_steps).backward()
+        # Weight by examples so an accumulated window equals one batch of its size, a short last one too.
+        window = windows[(step - 1) // cfg.grad_accum_steps]
+        (loss * (len(idx) / window)).backward()
         if step % cfg.grad_accum_steps == 0 or step == len(batches):
             opt.step()
             opt.zero_grad(set_to_none=True)
