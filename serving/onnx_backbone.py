@@ -1,0 +1,374 @@
+"""The ONNX Runtime side of the backbone: load a validated export from the store and run it.
+
+Only graphs that ``loraplex onnx export`` stored under the base are loaded: the file names are fixed
+per variant, the export manifest must name this base and fingerprint, and the graph's sha256 and size
+must match the manifest (the manifest is written last, so it is the commit point). A graph with
+external data is refused; sessions are built from bytes, so no file path is ever opened.
+
+>>> ort_bb = OrtBackbone.from_store(store, store.get_base("minilm"), variant="int8", threads=2)  # doctest: +SKIP
+>>> feats = ort_bb.features(input_ids, attention_mask)  # doctest: +SKIP
+>>> feats.pooled("mean").shape  # doctest: +SKIP
+(32, 384)
+
+The LoRA variant (``variant="lora-fp32"``) also takes stacked LoRA weights and a per-row slot index,
+so rows of different LoRA tenants run in one ORT call; see :class:`LoraStack` and :func:`stack_loras`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from pydantic import BaseModel, ConfigDict, Field
+
+from adapters_store.base_models import BaseModelEntry
+from adapters_store.errors import IntegrityError, UnsafeFormat, UnsupportedAdapter, ValidationError
+
+Variant = Literal["fp32", "int8", "lora-fp32"]
+VARIANTS: tuple[str, ...] = ("fp32", "int8", "lora-fp32")
+_SCHEMA_VERSION = 1
+
+
+def graph_file(variant: str) -> str:
+    return f"backbone-{variant}.onnx"
+
+
+def manifest_file(variant: str) -> str:
+    return f"backbone-{variant}.json"
+
+
+@dataclass(frozen=True)
+class OrtSettings:
+    """ORT session options for a small CPU box."""
+
+    threads: int = 2
+    """intra-op threads (1..64); match the cores given to this worker."""
+    allow_spinning: bool = False
+    """spin-waiting threads steal CPU from torch and other workers on 2 cores (PROBES §4, pitfall 4)."""
+    optimization: Literal["basic", "extended", "all"] = "all"
+    """ORT graph optimization level applied when the session is built."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.threads <= 64:
+            raise ValidationError(f"ORT threads must be 1..64, got {self.threads}")
+
+    def session_options(self) -> ort.SessionOptions:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = self.threads, 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        spin = "1" if self.allow_spinning else "0"
+        opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        opts.graph_optimization_level = {
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[self.optimization]
+        opts.log_severity_level = 3  # the LoRA graph's overridable inputs warn once each otherwise
+        return opts
+
+
+class ExportRecord(BaseModel):
+    """The fields of the export manifest (written by training/onnx_export) that serving relies on."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    schema_version: Literal[1]
+    base: str
+    fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
+    variant: Variant
+    modality: Literal["text", "image"]
+    graph_file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(gt=0)
+    outputs: list[str]
+    pooling_outputs: dict[str, str]
+    hidden_size: int = Field(gt=0)
+    inputs: list[dict[str, Any]]
+    lora: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class BackboneFeatures:
+    """Pooled features of one batch: ``mean``/``cls``/``pooler`` are [batch, hidden] float32."""
+
+    mean: np.ndarray
+    cls: np.ndarray
+    pooler: np.ndarray | None = None
+
+    def pooled(self, pooling: str) -> np.ndarray:
+        """Features for a manifest's ``pooling`` (mean | cls | pooler)."""
+        if pooling == "pooler" and self.pooler is None:
+            raise ValidationError("pooling 'pooler' needs a backbone with a pooler layer")
+        if pooling not in ("mean", "cls", "pooler"):
+            raise ValidationError(f"unknown pooling {pooling!r}; use mean, cls or pooler")
+        return getattr(self, pooling)
+
+
+def load_export(store: Any, entry: BaseModelEntry, variant: str) -> tuple[ExportRecord, bytes]:
+    """Read and check the base's export manifest and graph bytes; raise before anything is run."""
+    if variant not in VARIANTS:
+        raise ValidationError(f"unknown ONNX variant {variant!r}; known: {', '.join(VARIANTS)}")
+    raw = store.get_artifact(entry.name, entry.fingerprint, manifest_file(variant))
+    try:
+        record = ExportRecord.model_validate_json(raw)
+    except Exception as e:
+        raise IntegrityError(
+            f"base {entry.name!r}: ONNX export manifest is invalid ({str(e)[:300]})"
+        ) from None
+    expected = (entry.name, entry.fingerprint, variant, graph_file(variant))
+    if (record.base, record.fingerprint, record.variant, record.graph_file) != expected:
+        raise IntegrityError(f"base {entry.name!r}: ONNX export manifest describes another base or variant")
+    graph = store.get_artifact(entry.name, entry.fingerprint, graph_file(variant))
+    if len(graph) != record.size or hashlib.sha256(graph).hexdigest() != record.sha256:
+        raise IntegrityError(f"base {entry.name!r}: {graph_file(variant)} does not match its export manifest")
+    check_graph(graph, record)
+    return record, graph
+
+
+def check_graph(graph: bytes, record: ExportRecord) -> None:
+    """Refuse external data and any graph whose inputs/outputs are not the ones the export declared."""
+    model = onnx.load_from_string(graph)
+    tensors = list(model.graph.initializer)
+    tensors += [a.t for n in model.graph.node for a in n.attribute if a.HasField("t")]
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors):
+        raise UnsafeFormat("ONNX graphs with external data are never loaded")
+    outputs = [o.name for o in model.graph.output]
+    inputs = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
+    declared = {i["name"] for i in record.inputs}
+    if outputs != record.outputs or not declared <= inputs:
+        raise IntegrityError(
+            f"ONNX graph inputs/outputs {sorted(inputs)} -> {outputs} differ from its manifest"
+        )
+
+
+class OrtBackbone:
+    """One ORT session over a base's validated export, created once and reused (``run`` is thread-safe)."""
+
+    def __init__(self, record: ExportRecord, graph: bytes, settings: OrtSettings | None = None):
+        self.record = record
+        self.settings = settings or OrtSettings()
+        self.session = ort.InferenceSession(
+            graph, self.settings.session_options(), providers=["CPUExecutionProvider"]
+        )
+        self._names = {
+            pooling: out for pooling, out in record.pooling_outputs.items() if out in record.outputs
+        }
+
+    @classmethod
+    def from_store(
+        cls, store: Any, base_entry: BaseModelEntry, variant: Variant = "fp32", threads: int = 2
+    ) -> OrtBackbone:
+        record, graph = load_export(store, base_entry, variant)
+        if variant == "lora-fp32" and cls is OrtBackbone:
+            cls = OrtLoraBackbone
+        return cls(record, graph, OrtSettings(threads=threads))
+
+    @property
+    def hidden_size(self) -> int:
+        return self.record.hidden_size
+
+    def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Raw outputs by name."""
+        return dict(zip(self.record.outputs, self.session.run(self.record.outputs, dict(feed)), strict=True))
+
+    def features(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> BackboneFeatures:
+        """Text: int [batch, seq] ids and mask -> pooled features."""
+        return self._features(text_feed(self.record, input_ids, attention_mask))
+
+    def image_features(self, pixel_values: np.ndarray) -> BackboneFeatures:
+        """Images: float32 [batch, channels, height, width], already normalised like the torch path."""
+        if self.record.modality != "image":
+            raise ValidationError(f"base {self.record.base!r} takes text, not images")
+        return self._features({"pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32)})
+
+    def _features(self, feed: dict[str, np.ndarray]) -> BackboneFeatures:
+        out = self.run(feed)
+        pooler = self._names.get("pooler")
+        return BackboneFeatures(
+            mean=out[self._names["mean"]], cls=out[self._names["cls"]], pooler=out[pooler] if pooler else None
+        )
+
+
+def text_feed(
+    record: ExportRecord, input_ids: np.ndarray, attention_mask: np.ndarray
+) -> dict[str, np.ndarray]:
+    if record.modality != "text":
+        raise ValidationError(f"base {record.base!r} takes images, not text")
+    ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
+    if ids.ndim != 2 or ids.shape != mask.shape:
+        raise ValidationError(
+            f"input_ids {list(ids.shape)} and attention_mask {list(mask.shape)} must be [batch, seq]"
+        )
+    return {
+        "input_ids": ids.astype(np.int64, copy=False),
+        "attention_mask": mask.astype(np.int64, copy=False),
+    }
+
+
+# --- LoRA in ONNX --------------------------------------------------------------------------------
+_LORA_KEY = re.compile(
+    r"^(?:.+\.)?encoder\.layer\.(?P<layer>\d+)\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$"
+)
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    """One LoRA adapter as the graph wants it: per (layer, target) A^T [in, r] and (scale * B)^T [r, out]."""
+
+    deltas: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]]
+
+    @property
+    def rank(self) -> int:
+        return max((a.shape[1] for a, _ in self.deltas.values()), default=1)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for a, b in self.deltas.values())
+
+    @classmethod
+    def from_peft(cls, config: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> LoraWeights:
+        """PEFT ``adapter_config.json`` (parsed) + ``adapter_model.safetensors`` tensors -> LoraWeights."""
+        check_lora_config(config)
+        pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+        for key, value in tensors.items():
+            m = _LORA_KEY.match(key)
+            if m is None:
+                continue  # modules_to_save heads and the like are the engine's business
+            pairs.setdefault((int(m["layer"]), m["module"]), {})[m["ab"]] = np.asarray(
+                value, dtype=np.float32
+            )
+        deltas = {}
+        for (layer, module), ab in pairs.items():
+            if set(ab) != {"A", "B"}:
+                raise ValidationError(f"LoRA layer {layer} {module}: lora_A and lora_B must both be present")
+            rank = ab["A"].shape[0]
+            scale = lora_scale(config, f"encoder.layer.{layer}.{module}", rank)
+            deltas[(layer, module)] = (
+                np.ascontiguousarray(ab["A"].T),
+                np.ascontiguousarray((ab["B"] * scale).T),
+            )
+        return cls(deltas)
+
+    @classmethod
+    def from_bundle(cls, bundle: Any) -> LoraWeights:
+        """A ``lora`` bundle from the store (adapters_store.bundle.Bundle)."""
+        import json
+
+        from safetensors.numpy import load
+
+        from adapters_store.bundle import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
+
+        if bundle.manifest.kind != "lora":
+            raise UnsupportedAdapter(f"ONNX LoRA serves 'lora' bundles, not {bundle.manifest.kind!r}")
+        return cls.from_peft(
+            json.loads(bundle.files[PEFT_CONFIG_FILE]), load(bytes(bundle.files[PEFT_WEIGHTS_FILE]))
+        )
+
+
+def check_lora_config(config: Mapping[str, Any]) -> None:
+    """Refuse what the gathered-LoRA graph does not compute, with a fix in the message."""
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise UnsupportedAdapter(f"ONNX LoRA serves peft_type LORA, not {config.get('peft_type')!r}")
+    if config.get("use_dora"):
+        raise UnsupportedAdapter("DoRA adapters are not served by the ONNX LoRA graph; use runtime 'torch'")
+    if config.get("bias", "none") != "none":
+        raise UnsupportedAdapter(
+            "LoRA bias training is not served by the ONNX LoRA graph; train with bias='none'"
+        )
+
+
+def lora_scale(config: Mapping[str, Any], module_path: str, rank: int) -> float:
+    """PEFT's scaling: alpha / r (alpha / sqrt(r) with rsLoRA); ``alpha_pattern`` overrides alpha."""
+    alpha = float(config.get("lora_alpha", 8))
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?{pattern}", module_path):
+            alpha = float(value)
+            break
+    return alpha / (rank**0.5 if config.get("use_rslora") else rank)
+
+
+@dataclass(frozen=True)
+class LoraStack:
+    """Graph inputs for one mixed batch: slot ``i`` holds adapter ``i``; the last slot is all zeros."""
+
+    arrays: dict[str, np.ndarray]  # a_input/b_input names -> [N + 1, in, R] / [N + 1, R, out]
+    no_adapter_slot: int  # index of the zero slot, for rows without an adapter
+    rank: int  # R: the largest rank in the batch; smaller ranks are zero-padded (exact)
+
+
+def stack_loras(record: ExportRecord, adapters: Sequence[LoraWeights]) -> LoraStack:
+    """Pack adapters for the LoRA graph; a target the graph lacks is refused (no silent drop)."""
+    spec = _lora_spec(record)
+    targets, layers = spec["targets"], spec["num_layers"]
+    for ad in adapters:
+        extra = sorted({m for (_, m) in ad.deltas} - set(targets))
+        if extra or any(layer >= layers for (layer, _) in ad.deltas):
+            raise UnsupportedAdapter(
+                f"LoRA targets {extra or 'beyond the last layer'} are not in this base's ONNX LoRA graph "
+                f"(targets {targets}); re-export with those targets or use runtime 'torch'"
+            )
+    rank = max([ad.rank for ad in adapters] + [1])
+    n = len(adapters) + 1
+    arrays = {}
+    for layer in range(layers):
+        for t in targets:
+            a = np.zeros((n, spec["in_features"][t], rank), np.float32)
+            b = np.zeros((n, rank, spec["out_features"][t]), np.float32)
+            for i, ad in enumerate(adapters):
+                if (layer, t) in ad.deltas:
+                    at, bt = ad.deltas[(layer, t)]
+                    a[i, :, : at.shape[1]], b[i, : bt.shape[0]] = at, bt
+            arrays[lora_input(spec["a_input"], layer, t)] = a
+            arrays[lora_input(spec["b_input"], layer, t)] = b
+    return LoraStack(arrays, no_adapter_slot=len(adapters), rank=rank)
+
+
+def lora_input(pattern: str, layer: int, target: str) -> str:
+    return pattern.format(layer=layer, target=target.replace(".", "_"))
+
+
+def _lora_spec(record: ExportRecord) -> dict[str, Any]:
+    if record.lora is None:
+        raise ValidationError(f"the {record.variant!r} export of {record.base!r} has no LoRA inputs")
+    return record.lora
+
+
+class OrtLoraBackbone(OrtBackbone):
+    """The ``lora-fp32`` export: the backbone with gathered LoRA deltas on its target Linears."""
+
+    def __init__(self, record: ExportRecord, graph: bytes, settings: OrtSettings | None = None):
+        _lora_spec(record)
+        super().__init__(record, graph, settings)
+
+    def features(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        stack: LoraStack | None = None,
+        adapter_index: np.ndarray | None = None,
+    ) -> BackboneFeatures:
+        """Rows use ``stack`` slot ``adapter_index[row]``; without a stack every row gets zero delta."""
+        feed = text_feed(self.record, input_ids, attention_mask)
+        stack = stack or stack_loras(self.record, [])
+        idx = (
+            np.full(feed["input_ids"].shape[0], stack.no_adapter_slot)
+            if adapter_index is None
+            else adapter_index
+        )
+        idx = np.asarray(idx, dtype=np.int64)
+        n_slots = next(iter(stack.arrays.values())).shape[0]
+        if (
+            idx.shape != (feed["input_ids"].shape[0],)
+            or idx.min(initial=0) < 0
+            or idx.max(initial=0) >= n_slots
+        ):
+            raise ValidationError(f"adapter_index must be [batch] ints in 0..{n_slots - 1}")
+        feed[self.record.lora["index_input"]] = idx
+        return self._features({**feed, **stack.arrays})
