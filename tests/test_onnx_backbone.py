@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper
@@ -163,6 +162,4 @@ def test_vit_image_features(tmp_path, tiny_vit_dir):
         out = AutoModel.from_pretrained(tiny_vit_dir).eval()(pixel_values=torch.from_numpy(pixels))
     np.testing.assert_allclose(feats.pooled("mean"), out.last_hidden_state.mean(1).numpy(), atol=2e-4)
     np.testing.assert_allclose(feats.pooled("pooler"), out.pooler_output.numpy(), atol=2e-4)
-    assert onnx.load_from_string(
-        store.get_artifact("vit", store.get_base("vit").fingerprint, graph_file("fp32"))
-    )
+    assert feats.pooled("cls").shape == (3, bb.hidden_size)
