@@ -50,6 +50,7 @@ class TrainConfig(BaseModel):
     max_seq_len: int = Field(default=128, ge=4, le=8192, description="tokens kept per text")
     seed: int = Field(default=0, ge=0, le=2**31 - 1, description="seeds data split, init and shuffling")
     patience: int = Field(default=0, ge=0, le=1000, description="early stop after N epochs w/o gain; 0=off")
+    restore_best: bool = Field(default=True, description="keep the best validation epoch, not the last")
     monitor: Literal["macro_f1", "accuracy"] = Field(default="macro_f1", description="validation metric")
     num_threads: int = Field(default=2, ge=1, le=256, description="torch CPU threads")
     progress: bool = Field(default=True, description="show a progress bar per epoch")

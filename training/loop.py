@@ -160,9 +160,10 @@ def fit(
         elif cfg.patience and epoch - result.best_epoch >= cfg.patience:
             result.stopped_early = True
             break
-    with torch.no_grad():  # why: the last epoch may be worse than the best one
-        for p, saved in zip(_tracked(opt), best_state or [], strict=True):
-            p.copy_(saved)
+    if cfg.restore_best and best_state is not None:
+        with torch.no_grad():  # why: the last epoch may be worse than the best one
+            for p, saved in zip(_tracked(opt), best_state, strict=True):
+                p.copy_(saved)
     result.seconds = time.perf_counter() - start
     return result
 
