@@ -1,0 +1,139 @@
+"""LoRA in ONNX: one ORT call over rows of several LoRA tenants equals each tenant alone through PEFT."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from adapters_store import describe_base, open_store
+from adapters_store.errors import UnsupportedAdapter
+from adapters_store.peft_import import import_peft_dir
+from serving.onnx_backbone import LoraWeights, OrtBackbone, OrtLoraBackbone, check_lora_config, stack_loras
+from training.onnx_export.lora_graph import export_lora_base
+
+torch.set_num_threads(1)
+
+# (name, rank, alpha, targets, extra LoraConfig fields): ranks, alphas and target sets all differ
+ADAPTERS = [
+    ("qv-r4", 4, 8, ["query", "value"], {}),
+    ("q-r8", 8, 16, ["query"], {}),
+    ("v-r2-rs", 2, 4, ["value"], {"use_rslora": True}),
+    ("qv-r6-pat", 6, 6, ["query", "value"], {"alpha_pattern": {"value": 24}}),
+    ("qv-r1", 1, 2, ["query", "value"], {}),
+]
+
+
+def _save_peft(base_dir, out_dir, rank, alpha, targets, extra, seed):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    model = get_peft_model(
+        AutoModel.from_pretrained(base_dir),
+        LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, **extra),
+    )
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:  # B is zero at init: make every adapter really change the output
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def lora_setup(tmp_path_factory, tiny_bert_dir):
+    root = tmp_path_factory.mktemp("onnx-lora")
+    store = open_store(str(root / "store"))
+    entry = store.register_base(describe_base("tiny", tiny_bert_dir))
+    entry = store.get_base("tiny")
+    dirs = {}
+    for i, (name, rank, alpha, targets, extra) in enumerate(ADAPTERS):
+        dirs[name] = _save_peft(tiny_bert_dir, root / name, rank, alpha, targets, extra, seed=i)
+        store.put(import_peft_dir(dirs[name], "acme", name, entry, task="feature-extraction"))
+    report = export_lora_base(store, "tiny", targets=("query", "value"))
+    return store, entry, dirs, report
+
+
+def _peft_reference(base_dir, dirs):
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    names = list(dirs)
+    model = PeftModel.from_pretrained(
+        AutoModel.from_pretrained(base_dir), dirs[names[0]], adapter_name=names[0]
+    )
+    for name in names[1:]:
+        model.load_adapter(dirs[name], adapter_name=name)
+    return model.eval()
+
+
+def _row_alone(model, ids, mask):
+    with torch.inference_mode():
+        out = model(input_ids=torch.from_numpy(ids[None]), attention_mask=torch.from_numpy(mask[None]))
+    m = torch.from_numpy(mask[None]).unsqueeze(-1).float()
+    mean = (out.last_hidden_state * m).sum(1) / m.sum(1)
+    return mean[0].numpy(), out.pooler_output[0].numpy()
+
+
+def test_lora_export_is_validated_and_described(lora_setup):
+    _, _, _, report = lora_setup
+    m = report.manifest
+    assert m.variant == "lora-fp32" and m.validation.max_abs_diff <= 1e-4
+    assert m.lora.targets == ["attention.self.query", "attention.self.value"] and m.lora.num_layers == 2
+
+
+def test_mixed_batch_matches_peft_row_by_row(lora_setup, tiny_bert_dir):
+    store, entry, dirs, _ = lora_setup
+    bb = OrtBackbone.from_store(store, entry, variant="lora-fp32", threads=1)
+    assert isinstance(bb, OrtLoraBackbone)
+    names = list(dirs)
+    weights = [LoraWeights.from_bundle(store.get(f"acme/{n}")) for n in names]
+    stack = stack_loras(bb.record, weights)
+    assert stack.rank == 8 and stack.no_adapter_slot == len(names)
+    # 12 rows: every adapter twice (shuffled) + two rows without an adapter
+    slots = np.array([0, 3, 1, 5, 2, 4, 0, 1, 5, 2, 3, 4])
+    rng = np.random.default_rng(11)
+    ids = rng.integers(1000, 30000, size=(12, 17))
+    lengths = rng.integers(3, 18, size=12)
+    mask = (np.arange(17)[None] < lengths[:, None]).astype(np.int64)
+    ids = np.where(mask == 1, ids, 0)
+    feats = bb.features(ids, mask, stack, slots)
+    peft_model = _peft_reference(tiny_bert_dir, dirs)
+    for row, slot in enumerate(slots):
+        if slot == stack.no_adapter_slot:
+            with peft_model.disable_adapter():
+                mean, pooler = _row_alone(peft_model, ids[row], mask[row])
+        else:
+            peft_model.set_adapter(names[slot])
+            mean, pooler = _row_alone(peft_model, ids[row], mask[row])
+        np.testing.assert_allclose(feats.mean[row], mean, atol=1e-4, err_msg=f"row {row} slot {slot}")
+        np.testing.assert_allclose(feats.pooler[row], pooler, atol=1e-4, err_msg=f"row {row} slot {slot}")
+    # and the adapters really differ from each other and from the base
+    same_text = bb.features(np.repeat(ids[:1], 6, 0), np.repeat(mask[:1], 6, 0), stack, np.arange(6))
+    spread = [np.abs(same_text.mean[i] - same_text.mean[j]).max() for i in range(6) for j in range(i)]
+    assert min(spread) > 1e-4  # far above float noise (~1e-6)
+    base = bb.features(ids, mask)  # no stack: every row gets zero delta
+    assert min(np.abs(feats.mean[r] - base.mean[r]).max() for r in range(12) if slots[r] != 5) > 1e-3
+
+
+def test_adapter_targeting_a_module_outside_the_graph_is_refused(lora_setup, tiny_bert_dir, tmp_path):
+    store, entry, _, _ = lora_setup
+    d = _save_peft(tiny_bert_dir, tmp_path / "k", 4, 8, ["key"], {}, seed=9)
+    store.put(import_peft_dir(d, "acme", "k-only", entry, task="feature-extraction"))
+    bb = OrtBackbone.from_store(store, entry, variant="lora-fp32", threads=1)
+    with pytest.raises(UnsupportedAdapter, match="attention.self.key"):
+        stack_loras(bb.record, [LoraWeights.from_bundle(store.get("acme/k-only"))])
+
+
+@pytest.mark.parametrize(
+    "config,match",
+    [
+        ({"peft_type": "LORA", "use_dora": True}, "DoRA"),
+        ({"peft_type": "LORA", "bias": "all"}, "bias"),
+        ({"peft_type": "IA3"}, "LORA"),
+    ],
+)
+def test_unsupported_lora_configs_are_refused(config, match):
+    with pytest.raises(UnsupportedAdapter, match=match):
+        check_lora_config(config)
