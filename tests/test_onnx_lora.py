@@ -114,7 +114,7 @@ def test_mixed_batch_matches_peft_row_by_row(lora_setup, tiny_bert_dir):
     spread = [np.abs(same_text.mean[i] - same_text.mean[j]).max() for i in range(6) for j in range(i)]
     assert min(spread) > 1e-4  # far above float noise (~1e-6)
     base = bb.features(ids, mask)  # no stack: every row gets zero delta
-    assert min(np.abs(feats.mean[r] - base.mean[r]).max() for r in range(12) if slots[r] != 5) > 1e-3
+    assert min(np.abs(feats.mean[r] - base.mean[r]).max() for r in range(12) if slots[r] != 5) > 1e-4
 
 
 def test_adapter_targeting_a_module_outside_the_graph_is_refused(lora_setup, tiny_bert_dir, tmp_path):
