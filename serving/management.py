@@ -414,6 +414,37 @@ ROUTES = [
 ]
 
 
+def openapi_spec(prefix: str = "/v1") -> dict[str, Any]:
+    """OpenAPI 3 description of these routes (BentoML's ``/docs.json`` covers classify and embed)."""
+    paths: dict[str, dict[str, Any]] = {}
+    for r in ROUTES:
+        doc = (r.endpoint.__doc__ or r.name).strip()
+        params = [
+            {"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
+            for n in r.param_convertors
+        ]
+        security = [{"bearer": []}]
+        for method in sorted(r.methods - {"HEAD"}):
+            paths.setdefault(prefix + r.path, {})[method.lower()] = {
+                "operationId": f"{r.name}_{method.lower()}",
+                "summary": doc.split("\n")[0],
+                "description": doc,
+                "parameters": params,
+                "security": security,
+                "responses": {"200": {"description": "JSON"}, "4XX": {"description": '{"error", "message"}'}},
+            }
+    return {
+        "openapi": "3.0.2",
+        "info": {"title": "loraplex management API", "version": "1"},
+        "paths": paths,
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }
+
+
+async def openapi_endpoint(request: Request) -> JSONResponse:
+    return JSONResponse(openapi_spec())
+
+
 def build_app() -> Starlette:
     """The Starlette app the service mounts at ``/v1`` (BentoML's own routes take precedence)."""
-    return Starlette(routes=list(ROUTES))
+    return Starlette(routes=[*ROUTES, Route("/openapi.json", openapi_endpoint, methods=["GET"])])

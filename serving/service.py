@@ -21,6 +21,7 @@ from pathlib import Path
 import bentoml
 
 from adapters_store import open_store
+from adapters_store.errors import InvalidRequest
 from serving import metrics
 from serving.auth import token_book_from_settings
 from serving.gateway import STATE, GatewayMiddleware
@@ -39,9 +40,10 @@ MAX_QUEUE_MS = int(os.environ.get("LORAPLEX_MAX_QUEUE_MS", "10000"))
 
 
 def engine_settings(settings: ServiceSettings):
+    """Service settings -> EngineSettings; a runtime the engine does not run is refused at start."""
     from serving.engine import EngineSettings
 
-    return EngineSettings(
+    fields = dict(
         cache_bytes=settings.cache_bytes,
         pins=settings.pins,
         alias_ttl_s=settings.alias_ttl_s,
@@ -49,6 +51,12 @@ def engine_settings(settings: ServiceSettings):
         max_batch_rows=settings.max_batch_size,
         max_seq_len=settings.limits.max_tokens,
     )
+    try:
+        return EngineSettings(**fields, runtime=settings.runtime)
+    except ValueError as e:
+        raise InvalidRequest(
+            f"LORAPLEX_RUNTIME={settings.runtime!r} is not supported by this engine: {e}"
+        ) from None
 
 
 @bentoml.asgi_app(build_app(), path="/v1", name="loraplex-management")
@@ -61,6 +69,7 @@ class LoraplexService:
         self.settings = settings
         self.engine = None
         self.load_error: str | None = None
+        self.engine_settings = engine_settings(settings)
         self.store = open_store(settings.store)
         self.base = self.store.get_base(settings.base)
         STATE.tokens = token_book_from_settings(settings)
@@ -86,7 +95,7 @@ class LoraplexService:
         from serving.engine import Engine
 
         try:
-            engine = Engine(self.store, base=self.settings.base, settings=engine_settings(self.settings))
+            engine = Engine(self.store, base=self.settings.base, settings=self.engine_settings)
         except Exception as e:  # keep /readyz at 503 and say why in the log
             self.load_error = f"{type(e).__name__}: {e}"
             logger.exception("loading the engine failed")

@@ -341,3 +341,47 @@ def test_run_batch_answers_rows_of_many_tenants_and_fails_bad_rows_alone(tiny_ba
     assert all(
         r.error.error == "unavailable" for r in run_batch(None, "classify", items[:2], LimitSettings())
     )
+
+
+# -- wiring ------------------------------------------------------------------------------------------------------
+def test_engine_settings_follow_service_settings_and_refuse_unknown_runtimes():
+    from serving.service import engine_settings
+
+    es = engine_settings(
+        ServiceSettings(store="x", cache_bytes=1234, pins=("acme",), alias_ttl_s=0.5, threads=1)
+    )
+    assert (es.cache_bytes, es.pins, es.alias_ttl_s, es.threads) == (1234, ("acme",), 0.5, 1)
+    with pytest.raises(InvalidRequest, match="LORAPLEX_RUNTIME"):
+        engine_settings(ServiceSettings(store="x", runtime="onnx"))
+
+
+def test_management_openapi_lists_every_route_with_its_methods():
+    from serving.management import ROUTES, openapi_spec
+
+    spec = openapi_spec()
+    ops = {(path, m) for path, item in spec["paths"].items() for m in item}
+    assert len(ops) == sum(len(r.methods - {"HEAD"}) for r in ROUTES)
+    assert ("/v1/admin/tenants/{tenant}/adapters/{name}/versions", "post") in ops
+    assert ("/v1/admin/tenants/{tenant}/adapters/{name}/pin", "delete") in ops
+
+
+def test_insecure_dev_mode_is_announced_loudly(caplog):
+    from serving.auth import token_book_from_settings
+
+    with caplog.at_level("WARNING", logger="loraplex.auth"):
+        book = token_book_from_settings(ServiceSettings(store="x", insecure_dev=True))
+    assert book.insecure_dev and "INSECURE DEV MODE" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="loraplex.auth"):
+        token_book_from_settings(ServiceSettings(store="x", admin_token="admin-secret-1"))
+    assert "INSECURE" not in caplog.text
+
+
+def test_token_policy_reject_counts_with_the_base_tokenizer(tiny_bert_dir):
+    from serving.limits import TokenCounter
+
+    counter = TokenCounter(str(tiny_bert_dir / "tokenizer.json"))
+    assert counter.count("hello world") == 4  # [CLS] hello world [SEP]
+    counter.check("hello world", 4)
+    with pytest.raises(ValidationError, match="5 tokens; the limit is 4"):
+        counter.check("hello big world", 4)
