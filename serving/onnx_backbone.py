@@ -25,6 +25,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 import onnxruntime as ort
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from adapters_store.base_models import BaseModelEntry
@@ -33,6 +34,7 @@ from adapters_store.errors import IntegrityError, UnsafeFormat, UnsupportedAdapt
 Variant = Literal["fp32", "int8", "lora-fp32"]
 VARIANTS: tuple[str, ...] = ("fp32", "int8", "lora-fp32")
 _SCHEMA_VERSION = 1
+HIDDEN_OUTPUT = "last_hidden_state"
 
 
 def graph_file(variant: str) -> str:
@@ -142,7 +144,7 @@ def check_graph(graph: bytes, record: ExportRecord) -> None:
     outputs = [o.name for o in model.graph.output]
     inputs = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
     declared = {i["name"] for i in record.inputs}
-    if outputs != record.outputs or not declared <= inputs:
+    if outputs != record.outputs or HIDDEN_OUTPUT not in outputs or not declared <= inputs:
         raise IntegrityError(
             f"ONNX graph inputs/outputs {sorted(inputs)} -> {outputs} differ from its manifest"
         )
@@ -174,9 +176,31 @@ class OrtBackbone:
     def hidden_size(self) -> int:
         return self.record.hidden_size
 
-    def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Raw outputs by name."""
-        return dict(zip(self.record.outputs, self.session.run(self.record.outputs, dict(feed)), strict=True))
+    def run(
+        self, feed: Mapping[str, np.ndarray], names: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Raw outputs by name (all of them, or ``names``); outputs not asked for are not copied out."""
+        names = list(names or self.record.outputs)
+        return dict(zip(names, self.session.run(names, dict(feed)), strict=True))
+
+    def hidden_and_pooler(self, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Drop-in for the engine's ``run_model(model, inputs)``: (last hidden state, pooler output or None).
+
+        ``inputs`` is what the engine's tokenizer / image encoder returns (torch tensors or numpy);
+        ``token_type_ids`` is ignored (BERT's default, all zeros, is baked into the graph).
+        """
+        out = self.run(self._feed(inputs), [HIDDEN_OUTPUT, *self._pooler_name()])
+        pooler = out.get(self._names.get("pooler", ""))
+        return torch.from_numpy(out[HIDDEN_OUTPUT]), None if pooler is None else torch.from_numpy(pooler)
+
+    def _feed(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        arrays = {k: v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v) for k, v in inputs.items()}
+        if self.record.modality == "image":
+            return {"pixel_values": np.ascontiguousarray(arrays["pixel_values"], dtype=np.float32)}
+        return text_feed(self.record, arrays["input_ids"], arrays["attention_mask"])
+
+    def _pooler_name(self) -> list[str]:
+        return [self._names["pooler"]] if "pooler" in self._names else []
 
     def features(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> BackboneFeatures:
         """Text: int [batch, seq] ids and mask -> pooled features."""
@@ -189,7 +213,7 @@ class OrtBackbone:
         return self._features({"pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32)})
 
     def _features(self, feed: dict[str, np.ndarray]) -> BackboneFeatures:
-        out = self.run(feed)
+        out = self.run(feed, [self._names["mean"], self._names["cls"], *self._pooler_name()])
         pooler = self._names.get("pooler")
         return BackboneFeatures(
             mean=out[self._names["mean"]], cls=out[self._names["cls"]], pooler=out[pooler] if pooler else None
@@ -356,19 +380,28 @@ class OrtLoraBackbone(OrtBackbone):
     ) -> BackboneFeatures:
         """Rows use ``stack`` slot ``adapter_index[row]``; without a stack every row gets zero delta."""
         feed = text_feed(self.record, input_ids, attention_mask)
+        return self._features(self._with_lora(feed, stack, adapter_index))
+
+    def hidden_and_pooler(
+        self,
+        inputs: Mapping[str, Any],
+        stack: LoraStack | None = None,
+        adapter_index: np.ndarray | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The engine's ``run_model`` for a mixed LoRA batch: rows use ``stack[adapter_index[row]]``."""
+        feed = self._with_lora(self._feed(inputs), stack, adapter_index)
+        out = self.run(feed, [HIDDEN_OUTPUT, *self._pooler_name()])
+        pooler = out.get(self._names.get("pooler", ""))
+        return torch.from_numpy(out[HIDDEN_OUTPUT]), None if pooler is None else torch.from_numpy(pooler)
+
+    def _with_lora(
+        self, feed: dict[str, np.ndarray], stack: LoraStack | None, adapter_index: np.ndarray | None
+    ) -> dict[str, np.ndarray]:
         stack = stack or stack_loras(self.record, [])
-        idx = (
-            np.full(feed["input_ids"].shape[0], stack.no_adapter_slot)
-            if adapter_index is None
-            else adapter_index
-        )
+        batch = feed["input_ids"].shape[0]
+        idx = np.full(batch, stack.no_adapter_slot) if adapter_index is None else adapter_index
         idx = np.asarray(idx, dtype=np.int64)
         n_slots = next(iter(stack.arrays.values())).shape[0]
-        if (
-            idx.shape != (feed["input_ids"].shape[0],)
-            or idx.min(initial=0) < 0
-            or idx.max(initial=0) >= n_slots
-        ):
+        if idx.shape != (batch,) or idx.min(initial=0) < 0 or idx.max(initial=0) >= n_slots:
             raise ValidationError(f"adapter_index must be [batch] ints in 0..{n_slots - 1}")
-        feed[self.record.lora["index_input"]] = idx
-        return self._features({**feed, **stack.arrays})
+        return {**feed, self.record.lora["index_input"]: idx, **stack.arrays}

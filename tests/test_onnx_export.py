@@ -54,14 +54,14 @@ def _torch_features(folder, ids, mask):
     with torch.inference_mode():
         out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
     h, m = out.last_hidden_state, torch.from_numpy(mask).unsqueeze(-1).float()
-    return (h * m).sum(1) / m.sum(1), h[:, 0], out.pooler_output
+    return (h * m).sum(1) / m.sum(1), h[:, 0], out.pooler_output, h
 
 
 def test_bert_fp32_export_is_validated_stored_and_matches_torch(bert_store, tiny_bert_dir):
     report = export_base(bert_store, "tiny-bert")
     m = report.manifest
     assert not report.reused and m.variant == "fp32" and m.architecture == "bert-family"
-    assert m.outputs == ["mean_pooled", "cls_token", "pooler_output"]
+    assert m.outputs == ["mean_pooled", "cls_token", "pooler_output", "last_hidden_state"]
     assert m.pooling_outputs == {"mean": "mean_pooled", "cls": "cls_token", "pooler": "pooler_output"}
     assert m.validation.max_abs_diff <= 1e-4 and m.validation.min_cosine >= 0.9999
     batches = {s[0] for s in m.validation.shapes}

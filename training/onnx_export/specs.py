@@ -17,6 +17,8 @@ from training.onnx_export.errors import UnsupportedArchitecture
 MEAN_OUTPUT = "mean_pooled"
 CLS_OUTPUT = "cls_token"
 POOLER_OUTPUT = "pooler_output"
+# [batch, tokens, hidden]: lets serving swap the torch forward for ORT and keep its own pooling code
+HIDDEN_OUTPUT = "last_hidden_state"
 # manifest.pooling -> graph output that serves it
 POOLING_OUTPUTS: dict[str, str] = {"mean": MEAN_OUTPUT, "cls": CLS_OUTPUT, "pooler": POOLER_OUTPUT}
 
@@ -65,11 +67,13 @@ class ArchitectureSpec:
         return [i.name for i in self.inputs]
 
     def output_names(self, has_pooler: bool) -> list[str]:
-        return [MEAN_OUTPUT, CLS_OUTPUT] + ([POOLER_OUTPUT] if has_pooler else [])
+        return [MEAN_OUTPUT, CLS_OUTPUT] + ([POOLER_OUTPUT] if has_pooler else []) + [HIDDEN_OUTPUT]
 
     def dynamic_axes(self, outputs: list[str]) -> dict[str, dict[int, str]]:
         axes = {i.name: dict(i.dynamic_axes) for i in self.inputs}
         axes.update({o: {0: "batch"} for o in outputs})
+        if HIDDEN_OUTPUT in outputs and self.modality == "text":
+            axes[HIDDEN_OUTPUT] = {0: "batch", 1: "seq"}
         return axes
 
 

@@ -1,8 +1,8 @@
 """Torch modules that put pooling inside the exported graph, so serving gets features in one ORT call.
 
-Outputs, in order: mean-pooled tokens, the first (CLS) token, and the model's pooler output when it
+Outputs, in order: mean-pooled tokens, the first (CLS) token, the model's pooler output when it
 has one (BERT: tanh(dense(CLS)); it lives in the base weights, so heads with ``pooling="pooler"``
-are served from the same graph).
+are served from the same graph), and the last hidden state (so a caller can pool by itself).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def pooler_of(model: nn.Module) -> nn.Module | None:
 
 
 class TextFeatures(nn.Module):
-    """(input_ids, attention_mask) -> (mean_pooled, cls_token[, pooler_output])."""
+    """(input_ids, attention_mask) -> (mean_pooled, cls_token[, pooler_output], last_hidden_state)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -35,7 +35,7 @@ class TextFeatures(nn.Module):
 
 
 class ImageFeatures(nn.Module):
-    """pixel_values -> (mean_pooled, cls_token[, pooler_output]); the mean covers every token."""
+    """pixel_values -> (mean_pooled, cls_token[, pooler_output], last_hidden_state); mean over every token."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -49,7 +49,8 @@ class ImageFeatures(nn.Module):
 def pooled_outputs(out, mean: torch.Tensor) -> tuple[torch.Tensor, ...]:
     cls = out.last_hidden_state[:, 0]
     pooled = getattr(out, "pooler_output", None)
-    return (mean, cls) if pooled is None else (mean, cls, pooled)
+    pooler = () if pooled is None else (pooled,)
+    return (mean, cls, *pooler, out.last_hidden_state)
 
 
 def features_module(model: nn.Module, modality: str) -> nn.Module:

@@ -1,0 +1,312 @@
+"""ONNX benchmark on the real all-MiniLM-L6-v2: ORT fp32 / int8 / mixed-LoRA against torch eager.
+
+Run: ``.venv/bin/python benchmarks/bench_onnx.py`` (about 3 minutes on 2 cores). Prints a markdown table
+and writes benchmarks/results/onnx.json and onnx.md.
+
+Setup: a temporary local store; MiniLM registered and exported with the project's own code
+(``export_base`` fp32 and int8, ``export_lora_base`` for query+value), then loaded with
+``serving.onnx_backbone``. One process, torch and ORT both on 2 threads (ORT spinning off), inputs
+tokenized once beforehand (the same arrays for every path). Every path computes the same outputs
+(mean-pooled, CLS, pooler). Paths run interleaved round by round (start rotated each round); a ratio
+is the median of per-round throughput ratios, with the min-max over rounds.
+
+Workloads: batch 32 of short sentences (14 words, ~20 tokens) and batch 8 of ~128-token texts.
+Mixed-LoRA: 16 adapters (r=8, alpha=16, query+value, seeded random A and B, PEFT key layout), row i
+uses adapter i mod 16; "stack per call" includes packing the 16 adapters into the graph inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import torch  # noqa: E402
+
+from adapters_store import describe_base, open_store  # noqa: E402
+from serving.onnx_backbone import LoraWeights, OrtBackbone, OrtLoraBackbone, OrtSettings, stack_loras  # noqa: E402
+from training.onnx_export.export import ExportSettings, export_base, load_base_model  # noqa: E402
+from training.onnx_export.lora_graph import LoraTextFeatures, export_lora_base  # noqa: E402
+from training.onnx_export.quantize import INT8_PLANS, quantize_int8  # noqa: E402
+from training.onnx_export.wrappers import TextFeatures  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+THREADS = 2
+WORDS = (
+    "the quick brown fox jumps over a lazy dog while my order of fresh bread arrived late again "
+    "please refund the payment because service was slow yet staff were kind and helpful today "
+    "our invoice shows a duplicate charge for the premium plan and support has not replied yet"
+).split()
+TARGETS = {"ort_fp32": 1.3, "ort_int8": 2.8, "ort_lora_mixed": 0.97}
+
+
+def texts(n: int, words: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=words)).capitalize() + "." for _ in range(n)]
+
+
+def workloads(folder: str) -> dict[str, dict[str, np.ndarray]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    out = {}
+    for name, batch in (
+        ("short: batch 32 x 14 words", texts(32, 14, 0)),
+        ("long: batch 8 x ~128 tokens", texts(8, 110, 1)),
+    ):
+        enc = tok(batch, padding=True, truncation=True, max_length=128, return_tensors="np")
+        out[name] = {
+            "input_ids": enc["input_ids"].astype(np.int64),
+            "attention_mask": enc["attention_mask"].astype(np.int64),
+        }
+    return out
+
+
+def random_adapters(n: int, layers: int, hidden: int, rank: int = 8, alpha: int = 16) -> list[LoraWeights]:
+    """PEFT-layout LoRA tensors (as an adapter_model.safetensors would hold them), seeded."""
+    rng = np.random.default_rng(42)
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": ["query", "value"]}
+    adapters = []
+    for _ in range(n):
+        tensors = {}
+        for layer in range(layers):
+            for t in ("query", "value"):
+                key = f"base_model.model.encoder.layer.{layer}.attention.self.{t}"
+                tensors[f"{key}.lora_A.weight"] = (rng.standard_normal((rank, hidden)) * 0.05).astype(
+                    np.float32
+                )
+                tensors[f"{key}.lora_B.weight"] = (rng.standard_normal((hidden, rank)) * 0.05).astype(
+                    np.float32
+                )
+        adapters.append(LoraWeights.from_peft(config, tensors))
+    return adapters
+
+
+def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
+
+
+def interleave(paths: dict[str, Callable[[], object]], rounds: int, reps: int) -> dict[str, list[float]]:
+    """Seconds per call of each path, per round; the start path rotates so no path always runs first."""
+    for fn in paths.values():  # warm-up: first calls allocate
+        fn()
+        fn()
+    names, times = list(paths), {n: [] for n in paths}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                paths[name]()
+            times[name].append((time.perf_counter() - t0) / reps)
+    return times
+
+
+def ratio(times: dict[str, list[float]], ref: str, path: str) -> dict[str, float]:
+    per_round = [a / b for a, b in zip(times[ref], times[path], strict=True)]
+    return {"median": statistics.median(per_round), "min": min(per_round), "max": max(per_round)}
+
+
+def build(tmp: Path) -> dict:
+    from tests.helpers.models import minilm_dir
+
+    folder = minilm_dir()
+    store = open_store(str(tmp / "store"))
+    store.register_base(describe_base("minilm", folder))
+    entry = store.get_base("minilm")
+    settings = ExportSettings(threads=THREADS)
+    t0 = time.perf_counter()
+    fp32 = export_base(store, "minilm", settings=settings)
+    t1 = time.perf_counter()
+    int8 = export_base(store, "minilm", quantize="int8", settings=settings)
+    t2 = time.perf_counter()
+    lora = export_lora_base(store, "minilm", targets=("query", "value"), settings=settings)
+    t3 = time.perf_counter()
+    return {
+        "folder": str(folder),
+        "store": store,
+        "entry": entry,
+        "reports": {"fp32": fp32.manifest, "int8": int8.manifest, "lora-fp32": lora.manifest},
+        "export_s": {"fp32": t1 - t0, "int8 (incl. fp32 again + plans)": t2 - t1, "lora-fp32": t3 - t2},
+    }
+
+
+def refused_all_matmul(store, entry) -> OrtBackbone | None:
+    """The fastest int8 plan, built only to report what the gate refused (never stored or served)."""
+    from serving.onnx_backbone import load_export
+
+    record, graph = load_export(store, entry, "fp32")
+    int8 = quantize_int8(graph, INT8_PLANS[0])
+    return OrtBackbone(record, int8, OrtSettings(threads=THREADS))
+
+
+def run_workload(setup: dict, feed: dict[str, np.ndarray], rounds: int, reps: int) -> dict:
+    store, entry = setup["store"], setup["entry"]
+    torch_mod = TextFeatures(load_base_model(entry))
+    fp32 = OrtBackbone.from_store(store, entry, "fp32", threads=THREADS)
+    int8 = OrtBackbone.from_store(store, entry, "int8", threads=THREADS)
+    lora_bb: OrtLoraBackbone = OrtBackbone.from_store(store, entry, "lora-fp32", threads=THREADS)
+    adapters = random_adapters(16, lora_bb.record.lora["num_layers"], fp32.hidden_size)
+    stack = stack_loras(lora_bb.record, adapters)
+    batch = feed["input_ids"].shape[0]
+    idx = np.arange(batch) % 16
+    ids, mask = feed["input_ids"], feed["attention_mask"]
+    tids, tmask = torch.from_numpy(ids), torch.from_numpy(mask)
+
+    def run_torch():
+        with torch.inference_mode():
+            return torch_mod(tids, tmask)
+
+    paths = {
+        "torch_eager": run_torch,
+        "ort_fp32": lambda: fp32.features(ids, mask),
+        "ort_int8": lambda: int8.features(ids, mask),
+        "ort_lora_mixed": lambda: lora_bb.features(ids, mask, stack_loras(lora_bb.record, adapters), idx),
+        "ort_lora_mixed_prestacked": lambda: lora_bb.features(ids, mask, stack, idx),
+    }
+    plan = setup["reports"]["int8"].quantization.plan
+    if plan != INT8_PLANS[0].name:
+        refused = refused_all_matmul(store, entry)
+        paths["ort_int8_all_matmul_refused"] = lambda: refused.features(ids, mask)
+    times = interleave(paths, rounds, reps)
+    ref = run_torch()[0].numpy()
+    quality = {
+        p: min_cosine(paths[p]().mean, ref) for p in paths if p.startswith("ort_int8") or p == "ort_fp32"
+    }
+    quality.update(lora_quality(lora_bb, stack, idx, ids, mask, entry))
+    return {
+        "batch": batch,
+        "seq": int(ids.shape[1]),
+        "tokens": int(mask.sum()),
+        "times": times,
+        "quality": quality,
+    }
+
+
+def lora_quality(lora_bb, stack, idx, ids, mask, entry) -> dict[str, float]:
+    """Mixed-LoRA graph vs the same gathered LoRA in torch eager (max abs diff of mean-pooled)."""
+    module = LoraTextFeatures(load_base_model(entry), list(lora_bb.record.lora["targets"])).eval()
+    tensors = [torch.from_numpy(v) for v in stack.arrays.values()]
+    with torch.inference_mode():
+        ref = module(
+            torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(idx.astype(np.int64)), *tensors
+        )
+    got = lora_bb.features(ids, mask, stack, idx)
+    return {"ort_lora_mixed_max_abs_diff_vs_torch": float(np.abs(got.mean - ref[0].numpy()).max())}
+
+
+def summarize(results: dict) -> list[dict]:
+    rows = []
+    for wl, res in results.items():
+        t = res["times"]
+        for path in t:
+            ref = "ort_fp32" if path.startswith("ort_lora") else "torch_eager"
+            r = ratio(t, ref, path)
+            ms = statistics.median(t[path]) * 1000
+            rows.append(
+                {
+                    "workload": wl,
+                    "path": path,
+                    "ms_per_batch": ms,
+                    "rows_per_s": res["batch"] / ms * 1000,
+                    "ratio_vs": ref,
+                    "ratio": r,
+                    "target": TARGETS.get(path.replace("_prestacked", "")),
+                    "min_cosine_vs_torch": res["quality"].get(path),
+                }
+            )
+    return rows
+
+
+def markdown(rows: list[dict], setup: dict, results: dict, args) -> str:
+    out = [
+        "| workload | path | ms/batch | rows/s | throughput ratio (median [min-max]) | target | min cos vs torch |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        rr = r["ratio"]
+        rat = (
+            "1.00 (reference)"
+            if r["path"] == "torch_eager"
+            else (f"{rr['median']:.2f} [{rr['min']:.2f}-{rr['max']:.2f}] vs {r['ratio_vs']}")
+        )
+        tgt = (
+            ""
+            if r["target"] is None
+            else f">= {r['target']} ({'met' if rr['median'] >= r['target'] else 'MISSED'})"
+        )
+        cos = "" if r["min_cosine_vs_torch"] is None else f"{r['min_cosine_vs_torch']:.4f}"
+        out.append(
+            f"| {r['workload']} | {r['path']} | {r['ms_per_batch']:.1f} | {r['rows_per_s']:.0f} | {rat} | {tgt} | {cos} |"
+        )
+    q = setup["reports"]["int8"].quantization
+    out += [
+        "",
+        f"int8 gate (export, real-text probe set, min cosine >= {q.min_cosine_required}): "
+        + ", ".join(
+            f"{a.plan} {a.min_cosine:.4f} {'accepted' if a.accepted else 'refused'}" for a in q.attempts
+        )
+        + f"; stored plan: {q.plan}.",
+    ]
+    for wl, res in results.items():
+        d = res["quality"].get("ort_lora_mixed_max_abs_diff_vs_torch")
+        out.append(
+            f"- {wl}: {res['batch']} rows, padded seq {res['seq']}, {res['tokens']} real tokens; "
+            f"mixed-LoRA max abs diff vs torch gathered LoRA {d:.2e}"
+        )
+    sizes = ", ".join(f"{v} {m.size / 2**20:.1f} MiB" for v, m in setup["reports"].items())
+    out.append(
+        f"- graph sizes: {sizes}; export times: "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in setup["export_s"].items())
+    )
+    out.append(
+        f"- {args.rounds} rounds x {args.reps} calls per path; torch {torch.__version__}, onnxruntime "
+        f"{ort.__version__}, {THREADS} threads, {platform.processor() or platform.machine()}"
+    )
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    with tempfile.TemporaryDirectory(prefix="bench-onnx-") as tmp:
+        setup = build(Path(tmp))
+        results = {
+            wl: run_workload(setup, feed, args.rounds, args.reps)
+            for wl, feed in workloads(setup["folder"]).items()
+        }
+    rows = summarize(results)
+    md = markdown(rows, setup, results, args)
+    print(md)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "onnx.md").write_text(md + "\n")
+    payload = {
+        "rows": rows,
+        "raw_seconds_per_call": {wl: r["times"] for wl, r in results.items()},
+        "quality": {wl: r["quality"] for wl, r in results.items()},
+        "export_manifests": {v: m.model_dump(mode="json") for v, m in setup["reports"].items()},
+        "export_seconds": setup["export_s"],
+        "settings": {"rounds": args.rounds, "reps": args.reps, "threads": THREADS},
+    }
+    (RESULTS / "onnx.json").write_text(json.dumps(payload, indent=2))
+
+
+if __name__ == "__main__":
+    main()
