@@ -28,8 +28,20 @@ class Head(nn.Module):
         self.hidden = nn.Linear(in_features, hidden) if hidden else None
         self.act = ACTIVATIONS[activation]() if hidden else None
         self.out = nn.Linear(hidden or in_features, num_outputs)
+        # Input standardisation used while training; folded into the first layer on export, so the
+        # served head is a plain linear layer on raw pooled features.
+        self.register_buffer("in_shift", torch.zeros(in_features), persistent=False)
+        self.register_buffer("in_scale", torch.ones(in_features), persistent=False)
+
+    def standardize_from(self, features: torch.Tensor) -> None:
+        """Fit the input standardisation on training features [N, in]."""
+        self.in_shift = features.mean(0)
+        self.in_scale = (
+            features.std(0).clamp(min=1e-6) if len(features) > 1 else torch.ones_like(self.in_shift)
+        )
 
     def representation(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.in_shift) / self.in_scale
         return self.act(self.hidden(x)) if self.hidden is not None else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -37,5 +49,13 @@ class Head(nn.Module):
 
     def to_safetensors(self) -> bytes:
         """Bytes of ``head.safetensors``: ``out.weight``, ``out.bias`` and ``hidden.*`` when present."""
-        tensors = {k: v.detach().contiguous().clone() for k, v in self.state_dict().items()}
-        return save(tensors)
+        return save(self.folded_state())
+
+    def folded_state(self) -> dict[str, torch.Tensor]:
+        """Weights with the standardisation folded in: W (x - m) / s + b = (W / s) x + (b - W (m / s))."""
+        tensors = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        first = "hidden" if self.hidden is not None else "out"
+        w = tensors[f"{first}.weight"]
+        tensors[f"{first}.bias"] = tensors[f"{first}.bias"] - w @ (self.in_shift / self.in_scale)
+        tensors[f"{first}.weight"] = w / self.in_scale
+        return {k: v.contiguous() for k, v in tensors.items()}

@@ -65,6 +65,8 @@ def _data(learner: Any, split: DataSplit, train: Any, y: torch.Tensor, with_targ
         "val_x": learner.prepare(split.val.inputs),
         "val_y": split.val_y,
     }
+    if isinstance(learner, HeadLearner):
+        learner.head.standardize_from(data["x"])  # cached features: cheap, and it speeds the fit
     if with_target:
         data["target"] = learner.prepare(split.target.inputs)
     return data

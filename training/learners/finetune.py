@@ -8,11 +8,13 @@ more block from the top every ``unfreeze_every`` epochs). ``partial`` saves only
 from __future__ import annotations
 
 import re
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save
+from safetensors.torch import load_file, save
 from torch import nn
 
 from adapters_store.bundle import HEAD_WEIGHTS_FILE, MODEL_WEIGHTS_FILE
@@ -22,7 +24,7 @@ from training.errors import TrainConfigError
 from training.heads import Head
 from training.learners.base import Exported
 
-_BLOCK_RE = re.compile(r"^encoder\.layers?\.(\d+)\.")
+_BLOCK_RE = re.compile(r"^(?:encoder\.)?layers?\.(\d+)\.")
 POOLER_PREFIX = "pooler."
 
 
@@ -106,15 +108,35 @@ class FinetuneLearner:
         )
 
     def export(self) -> Exported:
-        names = {n for unit in self.units for n, _ in unit}
-        state = {
-            k: v.detach().contiguous().clone()
-            for k, v in self.backbone.state_dict().items()
-            if self.cfg.strategy == "full" or k in names
-        }
+        state = checkpoint_state(self.backbone)
+        if self.cfg.strategy == "partial":
+            state = {k: v for k, v in state.items() if self._owned(k)}
         fields: dict[str, Any] = {"kind": self.cfg.strategy, "pooling": self.pooling, "head": self.head.spec}
         if self.cfg.strategy == "partial":
             fields["first_trained_layer"] = self.first_trained_layer
         return Exported(
             {MODEL_WEIGHTS_FILE: save(state), HEAD_WEIGHTS_FILE: self.head.to_safetensors()}, fields
         )
+
+    def _owned(self, key: str) -> bool:
+        """A checkpoint key the partial bundle stores: a trained block, or the pooler when it was trained."""
+        block = block_of(key)
+        if block is not None:
+            return block >= self.first_trained_layer
+        return key.startswith(POOLER_PREFIX) and self.pooling == "pooler"
+
+
+def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights under their *checkpoint* names (what the base folder holds and the registry lists).
+
+    transformers 5 renames some modules in memory (ViT: ``encoder.layer.N.attention.attention.query`` is
+    ``layers.N.attention.q_proj``) and converts back on save, so save and read back rather than use
+    ``state_dict()`` names.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        state: dict[str, torch.Tensor] = {}
+        for f in sorted(Path(tmp).glob("*.safetensors")):
+            state.update(load_file(str(f)))
+    prefix = f"{model.config.model_type}."
+    return {k[len(prefix) :] if k.startswith(prefix) else k: v.contiguous() for k, v in state.items()}

@@ -23,13 +23,13 @@ from training.learners.base import Exported
 # Per-architecture defaults: attention projections for LoRA; PEFT's IA3 choice (k, v, ffn out) for IA3.
 LORA_TARGETS = {
     "bert": ["query", "value"],
-    "vit": ["query", "value"],
+    "vit": ["q_proj", "v_proj"],
     "roberta": ["query", "value"],
     "distilbert": ["q_lin", "v_lin"],
 }
 IA3_TARGETS = {
     "bert": (["key", "value", "output.dense"], ["output.dense"]),
-    "vit": (["key", "value", "output.dense"], ["output.dense"]),
+    "vit": (["k_proj", "v_proj", "fc2"], ["fc2"]),
     "roberta": (["key", "value", "output.dense"], ["output.dense"]),
 }
 CLASSIFIER_MODULES = ["classifier"]
