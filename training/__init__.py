@@ -7,5 +7,6 @@
 
 from training.config import TrainConfig
 from training.pipeline import train, train_bundle
+from training.promote import promote_full_to_base
 
-__all__ = ["TrainConfig", "train", "train_bundle"]
+__all__ = ["TrainConfig", "promote_full_to_base", "train", "train_bundle"]
