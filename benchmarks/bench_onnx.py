@@ -182,7 +182,9 @@ def run_workload(setup: dict, feed: dict[str, np.ndarray], rounds: int, reps: in
     if plan != INT8_PLANS[0].name:
         refused = refused_all_matmul(store, entry)
         paths["ort_int8_all_matmul_refused"] = lambda: refused.features(ids, mask)
+    load = [os.getloadavg()[0]]
     times = interleave(paths, rounds, reps)
+    load.append(os.getloadavg()[0])
     ref = run_torch()[0].numpy()
     quality = {
         p: min_cosine(paths[p]().mean, ref) for p in paths if p.startswith("ort_int8") or p == "ort_fp32"
@@ -230,6 +232,11 @@ def summarize(results: dict) -> list[dict]:
                 }
             )
     return rows
+
+
+def results_load(results: dict) -> str:
+    loads = [x for r in results.values() for x in r["load"]]
+    return f"{min(loads):.1f}-{max(loads):.1f}"
 
 
 def markdown(rows: list[dict], setup: dict, results: dict, args) -> str:
@@ -304,6 +311,7 @@ def main() -> None:
         "export_manifests": {v: m.model_dump(mode="json") for v, m in setup["reports"].items()},
         "export_seconds": setup["export_s"],
         "settings": {"rounds": args.rounds, "reps": args.reps, "threads": THREADS},
+        "load_average_1min": {wl: r["load"] for wl, r in results.items()},
     }
     (RESULTS / "onnx.json").write_text(json.dumps(payload, indent=2))
 

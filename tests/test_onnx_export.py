@@ -63,7 +63,7 @@ def test_bert_fp32_export_is_validated_stored_and_matches_torch(bert_store, tiny
     assert not report.reused and m.variant == "fp32" and m.architecture == "bert-family"
     assert m.outputs == ["mean_pooled", "cls_token", "pooler_output", "last_hidden_state"]
     assert m.pooling_outputs == {"mean": "mean_pooled", "cls": "cls_token", "pooler": "pooler_output"}
-    assert m.validation.max_abs_diff <= 1e-4 and m.validation.min_cosine >= 0.9999
+    assert m.validation.max_scaled_diff <= 1e-4 and m.validation.min_cosine >= 0.9999
     batches = {s[0] for s in m.validation.shapes}
     lens = {s[1] for s in m.validation.shapes}
     assert min(batches) == 1 and max(batches) == 32 and min(lens) <= 8 and max(lens) >= 128
@@ -89,7 +89,7 @@ def test_vit_export_validated(store, tiny_vit_dir):
     store.register_base(describe_base("tiny-vit", tiny_vit_dir))
     m = export_base(store, "tiny-vit").manifest
     assert m.architecture == "vit" and m.modality == "image" and m.inputs[0].name == "pixel_values"
-    assert m.validation.max_abs_diff <= 2e-4 and max(s[0] for s in m.validation.shapes) == 32
+    assert m.validation.max_scaled_diff <= 2e-4 and max(s[0] for s in m.validation.shapes) == 32
     session, _ = _stored_session(store, "tiny-vit", "fp32")
     from transformers import AutoModel
 
@@ -135,7 +135,7 @@ def test_fp32_graph_that_differs_from_torch_is_refused(bert_store, other_tiny_be
     monkeypatch.setattr(export_mod, "export_graph", lambda module, *a, **k: real_export(other, *a, **k))
     with pytest.raises(OnnxToleranceError) as err:
         export_base(bert_store, "tiny-bert")
-    assert err.value.metric == "max_abs_diff" and err.value.measured > 1e-4
+    assert err.value.metric == "max_scaled_diff" and err.value.measured > 1e-4
     entry = bert_store.get_base("tiny-bert")
     assert not bert_store.has_artifact("tiny-bert", entry.fingerprint, graph_file("fp32"))
 

@@ -61,7 +61,8 @@ def export_command(base_name, quantize, lora_targets, store_url, threads, force,
     )
     click.echo(f"{m.base} {m.variant}: {m.graph_file} {m.size / 2**20:.1f} MiB, {state}")
     click.echo(
-        f"  validated vs {m.validated_against}: max abs diff {m.validation.max_abs_diff:.2e}, "
+        f"  validated vs {m.validated_against}: max abs diff {m.validation.max_abs_diff:.2e} "
+        f"(scaled {m.validation.max_scaled_diff:.2e}), "
         f"min cosine {m.validation.min_cosine:.6f} over {len(m.validation.shapes)} probe batches"
     )
     if m.quantization is not None:

@@ -39,7 +39,7 @@ class Tolerance:
     """Acceptance bounds of an exported graph against PyTorch fp32 on the probe inputs."""
 
     atol: float = 1e-4
-    """fp32 graphs: largest allowed absolute difference of any output value."""
+    """fp32 graphs: largest allowed |onnx - torch| / (1 + |torch|) of any output value."""
     min_cosine: float = 0.9999
     """fp32 graphs: smallest allowed per-row cosine similarity of any output."""
     int8_min_cosine: float = 0.99

@@ -19,6 +19,10 @@ class ValidationFigures(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     max_abs_diff: float = Field(ge=0, description="largest |onnx - torch| of any value")
+    max_scaled_diff: float = Field(
+        ge=0,
+        description="largest |onnx - torch| / (1 + |torch|): absolute for small values, relative for large",
+    )
     min_cosine: float = Field(description="smallest per-row cosine of any pooled output")
     mean_cosine: float = Field(description="mean per-row cosine over the pooled outputs")
     shapes: list[list[int]] = Field(description="probe input shapes (first input) that were checked")
@@ -35,7 +39,7 @@ def measure(
     run_ref: Runner, run_onnx: Runner, feeds: Sequence[Feed], names: Sequence[str]
 ) -> ValidationFigures:
     """Run both on every feed and collect the worst differences; shape mismatches raise at once."""
-    diffs, cosines, shapes = [0.0], [], []
+    diffs, scaled, cosines, shapes = [0.0], [0.0], [], []
     for feed in feeds:
         ref, got = run_ref(feed), run_onnx(feed)
         shape = list(next(iter(feed.values())).shape)
@@ -45,12 +49,15 @@ def measure(
                 raise OnnxShapeError(
                     f"output {name!r}: ONNX shape {list(g.shape)} != torch {list(r.shape)} for input {shape}"
                 )
-            diffs.append(float(np.abs(r.astype(np.float64) - g).max()))
+            d = np.abs(r.astype(np.float64) - g)
+            diffs.append(float(d.max()))
+            scaled.append(float((d / (1.0 + np.abs(r))).max()))
             if r.ndim == 2:  # pooled features: what heads consume; token states are covered by abs diff
                 cosines.append(row_cosine(r, g))
     allcos = np.concatenate(cosines)
     return ValidationFigures(
         max_abs_diff=max(diffs),
+        max_scaled_diff=max(scaled),
         min_cosine=float(allcos.min()),
         mean_cosine=float(allcos.mean()),
         shapes=shapes,
@@ -58,13 +65,15 @@ def measure(
 
 
 def check_fp32(figures: ValidationFigures, atol: float, min_cosine: float, what: str) -> None:
-    if not figures.max_abs_diff <= atol:  # written so that NaN fails too
+    # scaled: token states of long inputs reach |x| ~ 10, where float32 noise alone is ~1e-4
+    if not figures.max_scaled_diff <= atol:  # written so that NaN fails too
         raise OnnxToleranceError(
-            f"{what}: max abs diff vs PyTorch is {figures.max_abs_diff:.3g} > tolerance {atol:.3g}",
+            f"{what}: max |onnx - torch| / (1 + |torch|) is {figures.max_scaled_diff:.3g} > tolerance {atol:.3g} "
+            f"(max abs diff {figures.max_abs_diff:.3g})",
             output="*",
-            measured=figures.max_abs_diff,
+            measured=figures.max_scaled_diff,
             bound=atol,
-            metric="max_abs_diff",
+            metric="max_scaled_diff",
         )
     check_cosine(figures, min_cosine, what)
 
