@@ -139,8 +139,13 @@ def _items(refs: dict) -> list[InferenceItem]:
     return items
 
 
-def test_mixed_batch_of_every_kind_matches_each_tenant_alone(world, engine):
+@pytest.mark.parametrize("segment_limit", [0, 1_000_000], ids=["gathered-bmm", "per-segment"])
+def test_mixed_batch_of_every_kind_matches_each_tenant_alone(world, engine, monkeypatch, segment_limit):
     from transformers import BertModel
+
+    from serving.engine import lora_layers
+
+    monkeypatch.setattr(lora_layers, "SEGMENT_LIMIT", segment_limit)
 
     store, refs, base_dir = world
     tok, base_model = _tok(base_dir), BertModel.from_pretrained(base_dir).eval()

@@ -70,14 +70,14 @@ class Engine:
                 if item.task == "classify":
                     raise ValidationError("the bare base has no classifier; name an adapter to classify")
                 return PreparedRow(item, None, None, None)
-            manifest = self._resolver.resolve(item.tenant, item.adapter)
+            manifest, digest = self._resolver.resolve(item.tenant, item.adapter)
             if item.task == "classify" and manifest.task == "feature-extraction":
                 raise ValidationError(
                     f"{manifest.tenant}/{manifest.name} is an embedding adapter; use task 'embed'"
                 )
-            lease = self._lease(manifest)
+            lease = self._lease(manifest, digest)
             leases.append(lease)
-            return PreparedRow(item, lease.value, manifest.version, manifest.digest)
+            return PreparedRow(item, lease.value, manifest.version, digest)
         except LoraplexError as e:
             out[index] = e
         except Exception as e:  # a loader bug must not fail the other rows
@@ -97,7 +97,7 @@ class Engine:
             if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
                 raise ValidationError("this base reads images: give 'image' as an HxWx3 uint8 array")
 
-    def _lease(self, manifest: AdapterManifest) -> Lease:
+    def _lease(self, manifest: AdapterManifest, digest: str) -> Lease:
         if manifest.base.fingerprint != self.base.fingerprint:
             raise IncompatibleBase(
                 f"{manifest.tenant}/{manifest.name} v{manifest.version} was trained on base "
@@ -105,15 +105,15 @@ class Engine:
             )
         cache = self._full if manifest.kind == "full" else self._cache
         owner = (manifest.tenant, manifest.name)
-        return cache.acquire(manifest.digest, owner, lambda: self._load(manifest))
+        return cache.acquire(digest, owner, lambda: self._load(manifest, digest))
 
-    def _load(self, manifest: AdapterManifest) -> tuple[LoadedAdapter, int]:
+    def _load(self, manifest: AdapterManifest, digest: str) -> tuple[LoadedAdapter, int]:
         read_bundle = getattr(self.store, "read_bundle", None)  # skips a second resolve when offered
         if read_bundle is not None:
             bundle = read_bundle(manifest)
         else:
             bundle = self.store.get(AdapterRef(manifest.tenant, manifest.name, str(manifest.version)))
-        if bundle.manifest.digest != manifest.digest:  # replaced between resolve and get
+        if bundle.manifest.digest != digest:  # replaced between resolve and get
             raise ValidationError(f"{manifest.tenant}/{manifest.name} changed while loading; retry")
         loaded = load_adapter(bundle, self.backbone)
         return loaded, loaded.nbytes
@@ -149,8 +149,8 @@ class Engine:
         """Load ``tenant/name[@sel]`` into the cache now (validating it); returns its manifest."""
         parsed = AdapterRef.parse(ref)
         adapter = parsed.name if "@" not in ref else f"{parsed.name}@{parsed.selector}"
-        manifest = self._resolver.resolve(parsed.tenant, adapter)
-        self._lease(manifest).release()
+        manifest, digest = self._resolver.resolve(parsed.tenant, adapter)
+        self._lease(manifest, digest).release()
         return manifest
 
     def pin(self, ref: str) -> None:

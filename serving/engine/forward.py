@@ -54,7 +54,9 @@ def set_context(backbone: Backbone, plan: MixedBatchPlan, adapters: Sequence[Loa
             for path, vec in vectors.items():
                 _ia3_rows(ia3, backbone, path, is_in, batch)[seg.start : seg.end] = vec
     for path in {p for p in lora} | {p for p, _ in ia3}:
-        backbone.linears[path].set_context(lora.get(path, ()), ia3.get((path, True)), ia3.get((path, False)))
+        backbone.linears[path].set_context(
+            lora.get(path, ()), ia3.get((path, True)), ia3.get((path, False)), batch
+        )
     _set_layer_context(backbone, plan, adapters)
 
 

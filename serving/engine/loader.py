@@ -62,14 +62,11 @@ class LoadedAdapter:
     pooler: nn.Module | None = None  # partial: own pooler, when shipped
     full_model: nn.Module | None = None  # full: dedicated model copy
     nbytes: int = 0
+    digest: str = ""  # manifest.digest, computed once (it hashes the manifest's JSON)
 
     @property
     def kind(self) -> str:
         return self.manifest.kind
-
-    @property
-    def digest(self) -> str:
-        return self.manifest.digest
 
     @property
     def first_layer(self) -> int:
@@ -86,7 +83,7 @@ def load_adapter(bundle: Bundle, backbone: Backbone) -> LoadedAdapter:
             f"({backbone.entry.fingerprint[:12]}...)"
         )
     validate_bundle(bundle, backbone.entry, _LIMITS)
-    loaded = LoadedAdapter(manifest=m, pooling=m.pooling, normalize=m.normalize)
+    loaded = LoadedAdapter(manifest=m, pooling=m.pooling, normalize=m.normalize, digest=m.digest)
     if m.kind in ("lora", "ia3"):
         _load_peft(bundle, backbone, loaded)
     else:

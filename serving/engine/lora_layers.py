@@ -17,9 +17,28 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 LoraSegment = tuple[int, int, torch.Tensor, torch.Tensor]  # (start row, end row, A^T, B^T * scaling)
+SEGMENT_LIMIT = 2  # above this many LoRA segments in a layer, gather per-row A/B once per batch
+
+
+def gather_rows(
+    segments: Sequence[LoraSegment], batch: int, in_f: int, out_f: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row A^T [B, in, r_max] and B^T [B, r_max, out], zero for rows without LoRA (zero delta);
+    smaller ranks are zero-padded, which adds nothing to the product. One ``stack`` of row references
+    per side: the copy is a single op, whatever the number of segments."""
+    r_max = max(a.shape[1] for _, _, a, _ in segments)
+    zero_a, zero_b = torch.zeros(in_f, r_max), torch.zeros(r_max, out_f)
+    a_rows, b_rows = [zero_a] * batch, [zero_b] * batch
+    for start, end, a_t, b_t in segments:
+        if a_t.shape[1] != r_max:
+            a_t, b_t = F.pad(a_t, (0, r_max - a_t.shape[1])), F.pad(b_t, (0, 0, 0, r_max - b_t.shape[0]))
+        a_rows[start:end] = [a_t] * (end - start)
+        b_rows[start:end] = [b_t] * (end - start)
+    return torch.stack(a_rows), torch.stack(b_rows)
 
 
 class MultiTenantLinear(nn.Module):
@@ -31,16 +50,27 @@ class MultiTenantLinear(nn.Module):
         self.in_features = base.in_features
         self.out_features = base.out_features
         self.lora: Sequence[LoraSegment] = ()
+        self.lora_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # ([B, in, r], [B, r, out])
         self.ia3_in: torch.Tensor | None = None
         self.ia3_out: torch.Tensor | None = None
 
     def set_context(
-        self, lora: Sequence[LoraSegment], ia3_in: torch.Tensor | None, ia3_out: torch.Tensor | None
+        self,
+        lora: Sequence[LoraSegment],
+        ia3_in: torch.Tensor | None,
+        ia3_out: torch.Tensor | None,
+        batch: int,
     ) -> None:
-        self.lora, self.ia3_in, self.ia3_out = lora, ia3_in, ia3_out
+        """Few segments: per-segment matmuls on views. Many: one gathered bmm pair for the whole batch,
+        because each tiny matmul costs a thread-pool round trip that dwarfs its FLOPs."""
+        if len(lora) > SEGMENT_LIMIT:
+            self.lora, self.lora_rows = (), gather_rows(lora, batch, self.in_features, self.out_features)
+        else:
+            self.lora, self.lora_rows = lora, None
+        self.ia3_in, self.ia3_out = ia3_in, ia3_out
 
     def clear_context(self) -> None:
-        self.lora, self.ia3_in, self.ia3_out = (), None, None
+        self.lora, self.lora_rows, self.ia3_in, self.ia3_out = (), None, None, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]  # a partial-layer switch may run this on a prefix of the batch
@@ -50,6 +80,10 @@ class MultiTenantLinear(nn.Module):
             out = out * _per_row(self.ia3_out, rows, out.dim())
         if self.lora:
             _add_lora(x, out, self.lora, rows)
+        elif self.lora_rows is not None:
+            a_rows, b_rows = self.lora_rows
+            x3, out3 = x.reshape(rows, -1, self.in_features), out.view(rows, -1, self.out_features)
+            out3.baddbmm_(torch.bmm(x3, a_rows[:rows]), b_rows[:rows])
         return out
 
 

@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import NamedTuple
 
 from adapters_store.bundle import AdapterManifest
 from adapters_store.errors import InvalidName, NotFound
 from adapters_store.names import LATEST, AdapterRef, validate_name
 
 PRODUCTION = "production"
+_MAX_CACHED = 65_536  # resolutions kept; expired ones are pruned when this is reached
+
+
+class Resolved(NamedTuple):
+    """A resolved reference; ``digest`` is computed once here (it hashes the manifest's JSON)."""
+
+    manifest: AdapterManifest
+    digest: str
 
 
 def parse_tenant_ref(tenant: str, adapter: str) -> tuple[AdapterRef, bool]:
@@ -37,10 +46,10 @@ class AliasResolver:
     def __init__(self, store, ttl_s: float):
         self._store = store
         self._ttl = ttl_s
-        self._cache: dict[tuple[str, str], tuple[AdapterManifest, float]] = {}
+        self._cache: dict[tuple[str, str], tuple[Resolved, float]] = {}
         self._lock = threading.Lock()
 
-    def resolve(self, tenant: str, adapter: str) -> AdapterManifest:
+    def resolve(self, tenant: str, adapter: str) -> Resolved:
         key = (tenant, adapter)
         now = time.monotonic()
         with self._lock:
@@ -48,10 +57,19 @@ class AliasResolver:
         if hit is not None and hit[1] > now:
             return hit[0]
         manifest = self._lookup(*parse_tenant_ref(tenant, adapter))
+        resolved = Resolved(manifest, manifest.digest)
         if self._ttl > 0:
             with self._lock:
-                self._cache[key] = (manifest, now + self._ttl)
-        return manifest
+                if len(self._cache) >= _MAX_CACHED:
+                    self._prune(now)
+                self._cache[key] = (resolved, now + self._ttl)
+        return resolved
+
+    def _prune(self, now: float) -> None:
+        for key in [k for k, (_, expiry) in self._cache.items() if expiry <= now]:
+            del self._cache[key]
+        if len(self._cache) >= _MAX_CACHED:
+            self._cache.clear()
 
     def _lookup(self, ref: AdapterRef, explicit: bool) -> AdapterManifest:
         if explicit:
