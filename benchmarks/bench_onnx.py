@@ -196,6 +196,7 @@ def run_workload(setup: dict, feed: dict[str, np.ndarray], rounds: int, reps: in
         "tokens": int(mask.sum()),
         "times": times,
         "quality": quality,
+        "load": load,
     }
 
 
@@ -282,7 +283,8 @@ def markdown(rows: list[dict], setup: dict, results: dict, args) -> str:
     )
     out.append(
         f"- {args.rounds} rounds x {args.reps} calls per path; torch {torch.__version__}, onnxruntime "
-        f"{ort.__version__}, {THREADS} threads, {platform.processor() or platform.machine()}"
+        f"{ort.__version__}, {THREADS} threads, {os.cpu_count()} CPUs ({platform.machine()}); 1-min load "
+        f"average {results_load(results)} during timing (other processes share these CPUs)"
     )
     return "\n".join(out)
 

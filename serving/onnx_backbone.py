@@ -264,7 +264,11 @@ class LoraWeights:
         for key, value in tensors.items():
             m = _LORA_KEY.match(key)
             if m is None:
-                continue  # modules_to_save heads and the like are the engine's business
+                if "lora_" in key:  # e.g. LoRA on the pooler or the embeddings: never silently dropped
+                    raise UnsupportedAdapter(
+                        f"LoRA weight {key!r} is outside the encoder layers the ONNX graph adapts"
+                    )
+                continue  # modules_to_save heads are applied by the engine on the pooled features
             pairs.setdefault((int(m["layer"]), m["module"]), {})[m["ab"]] = np.asarray(
                 value, dtype=np.float32
             )
@@ -338,6 +342,13 @@ def stack_loras(record: ExportRecord, adapters: Sequence[LoraWeights]) -> LoraSt
                 f"LoRA targets {extra or 'beyond the last layer'} are not in this base's ONNX LoRA graph "
                 f"(targets {targets}); re-export with those targets or use runtime 'torch'"
             )
+    for ad in adapters:
+        for (layer, t), (at, bt) in ad.deltas.items():
+            if at.shape[0] != spec["in_features"][t] or bt.shape[1] != spec["out_features"][t]:
+                raise ValidationError(
+                    f"LoRA layer {layer} {t}: A^T {list(at.shape)} / B^T {list(bt.shape)} do not fit "
+                    f"[{spec['in_features'][t]}, r] / [r, {spec['out_features'][t]}] of this base"
+                )
     rank = max([ad.rank for ad in adapters] + [1])
     n = len(adapters) + 1
     arrays = {}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from adapters_store import describe_base, open_store
-from adapters_store.errors import UnsupportedAdapter
+from adapters_store.errors import UnsupportedAdapter, ValidationError
 from adapters_store.peft_import import import_peft_dir
 from serving.onnx_backbone import LoraWeights, OrtBackbone, OrtLoraBackbone, check_lora_config, stack_loras
 from training.onnx_export.lora_graph import export_lora_base
@@ -137,3 +137,39 @@ def test_adapter_targeting_a_module_outside_the_graph_is_refused(lora_setup, tin
 def test_unsupported_lora_configs_are_refused(config, match):
     with pytest.raises(UnsupportedAdapter, match=match):
         check_lora_config(config)
+
+
+def test_lora_outside_the_encoder_and_wrong_shapes_are_refused(lora_setup):
+    store, entry, _, _ = lora_setup
+    record = OrtBackbone.from_store(store, entry, variant="lora-fp32", threads=1).record
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 2}
+    pooler = {
+        "base_model.model.pooler.dense.lora_A.weight": np.ones((2, 32), np.float32),
+        "base_model.model.pooler.dense.lora_B.weight": np.ones((32, 2), np.float32),
+    }
+    with pytest.raises(UnsupportedAdapter, match="pooler.dense"):
+        LoraWeights.from_peft(config, pooler)
+    key = "base_model.model.encoder.layer.0.attention.self.query"
+    wide = {
+        f"{key}.lora_A.weight": np.ones((2, 64), np.float32),
+        f"{key}.lora_B.weight": np.ones((32, 2), np.float32),
+    }
+    with pytest.raises(ValidationError, match="do not fit"):
+        stack_loras(record, [LoraWeights.from_peft(config, wide)])
+
+
+def test_hidden_and_pooler_hook_agrees_with_features(lora_setup):
+    store, entry, dirs, _ = lora_setup
+    bb = OrtBackbone.from_store(store, entry, variant="lora-fp32", threads=1)
+    stack = stack_loras(bb.record, [LoraWeights.from_bundle(store.get(f"acme/{n}")) for n in dirs])
+    ids = np.random.default_rng(2).integers(1000, 30000, size=(4, 9))
+    mask = np.ones_like(ids)
+    mask[2, 5:] = 0
+    slots = np.array([0, 1, 2, stack.no_adapter_slot])
+    hidden, pooler = bb.hidden_and_pooler(
+        {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}, stack, slots
+    )
+    feats = bb.features(ids, mask, stack, slots)
+    m = torch.from_numpy(mask).unsqueeze(-1).float()
+    np.testing.assert_allclose(((hidden * m).sum(1) / m.sum(1)).numpy(), feats.mean, atol=1e-5)
+    np.testing.assert_allclose(pooler.numpy(), feats.pooler, atol=1e-6)
