@@ -1,0 +1,105 @@
+"""The loader refuses what it cannot serve exactly, with specific errors, before a forward pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save as save_safetensors
+
+from adapters_store import Bundle, describe_base
+from adapters_store.bundle import HEAD_WEIGHTS_FILE, MODEL_WEIGHTS_FILE
+from adapters_store.errors import IncompatibleBase, ValidationError
+from adapters_store.peft_import import import_peft_dir
+from serving.engine.backbone import load_backbone
+from serving.engine.loader import load_adapter
+from tests.test_engine_support import head_bundle, save_lora
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_bert_dir):
+    base = describe_base("tiny", tiny_bert_dir)
+    return base, load_backbone(base)
+
+
+def test_wrong_base_fingerprint_is_incompatible(tiny, other_tiny_bert_dir):
+    _, backbone = tiny
+    other = describe_base("other", other_tiny_bert_dir)
+    bundle, _ = head_bundle(other, "a", "b", 0, ["x", "y"])
+    with pytest.raises(IncompatibleBase):
+        load_adapter(bundle, backbone)
+
+
+def test_lora_is_packed_with_scaling_folded_and_bytes_counted(tiny, tiny_bert_dir, tmp_path):
+    base, backbone = tiny
+    d = save_lora(tiny_bert_dir, tmp_path / "l", seed=0, r=4, alpha=12, targets=["query", "value"])
+    loaded = load_adapter(import_peft_dir(d, "a", "b", base), backbone)
+    assert set(loaded.lora) == {
+        f"encoder.layer.{i}.attention.self.{m}" for i in range(2) for m in ("query", "value")
+    }
+    from safetensors.torch import load_file
+
+    raw = load_file(d / "adapter_model.safetensors")
+    a_t, b_t = loaded.lora["encoder.layer.0.attention.self.query"]
+    key = "base_model.model.encoder.layer.0.attention.self.query"
+    assert torch.equal(a_t, raw[f"{key}.lora_A.weight"].t())
+    assert torch.allclose(b_t, raw[f"{key}.lora_B.weight"].t() * 3.0)  # alpha 12 / r 4
+    assert loaded.nbytes == sum(t.numel() * 4 for t in raw.values())
+    assert loaded.digest == loaded.manifest.digest
+
+
+def test_partial_missing_a_block_tensor_is_refused(tiny, tiny_bert_dir):
+    from transformers import BertModel
+
+    base, backbone = tiny
+    sd = BertModel.from_pretrained(tiny_bert_dir).state_dict()
+    top = {k: v for k, v in sd.items() if k.startswith("encoder.layer.1.") and "intermediate" not in k}
+    head = {"out.weight": torch.randn(2, 32), "out.bias": torch.zeros(2)}
+    bundle = Bundle.build(
+        {MODEL_WEIGHTS_FILE: save_safetensors(top), HEAD_WEIGHTS_FILE: save_safetensors(head)},
+        tenant="a",
+        name="b",
+        kind="partial",
+        task="text-classification",
+        labels=["x", "y"],
+        base=base.ref,
+        first_trained_layer=1,
+        head={"in_features": 32, "num_outputs": 2},
+    )
+    with pytest.raises(ValidationError, match="incomplete"):
+        load_adapter(bundle, backbone)
+
+
+def test_head_that_does_not_fit_the_features_is_refused(tiny):
+    base, backbone = tiny
+    head = {"out.weight": torch.randn(2, 16), "out.bias": torch.zeros(2)}
+    bundle = Bundle.build(
+        {HEAD_WEIGHTS_FILE: save_safetensors(head)},
+        tenant="a",
+        name="b",
+        kind="head",
+        task="text-classification",
+        labels=["x", "y"],
+        base=base.ref,
+        head={"in_features": 16, "num_outputs": 2},
+    )
+    with pytest.raises(ValidationError):
+        load_adapter(bundle, backbone)
+
+
+def test_non_finite_weights_are_refused(tiny):
+    base, backbone = tiny
+    head = {"out.weight": torch.full((2, 32), float("nan")), "out.bias": torch.zeros(2)}
+    bundle = Bundle.build(
+        {HEAD_WEIGHTS_FILE: save_safetensors(head)},
+        tenant="a",
+        name="b",
+        kind="head",
+        task="text-classification",
+        labels=["x", "y"],
+        base=base.ref,
+        head={"in_features": 32, "num_outputs": 2},
+    )
+    with pytest.raises(ValidationError):
+        load_adapter(bundle, backbone)
