@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
-from pathlib import Path
 
 import bentoml
 
 from adapters_store import open_store
+from adapters_store.base_models import resolve_source
 from adapters_store.errors import InvalidRequest
 from serving import metrics
 from serving.auth import token_book_from_settings
@@ -37,6 +38,23 @@ logger = logging.getLogger("loraplex.service")
 # Decorator arguments are fixed when the class is defined, so these two are read at import.
 MAX_BATCH_SIZE = int(os.environ.get("LORAPLEX_MAX_BATCH_SIZE", "64"))
 MAX_QUEUE_MS = int(os.environ.get("LORAPLEX_MAX_QUEUE_MS", "10000"))
+
+
+def enable_logging() -> None:
+    """BentoML's logging dictConfig disables loggers created before it, which includes our module-level
+    ``loraplex.*`` loggers: turn them back on and give them their own stderr handler (INFO), so load
+    failures and the insecure-dev banner always show in the server's output."""
+    for name, log in logging.root.manager.loggerDict.items():
+        if isinstance(log, logging.Logger) and (name == "loraplex" or name.startswith("loraplex.")):
+            log.disabled = False
+    root = logging.getLogger("loraplex")
+    root.setLevel(logging.INFO)
+    if not any(getattr(h, "_loraplex", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] [%(name)s] %(message)s"))
+        handler._loraplex = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+        root.propagate = False
 
 
 def engine_settings(settings: ServiceSettings):
@@ -65,6 +83,7 @@ class LoraplexService:
     """Many tenants' adapters on one shared backbone."""
 
     def __init__(self) -> None:
+        enable_logging()
         settings = ServiceSettings.from_env()
         self.settings = settings
         self.engine = None
@@ -86,7 +105,7 @@ class LoraplexService:
         threading.Thread(target=self._load_engine, name="loraplex-engine-load", daemon=True).start()
 
     def _token_counter(self) -> TokenCounter | None:
-        path = Path(self.base.source) / "tokenizer.json"
+        path = resolve_source(self.base) / "tokenizer.json"
         if self.settings.limits.token_policy != "reject" or not path.is_file():
             return None
         return TokenCounter(str(path))

@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 import threading
+import time
 
 import httpx
 import pytest
@@ -385,3 +386,37 @@ def test_bentoml_sync_client(env):
     with bentoml.SyncHTTPClient(env["server"].url, token=TENANT_TOKENS["acme"]) as client:
         out = client.classify(items=[{"adapter": "intent@2", "text": "hello"}])
     assert out[0]["version"] == 2 and len(out[0]["labels"]) == 3
+
+
+def test_not_ready_until_the_backbone_loads(tmp_path, tiny_bert_dir):
+    """A base whose weights cannot load: /livez answers, /readyz stays 503, inference says 503 unavailable."""
+    import shutil
+
+    from tests.service_support import start_serve
+
+    broken = tmp_path / "base-copy"
+    shutil.copytree(tiny_bert_dir, broken)
+    seeded_store(tmp_path / "store", broken, tmp_path)
+    (broken / "model.safetensors").unlink()  # registered, then its weights vanish
+    server = start_serve(
+        "serving.service:LoraplexService", service_env(str(tmp_path / "store"), tmp_path), tmp_path
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert server.proc.poll() is None, server.log_tail()
+            try:
+                if httpx.get(server.url + "/livez", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        assert httpx.get(server.url + "/readyz", timeout=5).status_code == 503
+        while "loading the engine failed" not in server.log_tail(50000):  # the load has been tried
+            assert time.monotonic() < deadline, server.log_tail()
+            time.sleep(0.25)
+        assert httpx.get(server.url + "/readyz", timeout=5).status_code == 503
+        r = classify(httpx.Client(base_url=server.url, timeout=30), "acme", "intent")
+        assert r.status_code == 503 and r.json()["error"] == "unavailable"
+    finally:
+        server.stop()
