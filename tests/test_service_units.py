@@ -385,3 +385,43 @@ def test_token_policy_reject_counts_with_the_base_tokenizer(tiny_bert_dir):
     counter.check("hello world", 4)
     with pytest.raises(ValidationError, match="5 tokens; the limit is 4"):
         counter.check("hello big world", 4)
+
+
+def test_run_batch_decodes_images_for_an_image_backbone(tiny_vit_dir, tmp_path):
+    """PNG in base64 -> HWC uint8 -> the engine's image path; a broken image fails its row alone."""
+    import torch
+    from safetensors.torch import save as save_tensors
+
+    from adapters_store import Bundle, HeadSpec
+    from serving.engine import Engine, EngineSettings
+
+    torch.set_num_threads(1)
+    store = open_store(tmp_path / "store")
+    base = store.register_base(describe_base("vit", tiny_vit_dir))
+    g = torch.Generator().manual_seed(0)
+    head = {"out.weight": torch.randn(2, 32, generator=g), "out.bias": torch.zeros(2)}
+    store.put(
+        Bundle.build(
+            {"head.safetensors": save_tensors(head)},
+            tenant="acme",
+            name="shapes",
+            kind="head",
+            task="image-classification",
+            labels=["round", "square"],
+            base=base.ref,
+            pooling="mean",
+            head=HeadSpec(in_features=32, num_outputs=2),
+        )
+    )
+    engine = Engine(store, base="vit", settings=EngineSettings(threads=1))
+    items = [
+        ClassifyItem(adapter="shapes", image_b64=_png(16, 16)),
+        ClassifyItem(adapter="shapes", image_b64="%%"),
+        ClassifyItem(adapter="shapes", image_b64=_png(20, 12)),
+    ]
+    for item in items:
+        item._tenant = "acme"
+    out = run_batch(engine, "classify", items, LimitSettings())
+    assert out[0].error is None and sorted(out[0].labels) == ["round", "square"], out[0]
+    assert out[1].error.error == "invalid_request" and out[1]._status == 400
+    assert out[2].error is None and sum(out[2].scores) == pytest.approx(1.0, abs=1e-5)
