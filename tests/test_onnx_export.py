@@ -151,3 +151,32 @@ def test_unsupported_architecture_lists_the_supported_ones(store, tiny_resnet_di
     store.register_base(describe_base("tiny-resnet", tiny_resnet_dir))
     with pytest.raises(UnsupportedArchitecture, match="resnet.*supported: bert"):
         export_base(store, "tiny-resnet")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_real_minilm_int8_export_is_gated_and_served(store, minilm_path):
+    """The real backbone: fp32 within tolerance, int8 stored only with min cosine >= 0.99 (plan recorded)."""
+    from serving.onnx_backbone import OrtBackbone
+
+    store.register_base(describe_base("minilm", minilm_path))
+    report = export_base(store, "minilm", quantize="int8")
+    q = report.manifest.quantization
+    assert report.also_stored == ["fp32"] and q.attempts[-1].accepted and q.attempts[-1].plan == q.plan
+    assert all(not a.accepted and a.min_cosine < 0.99 for a in q.attempts[:-1])
+    assert report.manifest.validation.min_cosine >= 0.99
+    entry = store.get_base("minilm")
+    fp32_manifest = json.loads(store.get_artifact("minilm", entry.fingerprint, manifest_file("fp32")))
+    assert fp32_manifest["validation"]["max_scaled_diff"] <= 1e-4
+    ids = np.array([[101, 7592, 2088, 102, 0], [101, 2023, 2003, 1037, 102]])
+    mask = (ids > 0).astype(np.int64)
+    ref = _torch_features(minilm_path, ids, mask)
+    for variant, min_cos in (("fp32", 0.99999), ("int8", 0.99)):
+        feats = OrtBackbone.from_store(store, entry, variant=variant, threads=2).features(ids, mask)
+        for got, want in zip((feats.mean, feats.cls, feats.pooler), ref[:3], strict=True):
+            cos = (
+                (got * want.numpy()).sum(1)
+                / np.linalg.norm(got, axis=1)
+                / np.linalg.norm(want.numpy(), axis=1)
+            )
+            assert cos.min() >= min_cos, (variant, cos)
