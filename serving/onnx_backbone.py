@@ -260,7 +260,7 @@ class LoraWeights:
     def from_peft(cls, config: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> LoraWeights:
         """PEFT ``adapter_config.json`` (parsed) + ``adapter_model.safetensors`` tensors -> LoraWeights."""
         check_lora_config(config)
-        pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+        pairs: dict[tuple[int, str], dict[str, Any]] = {}
         for key, value in tensors.items():
             m = _LORA_KEY.match(key)
             if m is None:
@@ -269,15 +269,15 @@ class LoraWeights:
                         f"LoRA weight {key!r} is outside the encoder layers the ONNX graph adapts"
                     )
                 continue  # modules_to_save heads are applied by the engine on the pooled features
-            pairs.setdefault((int(m["layer"]), m["module"]), {})[m["ab"]] = np.asarray(
-                value, dtype=np.float32
-            )
+            entry = pairs.setdefault((int(m["layer"]), m["module"]), {})
+            entry[m["ab"]] = np.asarray(value, dtype=np.float32)
+            entry["path"] = key.rsplit(".lora_", 1)[0]  # full module path, as PEFT's patterns see it
         deltas = {}
         for (layer, module), ab in pairs.items():
-            if set(ab) != {"A", "B"}:
+            if not {"A", "B"} <= set(ab):
                 raise ValidationError(f"LoRA layer {layer} {module}: lora_A and lora_B must both be present")
             rank = ab["A"].shape[0]
-            scale = lora_scale(config, f"encoder.layer.{layer}.{module}", rank)
+            scale = lora_scale(config, ab["path"], rank)
             deltas[(layer, module)] = (
                 np.ascontiguousarray(ab["A"].T),
                 np.ascontiguousarray((ab["B"] * scale).T),

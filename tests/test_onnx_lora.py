@@ -9,7 +9,14 @@ import torch
 from adapters_store import describe_base, open_store
 from adapters_store.errors import UnsupportedAdapter, ValidationError
 from adapters_store.peft_import import import_peft_dir
-from serving.onnx_backbone import LoraWeights, OrtBackbone, OrtLoraBackbone, check_lora_config, stack_loras
+from serving.onnx_backbone import (
+    LoraWeights,
+    OrtBackbone,
+    OrtLoraBackbone,
+    check_lora_config,
+    lora_scale,
+    stack_loras,
+)
 from training.onnx_export.lora_graph import export_lora_base
 
 torch.set_num_threads(1)
@@ -173,3 +180,37 @@ def test_hidden_and_pooler_hook_agrees_with_features(lora_setup):
     m = torch.from_numpy(mask).unsqueeze(-1).float()
     np.testing.assert_allclose(((hidden * m).sum(1) / m.sum(1)).numpy(), feats.mean, atol=1e-5)
     np.testing.assert_allclose(pooler.numpy(), feats.pooler, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "config,path,rank,expected",
+    [
+        ({"lora_alpha": 8}, "base_model.model.encoder.layer.0.attention.self.query", 8, 1.0),
+        (
+            {"lora_alpha": 16, "use_rslora": True},
+            "base_model.model.encoder.layer.0.attention.self.query",
+            4,
+            8.0,
+        ),
+        (
+            {"lora_alpha": 8, "alpha_pattern": {"bert.encoder.layer.0.attention.self.value": 32}},
+            "base_model.model.bert.encoder.layer.0.attention.self.value",
+            8,
+            4.0,
+        ),
+        (
+            {"lora_alpha": 8, "alpha_pattern": {"bert.encoder.layer.0.attention.self.value": 32}},
+            "base_model.model.bert.encoder.layer.1.attention.self.value",
+            8,
+            1.0,
+        ),
+        (
+            {"lora_alpha": 8, "alpha_pattern": {"value": 2}},
+            "base_model.model.encoder.layer.3.attention.self.value",
+            2,
+            1.0,
+        ),
+    ],
+)
+def test_lora_scale_follows_peft(config, path, rank, expected):
+    assert lora_scale(config, path, rank) == pytest.approx(expected)
