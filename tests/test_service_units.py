@@ -24,9 +24,10 @@ from serving.auth import TokenBook, hash_token, load_tokens_file
 from serving.gateway import GatewayMiddleware, GatewayState, normalise_error_body, required_role
 from serving.inference import run_batch
 from serving.limits import InflightLimiter, check_content_length, check_items, decode_image, read_body
-from serving.management import bundle_from_upload, parse_labels, rollback_target
+from serving.management import rollback_target
 from serving.schemas import ClassifyItem, EmbedItem
 from serving.settings import LimitSettings, ServiceSettings, parse_tenant_tokens
+from serving.uploads import bundle_from_upload, parse_labels
 from tests.helpers.bundles import head_bundle, save_peft_lora
 
 
