@@ -278,6 +278,15 @@ def _median(rounds: list[dict], key: str) -> float:
 
 
 def report(args, rounds: list[dict], batch_mean: float | None) -> None:
+    result = summarize(args, rounds, batch_mean)
+    md = markdown(args, result)
+    print(md)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "bench_http.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / "bench_http.md").write_text(md + "\n")
+
+
+def summarize(args, rounds: list[dict], batch_mean: float | None) -> dict:
     lat = [x for r in rounds for x in r["latencies"]]
     errors = [e for r in rounds for e in r["errors"]]
     ratios = [r["ratio"] for r in rounds]
@@ -309,15 +318,19 @@ def report(args, rounds: list[dict], batch_mean: float | None) -> None:
         "load_average_1m_at_end": os.getloadavg()[0],
         "cpu_count": os.cpu_count(),
     }
-    lm = result["latency_ms"]
-    md = "\n".join(
+    return result
+
+
+def markdown(args, result: dict) -> str:
+    lm, batch_mean = result["latency_ms"], result["server_adaptive_batch_mean"]
+    return "\n".join(
         [
             f"# HTTP benchmark: {args.tenants} tenants, {args.clients} concurrent clients, one sentence per request",
             "",
             "| metric | value |",
             "|---|---|",
-            f"| requests (all rounds) | {len(lat)} |",
-            f"| errors | {len(errors)} |",
+            f"| requests (all rounds) | {result['requests']} |",
+            f"| errors | {result['errors']} |",
             f"| HTTP throughput, req/s (median of {args.rounds} rounds) | {result['http_rps_median']:.1f} "
             f"(rounds: {', '.join(f'{x:.1f}' for x in result['http_rps_per_round'])}) |",
             f"| in-process engine, rows/s, batches of 64 over {args.tenants} tenants | "
@@ -341,10 +354,6 @@ def report(args, rounds: list[dict], batch_mean: float | None) -> None:
             "wall-clock rates a lot between rounds; the per-CPU-second ratios are less sensitive to that.",
         ]
     )
-    print(md)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "bench_http.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / "bench_http.md").write_text(md + "\n")
 
 
 if __name__ == "__main__":
