@@ -149,3 +149,16 @@ def test_changed_base_files_are_refused(tmp_path, tiny_bert_dir):
     cfg = TrainConfig(store=store, base="moving", tenant="acme", name="x", train_file=tmp_path / "none.csv")
     with pytest.raises(IncompatibleBase, match="changed since it was registered"):
         train(cfg)
+
+
+def test_feature_cache_skips_the_backbone_on_a_rerun(env, monkeypatch, tmp_path):
+    cache = tmp_path / "features"
+    first = train(config(env, "head", name="cached", feature_cache_dir=cache, epochs=2))
+    assert len(list(cache.glob("features-*.safetensors"))) == 2  # train and validation
+
+    def no_backbone(*_a, **_k):
+        raise AssertionError("the backbone ran although the features were cached")
+
+    monkeypatch.setattr("training.features.compute_features", no_backbone)
+    second = train(config(env, "head", name="cached", feature_cache_dir=cache, epochs=2))
+    assert second.files["head.safetensors"] == first.files["head.safetensors"]
