@@ -420,3 +420,26 @@ def test_not_ready_until_the_backbone_loads(tmp_path, tiny_bert_dir):
         assert r.status_code == 503 and r.json()["error"] == "unavailable"
     finally:
         server.stop()
+
+
+def test_insecure_dev_mode_serves_without_tokens_and_says_so(tmp_path, tiny_bert_dir):
+    seeded_store(tmp_path / "store", tiny_bert_dir, tmp_path)
+    env = service_env(str(tmp_path / "store"), tmp_path, LORAPLEX_INSECURE_DEV="1")
+    for key in ("LORAPLEX_ADMIN_TOKEN", "LORAPLEX_TENANT_TOKENS"):
+        env.pop(key)
+    server = serve_ready("serving.service:LoraplexService", env, tmp_path)
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            body = {"items": [{"adapter": "intent", "text": "hello"}]}
+            r = c.post("/v1/classify", json=body, headers={"X-Loraplex-Tenant": "acme"})
+            assert r.status_code == 200 and r.json()[0]["adapter"] == "acme/intent"
+            assert c.get("/v1/admin/tenants").json()["tenants"] == ["acme", "globex", "initech"]
+            assert (
+                c.post("/v1/classify", json=body, headers={"X-Loraplex-Tenant": "globex"}).status_code == 404
+            )
+            assert (
+                c.post("/v1/classify", json=body).status_code == 403
+            )  # no tenant header: admin, not a tenant
+        assert "LORAPLEX INSECURE DEV MODE" in server.log_tail(50000)
+    finally:
+        server.stop()
