@@ -76,6 +76,8 @@ def test_probes_metrics_and_openapi(env):
     assert c.get("/livez").status_code == 200 and c.get("/readyz").status_code == 200
     paths = c.get("/docs.json").json()["paths"]
     assert "/v1/classify" in paths and "/v1/embed" in paths
+    admin_paths = c.get("/v1/openapi.json").json()["paths"]
+    assert "post" in admin_paths["/v1/admin/tenants/{tenant}/adapters/{name}/versions"]
     assert "loraplex_ready 1.0" in c.get("/metrics").text
 
 
