@@ -51,6 +51,15 @@ TENANTS = (
 )
 
 
+# Learning rates as in benchmarks/bench_training.py; the head trains on cached features, so it can afford
+# many epochs with early stopping.
+STRATEGY_OPTIONS: dict[str, dict] = {
+    "head": {"lr": 1e-2, "epochs": 40, "patience": 8},
+    "lora": {"lr": 5e-3, "lora_r": 8, "lora_alpha": 16},
+    "ia3": {"lr": 2e-2},
+}
+
+
 def ensure_base(store) -> None:
     from adapters_store import describe_base
     from training.cli import bundled_minilm
@@ -169,8 +178,11 @@ def curl_lines(url: str, tokens: dict[str, str], upload_dir: Path) -> list[str]:
 @click.option("--no-serve", is_flag=True, help="Prepare the store and stop (no service).")
 def demo_command(store_url: str, port: int, epochs: int, no_serve: bool) -> None:
     """Train three demo tenants on the real MiniLM, start the service, print working curl commands."""
+    import warnings
+
     from adapters_store import open_store
 
+    warnings.filterwarnings("ignore", category=FutureWarning)
     store = open_store(store_url)
     ensure_base(store)
     click.echo(f"base {BASE}: all-MiniLM-L6-v2 registered in {store.url}")
