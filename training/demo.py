@@ -173,7 +173,11 @@ def curl_lines(url: str, tokens: dict[str, str], upload_dir: Path) -> list[str]:
 )
 @click.option("--port", default=3000, show_default=True, type=int, help="Port on 127.0.0.1.")
 @click.option(
-    "--epochs", default=4, show_default=True, type=click.IntRange(1, 50), help="Training epochs per tenant."
+    "--epochs",
+    default=8,
+    show_default=True,
+    type=click.IntRange(1, 50),
+    help="Training epochs for the LoRA and IA3 tenants.",
 )
 @click.option("--no-serve", is_flag=True, help="Prepare the store and stop (no service).")
 def demo_command(store_url: str, port: int, epochs: int, no_serve: bool) -> None:
