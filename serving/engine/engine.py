@@ -12,6 +12,7 @@ expensive option: each needs a whole dedicated model copy, held in a separate LR
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ from serving.engine.settings import EngineSettings
 
 log = logging.getLogger(__name__)
 _UNLIMITED = 1 << 62
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
 
 
 class Engine:
@@ -42,6 +44,7 @@ class Engine:
     def __init__(self, store: Any, base: str = "minilm", settings: EngineSettings | None = None):
         self.settings = settings or EngineSettings()
         torch.set_num_threads(self.settings.threads)
+        pin_mmap_threshold()
         self.store = store
         self.base = store.get_base(base)
         self.backbone = load_backbone(self.base)
@@ -181,6 +184,18 @@ class Engine:
         stats = self._cache.stats()
         stats["full"] = self._full.stats()
         return stats
+
+
+def pin_mmap_threshold(threshold: int = 128 << 10) -> bool:
+    """Fix glibc's mmap threshold (process-wide). By default glibc raises it after freeing a large block,
+    so the ~300 KB bundle buffers of every cold load land on the heap between long-lived adapter
+    tensors and the holes are never given back: RSS then grew ~1.5x the adapters' bytes at 1,000
+    resident LoRAs. With it fixed, large blocks are mmap'd and returned to the OS when freed."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        return False
 
 
 def _owner_pattern(ref: str) -> str:

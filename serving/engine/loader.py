@@ -141,8 +141,7 @@ def _load_peft(bundle: Bundle, backbone: Backbone, loaded: LoadedAdapter) -> Non
             raise UnsupportedAdapter(
                 f"{PEFT_WEIGHTS_FILE}: tensor {key!r} is not something the engine serves"
             )
-    for module, ab in lora.items():
-        loaded.lora[module] = _pack_lora(cfg, backbone, module, ab)
+    loaded.lora = _one_buffer({module: _pack_lora(cfg, backbone, module, ab) for module, ab in lora.items()})
     if HEAD_WEIGHTS_FILE in bundle.files:
         head = loaded.manifest.head
         activation = head.activation if head else "relu"
@@ -177,6 +176,25 @@ def _pack_lora(cfg: dict[str, Any], backbone: Backbone, module: str, ab: dict[st
     scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
     # Fold the scaling into B once at load time, so a forward pass does two matmuls and nothing else.
     return a.t().contiguous(), (b.t() * scaling).contiguous()
+
+
+def _one_buffer(
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Copy every (A^T, B^T) into ONE allocation and return contiguous views into it. One block per
+    adapter is freed whole on eviction, instead of dozens of small ones fragmenting the heap."""
+    total = sum(a.numel() + b.numel() for a, b in pairs.values())
+    buf = torch.empty(total)
+    out, offset = {}, 0
+    for module, (a, b) in pairs.items():
+        views = []
+        for t in (a, b):
+            view = buf[offset : offset + t.numel()].view(t.shape)
+            view.copy_(t)
+            views.append(view)
+            offset += t.numel()
+        out[module] = (views[0], views[1])
+    return out
 
 
 def _is_feedforward(cfg: dict[str, Any], module: str, backbone: Backbone) -> bool:
