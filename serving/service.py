@@ -105,9 +105,12 @@ class LoraplexService:
         threading.Thread(target=self._load_engine, name="loraplex-engine-load", daemon=True).start()
 
     def _token_counter(self) -> TokenCounter | None:
-        path = resolve_source(self.base) / "tokenizer.json"
-        if self.settings.limits.token_policy != "reject" or not path.is_file():
+        """Only for ``token_policy='reject'``; the base's own tokenizer counts (a missing one fails the start)."""
+        if self.settings.limits.token_policy != "reject":
             return None
+        path = resolve_source(self.base) / "tokenizer.json"
+        if not path.is_file():
+            raise InvalidRequest(f"LORAPLEX_TOKEN_POLICY=reject needs {path}; use 'truncate' for this base")
         return TokenCounter(str(path))
 
     def _load_engine(self) -> None:
