@@ -229,12 +229,12 @@ def test_tenants_cannot_use_list_or_probe_each_other(env):
             if owner == caller:
                 continue
             assert name not in {a["name"] for a in own["adapters"]}
-            for ref in (name, f"{name}@1", f"{name}@production", f"{owner}/{name}"):
-                r = classify(c, caller, ref)
-                assert r.status_code in (400, 404), (caller, ref, r.text)
-                if r.status_code == 404:  # same body shape as an adapter that exists nowhere
-                    assert r.json()["error"] == missing["error"] == "not_found"
-                    assert owner not in r.json()["message"] or caller == owner
+            for ref in (name, f"{name}@1", f"{name}@production", f"{name}@latest"):
+                r = classify(c, caller, ref)  # exactly what an adapter that exists nowhere answers
+                assert r.status_code == 404 and r.json()["error"] == missing["error"] == "not_found", r.text
+                assert owner not in r.json()["message"]
+            r = classify(c, caller, f"{owner}/{name}")  # naming another tenant is refused outright
+            assert r.status_code == 400 and r.json()["error"] == "invalid_name"
             shown = c.get(f"/v1/adapters/{name}", headers=tenant_auth(caller))
             assert shown.status_code == 404 and shown.json()["error"] == "not_found"
     # The body cannot choose the tenant: unknown fields are refused.
