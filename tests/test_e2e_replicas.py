@@ -7,7 +7,6 @@ cached at most that long) plus one request.
 
 from __future__ import annotations
 
-import subprocess
 import time
 
 import httpx
@@ -22,51 +21,9 @@ TTL_S = 1.0
 
 
 @pytest.fixture(scope="module")
-def s3_server(tmp_path_factory):
-    """SeaweedFS as in tests/helpers/seaweed.py, but with its fixed-port extras (Lance namespace on 9101,
-    Iceberg catalog on 8181) turned off: with those on, a second weed server on the machine dies at start."""
-    from tests.helpers import seaweed as sw
-
-    workdir = tmp_path_factory.mktemp("replicas-weed")
-    sw.s3_env()
-    taken: set[int] = set()
-    ports = {}
-    for role in ("s3", "master", "volume", "filer"):
-        ports[role] = sw.free_port_pair(taken)
-        taken |= {ports[role], ports[role] + 10000}
-    (workdir / "data").mkdir()
-    cmd = [
-        sw.weed_binary(),
-        "server",
-        f"-dir={workdir / 'data'}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        "-s3",
-        f"-s3.port={ports['s3']}",
-        "-s3.port.lance=0",
-        "-s3.port.iceberg=0",
-        f"-master.port={ports['master']}",
-        f"-volume.port={ports['volume']}",
-        f"-filer.port={ports['filer']}",
-        "-volume.max=32",
-        "-master.volumeSizeLimitMB=64",
-    ]
-    log_path = workdir / "weed.log"
-    proc = subprocess.Popen(
-        cmd, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True
-    )
-    server = sw.SeaweedServer(f"http://127.0.0.1:{ports['s3']}", proc, log_path)
-    try:
-        sw._wait_ready(server, 60.0)
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def replicas(tmp_path_factory, tiny_bert_dir, s3_server):
+def replicas(tmp_path_factory, tiny_bert_dir, seaweed):
     tmp = tmp_path_factory.mktemp("e2e-replicas")
-    url = s3_server.store_url()
+    url = seaweed.store_url()
     seeded_store(url, tiny_bert_dir, tmp, ensure_bucket=True)
     env = service_env(url, tmp, LORAPLEX_ALIAS_TTL_S=str(TTL_S))
     servers = []

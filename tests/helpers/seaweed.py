@@ -95,6 +95,9 @@ def start_seaweed(workdir: Path, ready_timeout: float = 60.0) -> SeaweedServer:
         f"-filer.port={ports['filer']}",
         "-volume.max=32",
         "-master.volumeSizeLimitMB=64",
+        # Extra listeners on fixed ports (Lance 9101, Iceberg 8181) would collide between two servers.
+        "-s3.port.lance=0",
+        "-s3.port.iceberg=0",
     ]
     proc = subprocess.Popen(
         cmd, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True
