@@ -37,9 +37,26 @@ class LocalStore(ObjectStore):
             raise ValidationError(f"invalid storage key {key!r}")
         return path
 
+    def _linked(self, path: Path) -> bool:
+        """True if ``path`` or a folder between it and the root is a symlink. The store never writes
+        links, so one placed in the store (a folder link included) is never followed: reads see
+        nothing, writes are refused, and nothing outside the root is read or written."""
+        p = path
+        while p != self.root:
+            if p.is_symlink():
+                return True
+            p = p.parent
+        return False
+
+    def _real_path(self, key: str) -> Path:
+        path = self._path(key)
+        if self._linked(path):
+            raise ValidationError(f"storage key {key!r} passes through a symlink placed in the store")
+        return path
+
     def _read(self, key: str) -> bytes:
         path = self._path(key)
-        if path.is_symlink():  # the store never writes links; one placed here is not followed
+        if self._linked(path):
             raise NotFound(key)
         try:
             return path.read_bytes()
@@ -63,13 +80,13 @@ class LocalStore(ObjectStore):
             os.close(fd)
 
     def _write(self, key: str, data: bytes) -> None:
-        path = self._path(key)
+        path = self._real_path(key)
         tmp = self._temp(path, data)
         os.replace(tmp, path)
         self._fsync_dir(path.parent)
 
     def _create(self, key: str, data: bytes) -> bool:
-        path = self._path(key)
+        path = self._real_path(key)
         tmp = self._temp(path, data)
         try:
             os.link(tmp, path)
@@ -81,14 +98,17 @@ class LocalStore(ObjectStore):
         return True
 
     def _delete(self, key: str) -> None:
+        path = self._path(key)
+        if self._linked(path.parent):
+            return  # never delete through a link planted in the store
         try:
-            self._path(key).unlink()
+            path.unlink()
         except FileNotFoundError:
             pass
 
     def _list(self, prefix: str) -> list[tuple[str, float]]:
         base = self._path(prefix.rstrip("/"))
-        if not base.is_dir():
+        if self._linked(base) or not base.is_dir():
             return []
         out = []
         for dirpath, dirnames, filenames in os.walk(base):

@@ -80,6 +80,8 @@ def parse_safetensors(data: bytes, name: str, limits: StoreLimits) -> dict[str, 
         header = json.loads(data[8 : 8 + n])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValidationError(f"{name}: safetensors header is not valid JSON ({e})") from None
+    except RecursionError:  # deeply nested arrays exhaust the parser's stack: still just bad input
+        raise ValidationError(f"{name}: safetensors header is nested too deeply") from None
     if not isinstance(header, dict):
         raise ValidationError(f"{name}: safetensors header must be a JSON object")
     header.pop("__metadata__", None)
@@ -160,6 +162,10 @@ def validate_bundle(bundle: Bundle, base: BaseModelEntry, limits: StoreLimits) -
     if m.kind in ("lora", "ia3"):
         cfg = parse_peft_config(bundle.files[PEFT_CONFIG_FILE])
         check_peft_weights(m.kind, cfg, headers[PEFT_WEIGHTS_FILE], base, limits, m.labels)
+        if HEAD_WEIGHTS_FILE in headers and m.head is not None:
+            check_head(headers[HEAD_WEIGHTS_FILE], m.head)
+        elif m.task != "feature-extraction":
+            check_peft_classifier(headers[PEFT_WEIGHTS_FILE], base, m.labels)
     else:
         check_head(headers[HEAD_WEIGHTS_FILE], m.head)  # type: ignore[arg-type]
     if m.kind in ("partial", "full"):
@@ -171,9 +177,55 @@ def parse_peft_config(data: bytes) -> dict[str, Any]:
         cfg = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValidationError(f"{PEFT_CONFIG_FILE} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValidationError(f"{PEFT_CONFIG_FILE} is nested too deeply") from None
     if not isinstance(cfg, dict):
         raise ValidationError(f"{PEFT_CONFIG_FILE} must be a JSON object")
+    check_peft_config_types(cfg)
     return cfg
+
+
+# Options that change the forward pass in ways the engine does not reproduce: refused at the boundary.
+UNSUPPORTED_PEFT_OPTIONS = (
+    "use_dora",
+    "lora_bias",
+    "layer_replication",
+    "alora_invocation_tokens",
+    "target_parameters",
+    "trainable_token_indices",
+    "use_bdlora",
+)
+
+
+def check_peft_config_types(cfg: dict[str, Any]) -> None:
+    """The fields loraplex reads must have PEFT's types, so later code never trips on a stray int."""
+    targets = cfg.get("target_modules")
+    if targets is not None and not isinstance(targets, str) and not _str_list(targets):
+        raise ValidationError(f"{PEFT_CONFIG_FILE}: 'target_modules' must be a string or a list of strings")
+    saved = cfg.get("modules_to_save")
+    if saved is not None and not _str_list(saved):
+        raise ValidationError(f"{PEFT_CONFIG_FILE}: 'modules_to_save' must be a list of strings")
+    ff = cfg.get("feedforward_modules")
+    if ff is not None and not isinstance(ff, str) and not _str_list(ff):
+        raise ValidationError(
+            f"{PEFT_CONFIG_FILE}: 'feedforward_modules' must be a string or a list of strings"
+        )
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = cfg.get(key)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v) and v > 0
+            for v in pattern.values()
+        ):
+            raise ValidationError(f"{PEFT_CONFIG_FILE}: {key!r} must map module patterns to positive numbers")
+    for flag in UNSUPPORTED_PEFT_OPTIONS:
+        if cfg.get(flag):
+            raise UnsupportedAdapter(f"{PEFT_CONFIG_FILE}: {flag} is not supported; train a plain adapter")
+
+
+def _str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 _PEFT_PREFIX = "base_model.model."
@@ -213,8 +265,13 @@ def check_peft_weights(
     r = cfg.get("r") if kind == "lora" else None
     if kind == "lora":
         _check_lora_config(cfg, limits)
+    _check_targets_exist(cfg.get("target_modules"), base)
     seen_modules: dict[str, set[str]] = {}
     for key, meta in header.items():
+        if meta["dtype"] not in _FLOAT_DTYPES:
+            raise ValidationError(
+                f"{PEFT_WEIGHTS_FILE}: tensor {key!r} has dtype {meta['dtype']}; weights must be floats"
+            )
         name = backbone_name(key, base.model_type)
         if _is_saved_module(name, saved):
             _check_saved_tensor(key, name, meta, base, labels)
@@ -240,6 +297,25 @@ def check_peft_weights(
     half = sorted(mod for mod, parts in seen_modules.items() if kind == "lora" and parts != {"A", "B"})
     if half:
         raise ValidationError(f"{PEFT_WEIGHTS_FILE}: module {half[0]!r} needs both lora_A and lora_B weights")
+
+
+_FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+
+
+def _check_targets_exist(targets: Any, base: BaseModelEntry) -> None:
+    """Every listed target must name a Linear layer of the base (a typo would silently train nothing)."""
+    if not isinstance(targets, list):
+        return  # a regex string: the per-tensor check below applies
+    linears = [
+        n.removesuffix(".weight")
+        for n, shape in base.tensors.items()
+        if n.endswith(".weight") and len(shape) == 2
+    ]
+    unknown = [t for t in targets if not any(m == t or m.endswith("." + t) for m in linears)]
+    if unknown:
+        raise IncompatibleBase(
+            f"{PEFT_CONFIG_FILE}: target_modules {unknown} is not a Linear layer of base {base.name!r}"
+        )
 
 
 def _check_lora_config(cfg: dict[str, Any], limits: StoreLimits) -> None:
@@ -298,6 +374,27 @@ def _check_saved_tensor(
             raise ValidationError(
                 f"{key!r} has {shape[0]} outputs but the manifest lists {len(labels)} labels"
             )
+    elif name.endswith("bias") and labels and name.startswith(("classifier", "score")):
+        if list(shape) != [len(labels)]:
+            raise ValidationError(f"{key!r} has shape {list(shape)}; the manifest lists {len(labels)} labels")
+
+
+def check_peft_classifier(header: dict[str, dict[str, Any]], base: BaseModelEntry, labels: list[str]) -> None:
+    """A classification LoRA/IA3 without head.safetensors serves its modules_to_save classifier: it must be there."""
+    names = {backbone_name(k, base.model_type): meta for k, meta in header.items()}
+    weight = next((v for n, v in names.items() if n in ("classifier.weight", "score.weight")), None)
+    if weight is None:
+        raise ValidationError(
+            f"{PEFT_WEIGHTS_FILE} has no classifier weight; a classification adapter needs one in "
+            "modules_to_save (or use task feature-extraction)"
+        )
+    bias = next((v for n, v in names.items() if n in ("classifier.bias", "score.bias")), None)
+    if bias is None:
+        raise ValidationError(f"{PEFT_WEIGHTS_FILE} has a classifier weight but no classifier bias")
+    if labels and weight["shape"][:1] != [len(labels)]:
+        raise ValidationError(
+            f"classifier weight has shape {weight['shape']}; the manifest lists {len(labels)} labels"
+        )
 
 
 def check_head(header: dict[str, dict[str, Any]], spec) -> None:
