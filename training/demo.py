@@ -167,6 +167,10 @@ def curl_lines(url: str, tokens: dict[str, str], upload_dir: Path) -> list[str]:
     return lines
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 @click.command("demo")
 @click.option(
     "--store", "store_url", default=".loraplex/demo-store", show_default=True, help="Store for the demo."
@@ -225,10 +229,13 @@ def demo_command(store_url: str, port: int, epochs: int, no_serve: bool) -> None
     ]
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    signal.signal(signal.SIGTERM, _interrupt)  # stop the service we started, not only ourselves
     try:
         wait_ready(url, proc)
         click.echo(f"\nloraplex is serving on {url} (Ctrl-C stops it). Try:\n")
-        click.echo("\n".join(curl_lines(url, tokens, upload_dir)))
+        click.echo("\n".join(curl_lines(url, tokens, upload_dir)), nl=True)
+        click.echo("# (end of examples)")
+        sys.stdout.flush()
         proc.wait()
     except KeyboardInterrupt:
         pass
