@@ -240,3 +240,53 @@ def is_ready(url: str) -> bool:
         return httpx.get(url + "/readyz", timeout=10).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+# -- figures (benchmarks/stress.py collects them) ------------------------------------------------------
+FIGURES_ENV = "LORAPLEX_RELIABILITY_FIGURES"
+STRESS_ENV = "LORAPLEX_STRESS"
+
+
+def stress_enabled() -> bool:
+    return os.environ.get(STRESS_ENV, "") == "1"
+
+
+def record(key: str, value, unit: str = "", held: str = "") -> None:
+    """Append one measured figure to the JSON-lines file named by LORAPLEX_RELIABILITY_FIGURES (if set)."""
+    path = os.environ.get(FIGURES_ENV)
+    if not path:
+        return
+    with open(path, "a") as f:
+        f.write(json.dumps({"key": key, "value": value, "unit": unit, "held": held}) + "\n")
+
+
+# -- schemathesis -------------------------------------------------------------------------------------
+@dataclass
+class FuzzRun:
+    generated: int
+    failures: list
+    exit_code: int
+    output: str
+
+
+def run_schemathesis(
+    base_url: str, spec_path: str, token: str, max_examples: int, report_dir: Path, seed: int = 1
+) -> FuzzRun:
+    """Run the schemathesis CLI against the live server's own spec; only check for 5xx."""
+    import glob
+    import subprocess
+    import sys
+
+    report_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        str(Path(sys.executable).with_name("schemathesis")), "run", base_url + spec_path, "-u", base_url,
+        "-H", f"Authorization: Bearer {token}", "-c", "not_a_server_error", "-n", str(max_examples),
+        "--seed", str(seed), "-w", "1", "--generation-database", "none", "--no-color",
+        "--request-timeout", "60", "--report", "json", "--report-dir", str(report_dir),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    reports = sorted(glob.glob(str(report_dir / "*.json")), key=os.path.getmtime)
+    if not reports:
+        raise RuntimeError(f"schemathesis wrote no report:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    data = json.loads(Path(reports[-1]).read_text())
+    return FuzzRun(data["test_cases"]["generated"], data["failures"], proc.returncode, proc.stdout[-4000:])
