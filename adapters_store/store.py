@@ -7,6 +7,7 @@ Layout (keys are the same on local disk and on S3)::
     tenants/<tenant>/blobs/<sha256>                     file contents, content-addressed, immutable
     tenants/<tenant>/adapters/<name>/versions/<N>.json  manifest of version N: the commit point
     tenants/<tenant>/adapters/<name>/aliases/<alias>.json   {"version": N}
+    tenants/<tenant>/adapters/<name>/deleted/<N>.json   tombstone: a deleted number is never reused
 
 A put uploads blobs first and then creates ``versions/<N>.json`` with a conditional create (O_EXCL-like
 link on disk, ``If-None-Match: *`` on S3). A crash before that leaves only unreferenced blobs, which
@@ -138,7 +139,7 @@ class ObjectStore(ABC):
         for entry_name, data in bundle.files.items():
             # Rewritten on every put: refreshes the blob's age so a concurrent sweep keeps it.
             self._write(f"tenants/{m.tenant}/blobs/{m.files[entry_name].sha256}", data)
-        version = self._latest_version(m.tenant, m.name) + 1
+        version = self._next_version(m.tenant, m.name)
         for _ in range(_PUT_RETRIES):
             stamped = m.model_copy(update={"version": version})
             if self._create(f"{root}versions/{version}.json", stamped.to_json()):
@@ -221,6 +222,8 @@ class ObjectStore(ABC):
         for alias, target in self.aliases(tenant, name).items():
             if target == version and alias != LATEST:
                 self._delete(f"{root}aliases/{alias}.json")
+        # A tombstone keeps the number taken: '@N' must never name different weights later.
+        self._write(f"{root}deleted/{version}.json", json.dumps({"version": version}).encode())
         self._delete(f"{root}versions/{version}.json")
 
     def delete_adapter(self, tenant: str, name: str) -> int:
@@ -228,7 +231,7 @@ class ObjectStore(ABC):
         if not versions:
             raise NotFound(f"adapter {tenant}/{name} does not exist")
         root = self._adapter_root(tenant, name)
-        for key, _ in self._list(f"{root}aliases/"):
+        for key, _ in self._list(f"{root}aliases/") + self._list(f"{root}deleted/"):
             self._delete(key)
         for v in versions:
             self._delete(f"{root}versions/{v}.json")
@@ -294,6 +297,13 @@ class ObjectStore(ABC):
             if stem.isdigit():
                 out.append(int(stem))
         return sorted(out)
+
+    def _next_version(self, tenant: str, name: str) -> int:
+        """One past the newest version, deleted ones included (their tombstones)."""
+        prefix = f"{self._adapter_root(tenant, name)}deleted/"
+        stems = [k[len(prefix) :].removesuffix(".json") for k, _ in self._list(prefix)]
+        deleted = max((int(x) for x in stems if x.isdigit()), default=0)
+        return max(self._latest_version(tenant, name), deleted) + 1
 
     def _latest_version(self, tenant: str, name: str) -> int:
         versions = self._versions(tenant, name)
