@@ -1,13 +1,13 @@
 """ONNX benchmark on the real all-MiniLM-L6-v2: ORT fp32 / int8 / mixed-LoRA against torch eager.
 
-Run: ``.venv/bin/python benchmarks/bench_onnx.py`` (about 3 minutes on 2 cores). Prints a markdown table
+Run: ``.venv/bin/python benchmarks/bench_onnx.py`` (about 4 minutes on 2 quiet cores). Prints a markdown table
 and writes benchmarks/results/onnx.json and onnx.md.
 
 Setup: a temporary local store; MiniLM registered and exported with the project's own code
 (``export_base`` fp32 and int8, ``export_lora_base`` for query+value), then loaded with
-``serving.onnx_backbone``. One process, torch and ORT both on 2 threads (ORT spinning off), inputs
-tokenized once beforehand (the same arrays for every path). Every path computes the same outputs
-(mean-pooled, CLS, pooler). Paths run interleaved round by round (start rotated each round); a ratio
+``serving.onnx_backbone``. One process, torch and ORT on the same thread count (2, then 1; ORT
+spinning off), inputs tokenized once beforehand (the same arrays for every path). Every path
+computes the same outputs (mean-pooled, CLS, pooler; torch also the token states). Paths run interleaved round by round (start rotated each round); a ratio
 is the median of per-round throughput ratios, with the min-max over rounds.
 
 Workloads: batch 32 of short sentences (14 words, ~20 tokens) and batch 8 of ~128-token texts.
@@ -145,21 +145,22 @@ def build(tmp: Path) -> dict:
     }
 
 
-def refused_all_matmul(store, entry) -> OrtBackbone | None:
+def refused_all_matmul(store, entry, threads: int) -> OrtBackbone | None:
     """The fastest int8 plan, built only to report what the gate refused (never stored or served)."""
     from serving.onnx_backbone import load_export
 
     record, graph = load_export(store, entry, "fp32")
     int8 = quantize_int8(graph, INT8_PLANS[0])
-    return OrtBackbone(record, int8, OrtSettings(threads=THREADS))
+    return OrtBackbone(record, int8, OrtSettings(threads=threads))
 
 
-def run_workload(setup: dict, feed: dict[str, np.ndarray], rounds: int, reps: int) -> dict:
+def run_workload(setup: dict, feed: dict[str, np.ndarray], rounds: int, reps: int, threads: int) -> dict:
     store, entry = setup["store"], setup["entry"]
     torch_mod = TextFeatures(load_base_model(entry))
-    fp32 = OrtBackbone.from_store(store, entry, "fp32", threads=THREADS)
-    int8 = OrtBackbone.from_store(store, entry, "int8", threads=THREADS)
-    lora_bb: OrtLoraBackbone = OrtBackbone.from_store(store, entry, "lora-fp32", threads=THREADS)
+    torch.set_num_threads(threads)
+    fp32 = OrtBackbone.from_store(store, entry, "fp32", threads=threads)
+    int8 = OrtBackbone.from_store(store, entry, "int8", threads=threads)
+    lora_bb: OrtLoraBackbone = OrtBackbone.from_store(store, entry, "lora-fp32", threads=threads)
     adapters = random_adapters(16, lora_bb.record.lora["num_layers"], fp32.hidden_size)
     stack = stack_loras(lora_bb.record, adapters)
     batch = feed["input_ids"].shape[0]
@@ -180,7 +181,7 @@ def run_workload(setup: dict, feed: dict[str, np.ndarray], rounds: int, reps: in
     }
     plan = setup["reports"]["int8"].quantization.plan
     if plan != INT8_PLANS[0].name:
-        refused = refused_all_matmul(store, entry)
+        refused = refused_all_matmul(store, entry, threads)
         paths["ort_int8_all_matmul_refused"] = lambda: refused.features(ids, mask)
     load = [os.getloadavg()[0]]
     times = interleave(paths, rounds, reps)
@@ -283,7 +284,7 @@ def markdown(rows: list[dict], setup: dict, results: dict, args) -> str:
     )
     out.append(
         f"- {args.rounds} rounds x {args.reps} calls per path; torch {torch.__version__}, onnxruntime "
-        f"{ort.__version__}, {THREADS} threads, {os.cpu_count()} CPUs ({platform.machine()}); 1-min load "
+        f"{ort.__version__}, threads {args.threads} (torch and ORT alike), {os.cpu_count()} CPUs ({platform.machine()}); 1-min load "
         f"average {results_load(results)} during timing (other processes share these CPUs)"
     )
     return "\n".join(out)
@@ -293,12 +294,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--threads",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[THREADS, 1],
+        help="comma-separated thread counts, each a full set of rounds (1 thread is far less disturbed by "
+        "other processes on a shared 2-core box)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     with tempfile.TemporaryDirectory(prefix="bench-onnx-") as tmp:
         setup = build(Path(tmp))
         results = {
-            wl: run_workload(setup, feed, args.rounds, args.reps)
+            f"{wl}, {t} thr": run_workload(setup, feed, args.rounds, args.reps, t)
+            for t in args.threads
             for wl, feed in workloads(setup["folder"]).items()
         }
     rows = summarize(results)
@@ -312,7 +321,7 @@ def main() -> None:
         "quality": {wl: r["quality"] for wl, r in results.items()},
         "export_manifests": {v: m.model_dump(mode="json") for v, m in setup["reports"].items()},
         "export_seconds": setup["export_s"],
-        "settings": {"rounds": args.rounds, "reps": args.reps, "threads": THREADS},
+        "settings": {"rounds": args.rounds, "reps": args.reps, "threads": args.threads},
         "load_average_1min": {wl: r["load"] for wl, r in results.items()},
     }
     (RESULTS / "onnx.json").write_text(json.dumps(payload, indent=2))
