@@ -11,7 +11,8 @@ computes the same outputs (mean-pooled, CLS, pooler; torch also the token states
 is the median of per-round throughput ratios, with the min-max over rounds.
 
 Workloads: batch 32 of short sentences (14 words, ~20 tokens) and batch 8 of ~128-token texts.
-Mixed-LoRA: 16 adapters (r=8, alpha=16, query+value, seeded random A and B, PEFT key layout), row i
+"ort_fp32_dynamo_export": the same module exported with dynamo=True (not stored), for the exporter
+choice. Mixed-LoRA: 16 adapters (r=8, alpha=16, query+value, seeded random A and B, PEFT key layout), row i
 uses adapter i mod 16; "stack per call" includes packing the 16 adapters into the graph inputs.
 """
 
@@ -136,13 +137,29 @@ def build(tmp: Path) -> dict:
     t2 = time.perf_counter()
     lora = export_lora_base(store, "minilm", targets=("query", "value"), settings=settings)
     t3 = time.perf_counter()
+    dynamo = dynamo_graph(entry)
     return {
+        "dynamo_graph": dynamo,
         "folder": str(folder),
         "store": store,
         "entry": entry,
         "reports": {"fp32": fp32.manifest, "int8": int8.manifest, "lora-fp32": lora.manifest},
         "export_s": {"fp32": t1 - t0, "int8 (incl. fp32 again + plans)": t2 - t1, "lora-fp32": t3 - t2},
     }
+
+
+def dynamo_graph(entry) -> bytes:
+    """The same backbone + pooling through the dynamo exporter, only to compare runtime speed."""
+    from training.onnx_export.export import export_graph
+    from training.onnx_export.probes import shape_probes
+    from training.onnx_export.specs import spec_for
+    from training.onnx_export.wrappers import features_module, pooler_of
+
+    model = load_base_model(entry)
+    spec = spec_for(entry.model_type)
+    outputs = spec.output_names(has_pooler=pooler_of(model) is not None)
+    sample = shape_probes(spec, model.config)[0]
+    return export_graph(features_module(model, "text"), spec, sample, outputs, exporter="dynamo")
 
 
 def refused_all_matmul(store, entry, threads: int) -> OrtBackbone | None:
@@ -183,13 +200,13 @@ def run_workload(setup: dict, feed: dict[str, np.ndarray], rounds: int, reps: in
     if plan != INT8_PLANS[0].name:
         refused = refused_all_matmul(store, entry, threads)
         paths["ort_int8_all_matmul_refused"] = lambda: refused.features(ids, mask)
+    dyn = OrtBackbone(fp32.record, setup["dynamo_graph"], OrtSettings(threads=threads))
+    paths["ort_fp32_dynamo_export"] = lambda: dyn.features(ids, mask)
     load = [os.getloadavg()[0]]
     times = interleave(paths, rounds, reps)
     load.append(os.getloadavg()[0])
     ref = run_torch()[0].numpy()
-    quality = {
-        p: min_cosine(paths[p]().mean, ref) for p in paths if p.startswith("ort_int8") or p == "ort_fp32"
-    }
+    quality = {p: min_cosine(paths[p]().mean, ref) for p in paths if p.startswith(("ort_int8", "ort_fp32"))}
     quality.update(lora_quality(lora_bb, stack, idx, ids, mask, entry))
     return {
         "batch": batch,

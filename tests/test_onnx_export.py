@@ -85,6 +85,13 @@ def test_second_export_reuses_the_stored_artifact_unless_forced(bert_store):
     assert not export_base(bert_store, "tiny-bert", settings=ExportSettings(force=True)).reused
 
 
+def test_dynamo_exporter_is_validated_too(bert_store):
+    m = export_base(bert_store, "tiny-bert", settings=ExportSettings(exporter="dynamo", threads=1)).manifest
+    assert m.exporter.startswith("torch.onnx dynamo") and m.validation.max_scaled_diff <= 1e-4
+    session, _ = _stored_session(bert_store, "tiny-bert", "fp32")
+    assert [o.name for o in session.get_outputs()] == m.outputs
+
+
 def test_vit_export_validated(store, tiny_vit_dir):
     store.register_base(describe_base("tiny-vit", tiny_vit_dir))
     m = export_base(store, "tiny-vit").manifest
