@@ -35,16 +35,23 @@ def onnx_group() -> None:
 @click.option(
     "--threads", default=2, show_default=True, type=click.IntRange(1, 64), help="Threads while validating."
 )
+@click.option(
+    "--exporter",
+    type=click.Choice(["legacy", "dynamo"]),
+    default="legacy",
+    show_default=True,
+    help="torch.onnx exporter for the plain graph (the LoRA graph always uses legacy).",
+)
 @click.option("--force", is_flag=True, help="Re-export even if a validated artifact is stored.")
 @click.option("--json", "as_json", is_flag=True, help="Print the stored export manifest as JSON.")
-def export_command(base_name, quantize, lora_targets, store_url, threads, force, as_json) -> None:
+def export_command(base_name, quantize, lora_targets, store_url, threads, exporter, force, as_json) -> None:
     """Export BASE's backbone + pooling to ONNX, validate it against PyTorch, store it under the base."""
     from adapters_store import open_store
     from training.onnx_export.export import ExportSettings, export_base
     from training.onnx_export.lora_graph import export_lora_base
 
     store = open_store(store_url)
-    settings = ExportSettings(threads=threads, force=force)
+    settings = ExportSettings(threads=threads, force=force, exporter=exporter)
     if lora_targets and quantize:
         raise click.UsageError("--lora-targets and --quantize are separate exports; run them one at a time")
     if lora_targets:
