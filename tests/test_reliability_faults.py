@@ -336,3 +336,14 @@ def test_concurrent_register_delete_promote_stay_consistent(shared, size):
         "operations",
         f"{threads} threads; 4xx only 404/409; {len(res['infer'])} inferences",
     )
+
+
+# -- texts longer than the base's position table ------------------------------------------------------------
+@pytest.mark.parametrize("route", ["classify", "embed"])
+def test_text_longer_than_base_positions_is_truncated_not_500(shared, route):
+    """The tiny base has 128 positions and LORAPLEX_MAX_TOKENS defaults to 256: policy 'truncate' must cut
+    to what the base can take, not crash the batch."""
+    text = "please cancel my order and refund the money " * 40  # ~320 tokens, under max_chars
+    item = {"adapter": "intent" if route == "classify" else None, "text": text}
+    r = shared["client"].post(f"/v1/{route}", json={"items": [item]}, headers=tenant_auth("acme"))
+    assert r.status_code == 200, r.text
