@@ -22,6 +22,7 @@ from tests.reliability_support import (
     proc_status,
     process_tree,
     raw_request,
+    record,
     send_case,
     serving_worker,
     stream_until_answer,
@@ -112,6 +113,8 @@ def test_corpus_every_case_gets_its_4xx(env):
             failures.append(f"{case.id}: {problem}")
         if server.proc.poll() is not None:
             pytest.fail(f"server died on {case.id}:\n{server.log_tail()}")
+    groups = sorted({c.group for c in cases})
+    record("corpus_cases", len(cases), "cases", f"{len(failures)} wrong answers; groups: {', '.join(groups)}")
     ready = raw_request(server.port, "GET", "/readyz", {})
     assert ready.status == 200
     assert not inputs.canary.exists(), "a pickle was unpickled"
@@ -167,6 +170,8 @@ def test_chunked_body_without_length_cut_at_limit(env, route):
     r = stream_until_answer(server.port, path, headers, b"y" * (64 << 10), total=total, prefix=prefix)
     grown_mb = (proc_status(worker)["VmRSS"] - rss0) / 1024
     assert r.status == 413, r
+    record(f"chunked_413_{route}", round(r.bytes_sent / (1 << 20), 2), "MiB sent",
+           f"limit {limit / (1 << 20):.2f} MiB, worker RSS +{grown_mb:.0f} MB, of {total >> 20} MiB offered")  # fmt: skip
     # Answered long before the whole body: at the limit plus what the socket buffers held.
     assert r.bytes_sent < limit + (16 << 20) and r.bytes_sent < total // 4, r
     assert grown_mb < 64, f"worker RSS grew {grown_mb:.0f} MB while refusing a streamed body"
