@@ -1,0 +1,91 @@
+"""In-process checks of the store fixes the reliability corpus led to (fast, no server).
+
+- a symlinked folder planted in a local store is never followed (read, list, write, delete);
+- a deleted version's number is never reused by a later put;
+- malformed PEFT configs (deep nesting, mistyped fields) and safetensors headers give ValidationError.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from adapters_store import describe_base, open_store
+from adapters_store.errors import NotFound, ValidationError
+from adapters_store.validation import StoreLimits, parse_peft_config, parse_safetensors
+from tests.helpers.bundles import head_bundle
+from tests.reliability_corpus import raw_safetensors
+
+
+@pytest.fixture()
+def store_and_base(tmp_path, tiny_bert_dir):
+    store = open_store(tmp_path / "store")
+    return store, store.register_base(describe_base("tiny", tiny_bert_dir))
+
+
+def test_symlinked_adapter_folder_is_not_followed(tmp_path, store_and_base):
+    store, base = store_and_base
+    m = store.put(head_bundle(base, tenant="acme", name="real", seed=1))
+    outside = tmp_path / "outside"
+    (outside / "versions").mkdir(parents=True)
+    fake = json.loads(m.to_json())
+    fake["name"] = "evil"
+    (outside / "versions" / "1.json").write_text(json.dumps(fake))
+    (tmp_path / "store" / "tenants" / "acme" / "adapters" / "evil").symlink_to(
+        outside, target_is_directory=True
+    )
+    with pytest.raises(NotFound):
+        store.resolve("acme/evil@1")
+    assert store.list_versions("acme", "evil") == []
+    with pytest.raises(ValidationError, match="symlink"):
+        store.put(head_bundle(base, tenant="acme", name="evil", seed=2))
+    store._delete("tenants/acme/adapters/evil/versions/1.json")
+    assert (outside / "versions" / "1.json").exists(), "a delete went through the link"
+    assert sorted(p.name for p in outside.rglob("*")) == ["1.json", "versions"]
+
+
+def test_symlinked_tenant_folder_is_not_listed_or_read(tmp_path, store_and_base):
+    store, base = store_and_base
+    store.put(head_bundle(base, tenant="acme", name="real", seed=1))
+    (tmp_path / "store" / "tenants" / "linked").symlink_to(tmp_path / "store" / "tenants" / "acme")
+    assert store.list_tenants() == ["acme"]
+    assert store.list_adapters("linked") == []
+    with pytest.raises(NotFound):
+        store.resolve("linked/real@1")
+
+
+def test_deleted_version_number_is_never_reused(store_and_base):
+    store, base = store_and_base
+    v1 = store.put(head_bundle(base, name="h", seed=1))
+    v2 = store.put(head_bundle(base, name="h", seed=2))
+    store.delete_version("acme", "h", v2.version)
+    v3 = store.put(head_bundle(base, name="h", seed=3))
+    assert (v1.version, v2.version, v3.version) == (1, 2, 3)
+    with pytest.raises(NotFound):
+        store.resolve("acme/h@2")
+    assert store.resolve("acme/h").digest == v3.digest
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"a":' * 50_000 + b"1" + b"}" * 50_000,
+        json.dumps({"peft_type": "LORA", "r": 4, "target_modules": 7}).encode(),
+        json.dumps({"peft_type": "LORA", "r": 4, "target_modules": [["query"]]}).encode(),
+        json.dumps({"peft_type": "LORA", "r": 4, "rank_pattern": {"query": "x"}}).encode(),
+        json.dumps({"peft_type": "LORA", "r": 4, "modules_to_save": 5}).encode(),
+        json.dumps({"peft_type": "LORA", "r": 4, "layer_replication": [[0, 2]]}).encode(),
+    ],
+    ids=["deep-list", "deep-object", "targets-int", "targets-nested", "rank-str", "mts-int", "layer-repl"],
+)
+def test_malformed_peft_config_is_a_validation_error(config):
+    with pytest.raises(ValidationError):
+        parse_peft_config(config)
+
+
+def test_deeply_nested_safetensors_header_is_a_validation_error():
+    data = raw_safetensors(b"[" * 50_000 + b"]" * 50_000, b"\0" * 8)
+    with pytest.raises(ValidationError, match="nested"):
+        parse_safetensors(data, "x.safetensors", StoreLimits())
