@@ -23,7 +23,13 @@ from adapters_store.bundle import (
     PEFT_WEIGHTS_FILE,
     Bundle,
 )
-from adapters_store.errors import IncompatibleBase, PayloadTooLarge, UnsupportedAdapter, ValidationError
+from adapters_store.errors import (
+    IncompatibleBase,
+    IntegrityError,
+    PayloadTooLarge,
+    UnsupportedAdapter,
+    ValidationError,
+)
 
 _DTYPES = {
     "F64": np.float64,
@@ -153,7 +159,11 @@ def validate_bundle(bundle: Bundle, base: BaseModelEntry, limits: StoreLimits) -
             raise PayloadTooLarge(f"{fname} is {len(data)} bytes; the limit is {limits.max_file_bytes}")
     if total > limits.max_bundle_bytes:
         raise PayloadTooLarge(f"bundle is {total} bytes; the limit is {limits.max_bundle_bytes}")
-    bundle.verify()
+    try:
+        bundle.verify()
+    except IntegrityError as e:
+        # A bundle being put disagrees with its own manifest: bad input, not a damaged store.
+        raise ValidationError(f"bundle does not match its manifest: {e.message}") from None
     headers = {}
     for fname, data in bundle.files.items():
         if fname.endswith(".safetensors"):
