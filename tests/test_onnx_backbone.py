@@ -163,3 +163,6 @@ def test_vit_image_features(tmp_path, tiny_vit_dir):
     np.testing.assert_allclose(feats.pooled("mean"), out.last_hidden_state.mean(1).numpy(), atol=2e-4)
     np.testing.assert_allclose(feats.pooled("pooler"), out.pooler_output.numpy(), atol=2e-4)
     assert feats.pooled("cls").shape == (3, bb.hidden_size)
+    hidden, pooler = bb.hidden_and_pooler({"pixel_values": torch.from_numpy(pixels)})  # the engine's hook
+    np.testing.assert_allclose(hidden.numpy(), out.last_hidden_state.numpy(), atol=2e-4)
+    np.testing.assert_allclose(pooler.numpy(), out.pooler_output.numpy(), atol=2e-4)
