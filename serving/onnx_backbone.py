@@ -242,6 +242,14 @@ _LORA_KEY = re.compile(
 )
 
 
+_PATH = re.compile(r"^(?:.+\.)?encoder\.layer\.(?P<layer>\d+)\.(?P<module>.+)$")
+
+
+def _f32(t: Any) -> np.ndarray:
+    arr = t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
 @dataclass(frozen=True)
 class LoraWeights:
     """One LoRA adapter as the graph wants it: per (layer, target) A^T [in, r] and (scale * B)^T [r, out]."""
@@ -282,6 +290,20 @@ class LoraWeights:
                 np.ascontiguousarray(ab["A"].T),
                 np.ascontiguousarray((ab["B"] * scale).T),
             )
+        return cls(deltas)
+
+    @classmethod
+    def from_paths(cls, lora: Mapping[str, tuple[Any, Any]]) -> LoraWeights:
+        """From ``{"encoder.layer.3.attention.self.query": (A^T [in, r], (scale * B)^T [r, out])}``, the
+        layout the torch engine already keeps per loaded adapter (torch tensors or numpy arrays)."""
+        deltas = {}
+        for path, (at, bt) in lora.items():
+            m = _PATH.match(path)
+            if m is None:
+                raise UnsupportedAdapter(
+                    f"LoRA on {path!r} is outside the encoder layers the ONNX graph adapts"
+                )
+            deltas[(int(m["layer"]), m["module"])] = (_f32(at), _f32(bt))
         return cls(deltas)
 
     @classmethod

@@ -214,3 +214,19 @@ def test_hidden_and_pooler_hook_agrees_with_features(lora_setup):
 )
 def test_lora_scale_follows_peft(config, path, rank, expected):
     assert lora_scale(config, path, rank) == pytest.approx(expected)
+
+
+def test_from_paths_takes_the_torch_engine_layout(lora_setup):
+    store, _, dirs, _ = lora_setup
+    from_bundle = LoraWeights.from_bundle(store.get("acme/qv-r4"))
+    paths = {
+        f"encoder.layer.{layer}.{module}": (torch.from_numpy(a), torch.from_numpy(b))
+        for (layer, module), (a, b) in from_bundle.deltas.items()
+    }
+    again = LoraWeights.from_paths(paths)
+    assert again.deltas.keys() == from_bundle.deltas.keys()
+    for key, (a, b) in again.deltas.items():
+        np.testing.assert_array_equal(a, from_bundle.deltas[key][0])
+        np.testing.assert_array_equal(b, from_bundle.deltas[key][1])
+    with pytest.raises(UnsupportedAdapter, match="pooler.dense"):
+        LoraWeights.from_paths({"pooler.dense": (np.zeros((32, 2)), np.zeros((2, 32)))})
