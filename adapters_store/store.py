@@ -225,6 +225,19 @@ class ObjectStore(ABC):
         # A tombstone keeps the number taken: '@N' must never name different weights later.
         self._write(f"{root}deleted/{version}.json", json.dumps({"version": version}).encode())
         self._delete(f"{root}versions/{version}.json")
+        self._compact_tombstones(root)
+
+    def _tombstones(self, root: str) -> dict[int, str]:
+        prefix = f"{root}deleted/"
+        stems = {k: k[len(prefix) :].removesuffix(".json") for k, _ in self._list(prefix)}
+        return {int(v): k for k, v in stems.items() if v.isdigit()}
+
+    def _compact_tombstones(self, root: str) -> None:
+        # Only the highest matters; removing lower ones is safe under concurrency (the max stays).
+        stones = self._tombstones(root)
+        for number, key in stones.items():
+            if number < max(stones):
+                self._delete(key)
 
     def delete_adapter(self, tenant: str, name: str) -> int:
         versions = self._versions(tenant, name)
@@ -300,9 +313,7 @@ class ObjectStore(ABC):
 
     def _next_version(self, tenant: str, name: str) -> int:
         """One past the newest version, deleted ones included (their tombstones)."""
-        prefix = f"{self._adapter_root(tenant, name)}deleted/"
-        stems = [k[len(prefix) :].removesuffix(".json") for k, _ in self._list(prefix)]
-        deleted = max((int(x) for x in stems if x.isdigit()), default=0)
+        deleted = max(self._tombstones(self._adapter_root(tenant, name)), default=0)
         return max(self._latest_version(tenant, name), deleted) + 1
 
     def _latest_version(self, tenant: str, name: str) -> int:

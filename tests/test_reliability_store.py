@@ -67,6 +67,17 @@ def test_deleted_version_number_is_never_reused(store_and_base):
     assert store.resolve("acme/h").digest == v3.digest
 
 
+def test_tombstones_stay_compact(tmp_path, store_and_base):
+    store, base = store_and_base
+    for seed in range(6):
+        store.put(head_bundle(base, name="h", seed=seed))
+    for v in (2, 5, 3, 6):
+        store.delete_version("acme", "h", v)
+    stones = sorted(p.name for p in (tmp_path / "store/tenants/acme/adapters/h/deleted").iterdir())
+    assert stones == ["6.json"]
+    assert store.put(head_bundle(base, name="h", seed=99)).version == 7
+
+
 @pytest.mark.parametrize(
     "config",
     [
