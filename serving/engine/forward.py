@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from adapters_store.errors import ValidationError
+from serving.engine import lora_layers
 from serving.engine.backbone import Backbone, encode_images, encode_texts, pool, run_model
 from serving.engine.items import InferenceItem, InferenceResult
 from serving.engine.loader import LoadedAdapter
+from serving.engine.lora_layers import gather_rows
 from serving.engine.plan import MixedBatchPlan, Segment, assign_slots, plan_batch
 from serving.engine.settings import EngineSettings
 
@@ -53,9 +55,17 @@ def set_context(backbone: Backbone, plan: MixedBatchPlan, adapters: Sequence[Loa
         for is_in, vectors in ((True, a.ia3_in), (False, a.ia3_out)):
             for path, vec in vectors.items():
                 _ia3_rows(ia3, backbone, path, is_in, batch)[seg.start : seg.end] = vec
+    many = {path: segs for path, segs in lora.items() if len(segs) > lora_layers.SEGMENT_LIMIT}
+    shapes = {
+        path: (backbone.linears[path].in_features, backbone.linears[path].out_features) for path in many
+    }
+    gathered = gather_rows(many, shapes, batch) if many else {}
     for path in {p for p in lora} | {p for p, _ in ia3}:
         backbone.linears[path].set_context(
-            lora.get(path, ()), ia3.get((path, True)), ia3.get((path, False)), batch
+            lora=() if path in gathered else lora.get(path, ()),
+            lora_rows=gathered.get(path),
+            ia3_in=ia3.get((path, True)),
+            ia3_out=ia3.get((path, False)),
         )
     _set_layer_context(backbone, plan, adapters)
 

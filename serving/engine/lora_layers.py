@@ -24,13 +24,11 @@ LoraSegment = tuple[int, int, torch.Tensor, torch.Tensor]  # (start row, end row
 SEGMENT_LIMIT = 2  # above this many LoRA segments in a layer, gather per-row A/B once per batch
 
 
-def gather_rows(
-    segments: Sequence[LoraSegment], batch: int, in_f: int, out_f: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row A^T [B, in, r_max] and B^T [B, r_max, out], zero for rows without LoRA (zero delta);
-    smaller ranks are zero-padded, which adds nothing to the product. One ``stack`` of row references
-    per side: the copy is a single op, whatever the number of segments."""
-    r_max = max(a.shape[1] for _, _, a, _ in segments)
+def _row_refs(
+    segments: Sequence[LoraSegment], batch: int, in_f: int, out_f: int, r_max: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-row references to A^T [in, r_max] and B^T [r_max, out]; zeros for rows without LoRA (zero
+    delta). Smaller ranks are zero-padded, which adds nothing to the product."""
     zero_a, zero_b = torch.zeros(in_f, r_max), torch.zeros(r_max, out_f)
     a_rows, b_rows = [zero_a] * batch, [zero_b] * batch
     for start, end, a_t, b_t in segments:
@@ -38,7 +36,35 @@ def gather_rows(
             a_t, b_t = F.pad(a_t, (0, r_max - a_t.shape[1])), F.pad(b_t, (0, 0, 0, r_max - b_t.shape[0]))
         a_rows[start:end] = [a_t] * (end - start)
         b_rows[start:end] = [b_t] * (end - start)
-    return torch.stack(a_rows), torch.stack(b_rows)
+    return a_rows, b_rows
+
+
+def gather_rows(
+    per_module: dict[str, Sequence[LoraSegment]], shapes: dict[str, tuple[int, int]], batch: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per module, per-row A^T [B, in, r_max] and B^T [B, r_max, out] for one bmm pair per layer.
+
+    Modules of one shape and rank (e.g. every query and value) share ONE ``stack`` per side, so a
+    batch costs a couple of copy ops, not two per module: on a shared CPU every op is a thread-pool
+    round trip.
+    """
+    groups: dict[tuple[int, int, int], list[str]] = {}
+    for path, segs in per_module.items():
+        r_max = max(a.shape[1] for _, _, a, _ in segs)
+        groups.setdefault((*shapes[path], r_max), []).append(path)
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for (in_f, out_f, r_max), paths in groups.items():
+        a_refs: list[torch.Tensor] = []
+        b_refs: list[torch.Tensor] = []
+        for path in paths:
+            a_rows, b_rows = _row_refs(per_module[path], batch, in_f, out_f, r_max)
+            a_refs += a_rows
+            b_refs += b_rows
+        a_all = torch.stack(a_refs).view(len(paths), batch, in_f, r_max)
+        b_all = torch.stack(b_refs).view(len(paths), batch, r_max, out_f)
+        for i, path in enumerate(paths):
+            out[path] = (a_all[i], b_all[i])
+    return out
 
 
 class MultiTenantLinear(nn.Module):
@@ -56,18 +82,14 @@ class MultiTenantLinear(nn.Module):
 
     def set_context(
         self,
-        lora: Sequence[LoraSegment],
-        ia3_in: torch.Tensor | None,
-        ia3_out: torch.Tensor | None,
-        batch: int,
+        lora: Sequence[LoraSegment] = (),
+        lora_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+        ia3_in: torch.Tensor | None = None,
+        ia3_out: torch.Tensor | None = None,
     ) -> None:
-        """Few segments: per-segment matmuls on views. Many: one gathered bmm pair for the whole batch,
-        because each tiny matmul costs a thread-pool round trip that dwarfs its FLOPs."""
-        if len(lora) > SEGMENT_LIMIT:
-            self.lora, self.lora_rows = (), gather_rows(lora, batch, self.in_features, self.out_features)
-        else:
-            self.lora, self.lora_rows = lora, None
-        self.ia3_in, self.ia3_out = ia3_in, ia3_out
+        """Either per-segment matmuls on views (few segments) or one gathered bmm pair (many segments:
+        each tiny matmul costs a thread-pool round trip that dwarfs its FLOPs)."""
+        self.lora, self.lora_rows, self.ia3_in, self.ia3_out = lora, lora_rows, ia3_in, ia3_out
 
     def clear_context(self) -> None:
         self.lora, self.lora_rows, self.ia3_in, self.ia3_out = (), None, None, None
