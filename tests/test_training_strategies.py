@@ -72,7 +72,7 @@ def test_lora_bundle_is_a_peft_folder_that_reproduces_the_metrics(env, tiny_bert
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    manifest = train(config(env, "lora", name="peft-check", val_file=None))
+    manifest = train(config(env, "lora", name="peft-check", epochs=3))
     folder = env["store"].get(f"acme/peft-check@{manifest.version}").write_dir(tmp_path / "b")
     base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=3)
     model = PeftModel.from_pretrained(base, folder).eval()
@@ -100,7 +100,7 @@ def test_partial_stores_only_trained_blocks_and_full_stores_all(env):
 
 def test_seed_makes_runs_identical(env):
     digests = [
-        train(config(env, "partial", name=f"seed-{i}", seed=s)).files["model.safetensors"].sha256
+        train(config(env, "partial", name=f"seed-{i}", seed=s, epochs=2)).files["model.safetensors"].sha256
         for i, s in enumerate((7, 7, 8))
     ]
     assert digests[0] == digests[1] != digests[2]
