@@ -173,3 +173,47 @@ def test_base_folder_resolves_package_sources(minilm_path):
     gone = entry.model_copy(update={"source": "/nonexistent/minilm"})
     with pytest.raises(IncompatibleBase, match="not available on this machine"):
         base_folder(gone)
+
+
+def test_given_validation_file_with_custom_columns(env, tmp_path):
+    import json
+
+    def jsonl(path, rows):
+        path.write_text(
+            "\n".join(json.dumps({"body": r["text"], "intent": r["label"]}) for r in rows), "utf-8"
+        )
+        return path
+
+    train_file = jsonl(tmp_path / "train.jsonl", toy_rows(10, seed=1))
+    val_file = jsonl(tmp_path / "val.jsonl", toy_rows(4, seed=2))
+    m = train(
+        config(
+            env,
+            "head",
+            name="given-val",
+            train_file=train_file,
+            val_file=val_file,
+            text_column="body",
+            label_column="intent",
+            epochs=2,
+        )
+    )
+    assert m.metrics["train_counts"] == {"billing": 10, "login": 10, "shipping": 10}
+    assert {k: v["support"] for k, v in m.metrics["per_class"].items()} == {
+        "billing": 4,
+        "login": 4,
+        "shipping": 4,
+    }
+    bad_val = jsonl(tmp_path / "bad.jsonl", [{"text": "hello", "label": "greeting"}])
+    with pytest.raises(DatasetError, match="validation labels not in the training data: 'greeting'"):
+        train(
+            config(
+                env,
+                "head",
+                name="given-val",
+                train_file=train_file,
+                val_file=bad_val,
+                text_column="body",
+                label_column="intent",
+            )
+        )
