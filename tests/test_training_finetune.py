@@ -90,5 +90,7 @@ def test_gradually_unfrozen_full_run_leaves_lower_weights_untouched(tmp_path, ti
 def test_options_that_do_not_apply_are_refused():
     with pytest.raises(TrainConfigError, match="layer_lr_decay applies"):
         cfg(strategy="lora", layer_lr_decay=0.5)
+    with pytest.raises(TrainConfigError, match="feature-extraction trains an embedding adapter"):
+        cfg(strategy="head", task="feature-extraction")
     with pytest.raises(TrainConfigError, match="domain adaptation works with strategy head or lora"):
         cfg(strategy="full", domain_adaptation="dann")

@@ -111,3 +111,33 @@ def test_engine_serves_a_vit_image_adapter_like_training_did(tmp_path, tiny_vit_
     assert all(not isinstance(r, Exception) for r in results), results
     served = torch.tensor([r.logits for r in results])
     torch.testing.assert_close(served, own_logits(outcome.learner, list(images[:4])), atol=2e-5, rtol=1e-4)
+
+
+def test_embedding_adapter_is_served_as_embeddings(tmp_path, tiny_bert_dir):
+    """task feature-extraction: a LoRA trained through an unsaved probe; the engine's 'embed' rows equal
+    the trained model's pooled features."""
+    store = store_with_base(tmp_path, tiny_bert_dir)
+    cfg = TrainConfig(
+        store=store,
+        base="tiny",
+        tenant="acme",
+        name="emb",
+        strategy="lora",
+        task="feature-extraction",
+        train_file=write_csv(tmp_path / "d.csv", toy_rows(15)),
+        lr=5e-2,
+        epochs=6,
+        progress=False,
+    )
+    outcome = train_bundle(cfg, store)
+    m = store.put(outcome.bundle)
+    assert (m.kind, m.task, m.labels, m.pooling) == ("lora", "feature-extraction", [], "mean")
+    assert m.metrics["probe_labels"] == ["billing", "login", "shipping"] and m.metrics["accuracy"] > 0.6
+    results = Engine(store, base="tiny", settings=EngineSettings()).infer(
+        [InferenceItem("acme", f"emb@{m.version}", "embed", text=t) for t in TEXTS]
+    )
+    assert all(not isinstance(r, Exception) for r in results), results
+    outcome.learner.set_train(False)
+    with torch.no_grad():
+        own = outcome.learner.embed(TEXTS)
+    torch.testing.assert_close(torch.tensor([r.embedding for r in results]), own, atol=2e-5, rtol=1e-4)

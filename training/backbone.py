@@ -48,8 +48,11 @@ def load_backbone(folder: str | Path) -> nn.Module:
     return AutoModel.from_pretrained(str(folder))
 
 
-def default_pooling(model_type: str, strategy: str) -> str:
-    """``auto`` pooling: what the matching *ForSequence/ImageClassification model would use."""
+def default_pooling(model_type: str, strategy: str, task: str = "text-classification") -> str:
+    """``auto`` pooling: what the matching *ForSequence/ImageClassification model would use; mean for
+    embedding adapters (sentence-transformers' pooling)."""
+    if task == "feature-extraction":
+        return "mean"
     if model_type in ("resnet", "clip", "clip_vision_model"):
         return "pooler"
     if model_type in IMAGE_MODEL_TYPES:

@@ -14,7 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from adapters_store.names import validate_name
 
 Strategy = Literal["head", "lora", "ia3", "partial", "full"]
-TrainTask = Literal["text-classification", "image-classification", "audio-classification"]
+TrainTask = Literal[
+    "text-classification", "image-classification", "audio-classification", "feature-extraction"
+]
 DomainMethod = Literal["none", "dann", "mmd", "self-training"]
 PoolingChoice = Literal["auto", "mean", "cls", "pooler"]
 STRATEGIES: tuple[str, ...] = ("head", "lora", "ia3", "partial", "full")
@@ -31,7 +33,11 @@ class TrainConfig(BaseModel):
     tenant: str = Field(description="tenant that owns the new adapter")
     name: str = Field(description="adapter name; the store assigns the next version")
     strategy: Strategy = Field(default="head", description="head | lora | ia3 | partial | full")
-    task: TrainTask = Field(default="text-classification", description="what the adapter predicts")
+    task: TrainTask = Field(
+        default="text-classification",
+        description="what the adapter predicts; feature-extraction = an embedding adapter (lora/ia3) trained "
+        "through a temporary head on the labels, which is not saved",
+    )
 
     # --- data ----------------------------------------------------------------------------------------
     train_file: Path | None = Field(default=None, description="CSV/JSONL (text tasks) or image folder")
@@ -89,6 +95,11 @@ class TrainConfig(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
         from training.errors import TrainConfigError
+
+        if self.task == "feature-extraction" and self.strategy not in ("lora", "ia3"):
+            raise TrainConfigError(
+                "task feature-extraction trains an embedding adapter: use strategy lora or ia3"
+            )
 
         if self.domain_adaptation != "none" and self.strategy not in ("head", "lora"):
             raise TrainConfigError(

@@ -29,6 +29,7 @@ from training.strategies import build_learner, fit_with_adaptation
 
 TASK_MODALITY = {
     "text-classification": "text",
+    "feature-extraction": "text",
     "image-classification": "image",
     "audio-classification": "audio",
 }
@@ -98,7 +99,9 @@ def train_bundle(
     split = load_split(config, modality, train_data, val_data, target_data)
     seed_everything(config.seed)
     pooling = (
-        default_pooling(entry.model_type, config.strategy) if config.pooling == "auto" else config.pooling
+        default_pooling(entry.model_type, config.strategy, config.task)
+        if config.pooling == "auto"
+        else config.pooling
     )
     preprocess = make_preprocess(folder, modality, config.max_seq_len)
     backbone = None if config.strategy in ("lora", "ia3") else load_backbone(folder)
@@ -130,6 +133,11 @@ def _bundle(
         "history": result.history,
         **split.extra_metrics,
     }
+    if cfg.task == "feature-extraction":  # the validation figures are those of the unsaved probe head
+        metrics |= {
+            "evaluated_with": "linear probe on the embeddings (not saved)",
+            "probe_labels": split.names,
+        }
     files = dict(exported.files)
     files[TRAINING_CURVE_FILE] = curve_png(result.history, cfg.monitor)
     return Bundle.build(
@@ -137,7 +145,7 @@ def _bundle(
         tenant=cfg.tenant,
         name=cfg.name,
         task=cfg.task,
-        labels=list(split.names),
+        labels=[] if cfg.task == "feature-extraction" else list(split.names),
         base=entry.ref,
         metrics=metrics,
         metadata={"train_config": _config_record(cfg)},

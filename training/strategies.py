@@ -17,7 +17,7 @@ from training.domain import DannLoss, MmdLoss, select_pseudo_labels
 from training.heads import Head
 from training.learners.finetune import FinetuneLearner
 from training.learners.head import HeadLearner
-from training.learners.peft_adapter import PeftLearner, build_peft_model
+from training.learners.peft_adapter import EmbeddingPeftLearner, PeftLearner, build_peft_model
 from training.loop import FitResult, fit, predict_proba
 
 DEFAULT_DA_HIDDEN = 128  # a head needs a trainable representation for DANN / MMD to act on
@@ -39,7 +39,11 @@ def build_learner(
     names: list[str],
 ) -> Any:
     if cfg.strategy in ("lora", "ia3"):
-        return PeftLearner(build_peft_model(folder, cfg, entry.model_type, names), preprocess, pooling)
+        model = build_peft_model(folder, cfg, entry.model_type, names)
+        if cfg.task == "feature-extraction":
+            probe = nn.Linear(int(entry.hidden_size or 0), len(names))
+            return EmbeddingPeftLearner(model, preprocess, pooling, probe)
+        return PeftLearner(model, preprocess, pooling)
     assert backbone is not None
     dim = feature_dim(backbone, pooling)
     head = Head(dim, len(names), head_hidden(cfg, dim), cfg.head_activation)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from adapters_store.bundle import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
-from training.backbone import Preprocess, quiet_transformers
+from training.backbone import Preprocess, pool, quiet_transformers
 from training.config import TrainConfig
 from training.errors import TrainConfigError
 from training.learners.base import Exported
@@ -39,6 +39,8 @@ def peft_config(cfg: TrainConfig, model_type: str, task_type: str | None) -> Any
     from peft import IA3Config, LoraConfig
 
     extra = {"task_type": task_type} if task_type else {"modules_to_save": CLASSIFIER_MODULES}
+    if task_type == "FEATURE_EXTRACTION":
+        extra = {"task_type": task_type}  # no classifier to save: the bundle is the adapter alone
     if cfg.strategy == "lora":
         targets = cfg.target_modules or LORA_TARGETS.get(model_type)
         if not targets:
@@ -71,6 +73,13 @@ def build_peft_model(folder: Path, cfg: TrainConfig, model_type: str, names: Seq
         "label2id": {n: i for i, n in enumerate(names)},
     }
     torch.manual_seed(cfg.seed)
+    if cfg.task == "feature-extraction":
+        from transformers import AutoModel
+
+        # Only the adapter is trained and saved; the probe head lives outside the PEFT model.
+        return get_peft_model(
+            AutoModel.from_pretrained(str(folder)), peft_config(cfg, model_type, "FEATURE_EXTRACTION")
+        )
     if cfg.task == "image-classification":
         model = AutoModelForImageClassification.from_pretrained(str(folder), **labels)
         task_type = None
@@ -114,3 +123,39 @@ class PeftLearner:
             self.model.save_pretrained(tmp, safe_serialization=True)
             files = {f: (Path(tmp) / f).read_bytes() for f in (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE)}
         return Exported(files, {"kind": kind, "pooling": self.pooling})
+
+
+class EmbeddingPeftLearner:
+    """An embedding adapter: PEFT on the bare backbone, pooled features, and a probe head that gives the
+    labels a loss but is not part of the bundle (``task`` feature-extraction)."""
+
+    def __init__(self, model: nn.Module, preprocess: Preprocess, pooling: str, probe: nn.Module):
+        self.model, self.preprocess, self.pooling, self.probe = model, preprocess, pooling, probe
+
+    def prepare(self, inputs: Sequence[Any]) -> list[Any]:
+        return list(inputs)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        adapter = [p for p in self.model.parameters() if p.requires_grad]
+        return [{"params": adapter + list(self.probe.parameters())}]
+
+    def embed(self, batch: Sequence[Any]) -> torch.Tensor:
+        return pool(self.model, self.preprocess(batch), self.pooling)
+
+    def forward(self, batch: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.embed(batch)
+        return feats, self.probe(feats)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        pass
+
+    def set_train(self, mode: bool) -> None:
+        self.model.train(mode)
+        self.probe.train(mode)
+
+    def trainable_params(self) -> int:
+        """What the bundle holds: the adapter only."""
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def export(self, kind: str) -> Exported:
+        return PeftLearner.export(self, kind)  # type: ignore[arg-type]
