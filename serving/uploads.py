@@ -20,7 +20,7 @@ from adapters_store.bundle import (
     Bundle,
     check_file_name,
 )
-from adapters_store.errors import PayloadTooLarge, UnsupportedMediaType, ValidationError
+from adapters_store.errors import IntegrityError, PayloadTooLarge, UnsupportedMediaType, ValidationError
 from adapters_store.peft_import import bundle_from_peft_files
 
 MAX_UPLOAD_FILES = 16
@@ -60,7 +60,11 @@ def bundle_from_upload(
                 f"manifest names {manifest.tenant}/{manifest.name} but the upload URL is {tenant}/{name}"
             )
         bundle = Bundle(manifest.model_copy(update={"version": None}), files)
-        bundle.verify()
+        try:
+            bundle.verify()
+        except IntegrityError as e:
+            # The uploaded files disagree with the uploaded manifest: a bad request, not a damaged store.
+            raise ValidationError(f"upload does not match its {MANIFEST_FILE}: {e.message}") from None
         return bundle
     if PEFT_CONFIG_FILE in files and PEFT_WEIGHTS_FILE in files:
         return bundle_from_peft_files(
