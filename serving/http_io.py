@@ -13,6 +13,7 @@ from typing import Any
 
 from _bentoml_sdk.io_models import IODescriptor, IORootModel
 from bentoml.exceptions import BentoMLException
+from pydantic import ConfigDict
 from starlette.responses import Response
 
 from serving.auth import Principal
@@ -21,6 +22,9 @@ from serving.schemas import ClassifyItem, EmbedItem, ItemResult
 
 
 class _TenantStamped(IODescriptor):
+    # Unknown top-level fields (e.g. a 'tenant' someone hopes we read) are refused, as the docs say.
+    model_config = ConfigDict(extra="forbid")
+
     @classmethod
     async def from_http_request(cls, request, serde) -> IODescriptor:
         principal = request.scope.get("state", {}).get(PRINCIPAL_KEY)
