@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError as PydanticValidationError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -113,7 +114,10 @@ async def json_body(request: Request, model):
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     raw = await request.body()
     if not raw:
-        return model()
+        try:
+            return model()  # every field has a default (e.g. rollback's alias)
+        except PydanticValidationError:
+            raise ValidationError("this route needs a JSON body; see /v1/openapi.json") from None
     if ctype != "application/json":
         raise UnsupportedMediaType("send JSON with 'Content-Type: application/json'")
     try:
