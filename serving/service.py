@@ -21,7 +21,7 @@ import threading
 import bentoml
 
 from adapters_store import open_store
-from adapters_store.base_models import resolve_source
+from adapters_store.base_models import BaseModelEntry, resolve_source
 from adapters_store.errors import InvalidRequest
 from serving import metrics
 from serving.auth import token_book_from_settings
@@ -32,6 +32,7 @@ from serving.limits import InflightLimiter, TokenCounter
 from serving.management import CONTEXT, build_app
 from serving.schemas import ClassifyItem, EmbedItem, ItemResult
 from serving.settings import ServiceSettings
+from serving.shutdown import install_drain_handler
 
 logger = logging.getLogger("loraplex.service")
 
@@ -57,7 +58,17 @@ def enable_logging() -> None:
         root.propagate = False
 
 
-def engine_settings(settings: ServiceSettings):
+def token_limit(settings: ServiceSettings, base: BaseModelEntry | None) -> int:
+    """``max_tokens``, but never more than the base's position table holds (a longer input would crash
+    the forward pass instead of being truncated)."""
+    positions = (base.tensors.get("embeddings.position_embeddings.weight") if base else None) or [None]
+    n = positions[0]
+    if base is not None and base.model_type in ("roberta", "xlm-roberta", "camembert") and n:
+        n -= 2  # these models start positions after the padding index
+    return min(settings.limits.max_tokens, n) if n else settings.limits.max_tokens
+
+
+def engine_settings(settings: ServiceSettings, base: BaseModelEntry | None = None):
     """Service settings -> EngineSettings; a runtime the engine does not run is refused at start."""
     from serving.engine import EngineSettings
 
@@ -67,7 +78,7 @@ def engine_settings(settings: ServiceSettings):
         alias_ttl_s=settings.alias_ttl_s,
         threads=settings.threads,
         max_batch_rows=settings.max_batch_size,
-        max_seq_len=settings.limits.max_tokens,
+        max_seq_len=token_limit(settings, base),
     )
     try:
         return EngineSettings(**fields, runtime=settings.runtime)
@@ -88,9 +99,13 @@ class LoraplexService:
         self.settings = settings
         self.engine = None
         self.load_error: str | None = None
-        self.engine_settings = engine_settings(settings)
         self.store = open_store(settings.store)
         self.base = self.store.get_base(settings.base)
+        self.engine_settings = engine_settings(settings, self.base)
+        # The reject policy counts against what the engine will really feed the base.
+        self.limits = settings.limits.model_copy(update={"max_tokens": self.engine_settings.max_seq_len})
+        self.draining = False
+        install_drain_handler(settings.drain_s, self._start_draining)
         STATE.tokens = token_book_from_settings(settings)
         STATE.limits = settings.limits
         STATE.validators = {"/v1/classify": ClassifyInput, "/v1/embed": EmbedInput}
@@ -126,8 +141,12 @@ class LoraplexService:
         metrics.set_ready(True)
         logger.info("loraplex ready: base %s (%s...)", self.base.name, self.base.fingerprint[:12])
 
+    def _start_draining(self) -> None:
+        self.draining = True
+        metrics.set_ready(False)
+
     def __is_ready__(self) -> bool:
-        return self.engine is not None
+        return self.engine is not None and not self.draining
 
     @bentoml.api(
         route="/v1/classify",
@@ -139,7 +158,7 @@ class LoraplexService:
     )
     def classify(self, items: list[ClassifyItem]) -> list[ItemResult]:
         """Classify texts or images with your adapters: labels (most probable first) and scores."""
-        return run_batch(self.engine, "classify", items, self.settings.limits, self.tokens)
+        return run_batch(self.engine, "classify", items, self.limits, self.tokens)
 
     @bentoml.api(
         route="/v1/embed",
@@ -151,7 +170,7 @@ class LoraplexService:
     )
     def embed(self, items: list[EmbedItem]) -> list[ItemResult]:
         """Embed texts with your adapter (or the bare shared backbone when ``adapter`` is null)."""
-        return run_batch(self.engine, "embed", items, self.settings.limits, self.tokens)
+        return run_batch(self.engine, "embed", items, self.limits, self.tokens)
 
 
 LoraplexService.add_asgi_middleware(GatewayMiddleware)

@@ -75,6 +75,12 @@ class ServiceSettings(BaseModel):
     runtime: Literal["torch", "onnx"] = Field(default="torch", description="Backbone runtime.")
     threads: int = Field(default=2, ge=1, le=256, description="Intra-op threads of the backbone.")
     max_batch_size: int = Field(default=64, ge=2, le=4096, description="Rows per adaptive batch.")
+    drain_s: float = Field(
+        default=2.0,
+        ge=0.0,
+        le=300.0,
+        description="After SIGTERM: seconds of /readyz 503 while still serving.",
+    )
     limits: LimitSettings = Field(default_factory=LimitSettings)
 
     @field_validator("base")
@@ -158,6 +164,7 @@ _PLAIN_FIELDS = (
     "runtime",
     "threads",
     "max_batch_size",
+    "drain_s",
 )
 
 
