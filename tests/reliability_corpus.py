@@ -669,6 +669,8 @@ def http_cases() -> list[Case]:
              BAD_JSON | INVALID, content=b"{nope", headers={"Content-Type": "application/json"}),
         Case("http/alias-body-text", "http", "PUT", "/v1/admin/tenants/acme/adapters/intent/aliases/production",
              MEDIA, content=b"version=1", headers={"Content-Type": "text/plain"}),
+        Case("http/alias-empty-body", "http", "PUT", "/v1/admin/tenants/acme/adapters/intent/aliases/production",
+             INVALID),
         Case("http/alias-version-zero", "http", "PUT", "/v1/admin/tenants/acme/adapters/intent/aliases/production",
              INVALID, json_body={"version": 0}),
         Case("http/alias-version-missing", "http", "PUT", "/v1/admin/tenants/acme/adapters/intent/aliases/production",

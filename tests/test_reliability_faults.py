@@ -109,6 +109,7 @@ def _upload_worker(url: str, bundles: list[Bundle], acked: dict, lock: threading
                 )
 
 
+@pytest.mark.timeout(1800)
 def test_kill9_during_uploads_loses_nothing(tmp_path, tiny_bert_dir):
     rounds, uploads = (5, 50) if stress_enabled() else (2, 50)
     store_root = tmp_path / "store"
@@ -308,7 +309,9 @@ def run_churn(shared, threads: int, ops: int) -> dict:
     return {"log": log, "infer": infer_out, "store": store}
 
 
-@pytest.mark.parametrize("size", ["small", pytest.param("full", marks=pytest.mark.stress)])
+@pytest.mark.parametrize(
+    "size", ["small", pytest.param("full", marks=[pytest.mark.stress, pytest.mark.timeout(3600)])]
+)
 def test_concurrent_register_delete_promote_stay_consistent(shared, size):
     if size == "full" and not stress_enabled():
         pytest.skip("set LORAPLEX_STRESS=1 for 32 threads x 1,000 operations")

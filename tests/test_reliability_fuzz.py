@@ -16,8 +16,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 # (spec, token, examples per operation: normal, stress)
 RUNS = [
-    ("/docs.json", TENANT_TOKENS["acme"], 12, 400),
-    ("/v1/openapi.json", ADMIN_TOKEN, 6, 120),
+    ("/docs.json", TENANT_TOKENS["acme"], 12, 500),
+    ("/v1/openapi.json", ADMIN_TOKEN, 6, 160),
     ("/v1/openapi.json", TENANT_TOKENS["globex"], 2, 40),
     ("/docs.json", ADMIN_TOKEN, 2, 40),
 ]
@@ -33,7 +33,9 @@ def server(tmp_path_factory, tiny_bert_dir):
     srv.stop()
 
 
-@pytest.mark.parametrize("stress", [False, pytest.param(True, marks=pytest.mark.stress)])
+@pytest.mark.parametrize(
+    "stress", [False, pytest.param(True, marks=[pytest.mark.stress, pytest.mark.timeout(3600)])]
+)
 def test_schemathesis_finds_no_5xx(server, stress):
     if stress and not stress_enabled():
         pytest.skip("set LORAPLEX_STRESS=1 (benchmarks/stress.py) for the 5,000-case run")

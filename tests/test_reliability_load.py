@@ -207,7 +207,9 @@ def _load_client(url: str, seed: int, stop: threading.Event, out: list) -> None:
                 out.append((tenant, adapter, type(e).__name__, None, time.monotonic() - t0))
 
 
-@pytest.mark.parametrize("size", ["small", pytest.param("full", marks=pytest.mark.stress)])
+@pytest.mark.parametrize(
+    "size", ["small", pytest.param("full", marks=[pytest.mark.stress, pytest.mark.timeout(3600)])]
+)
 def test_mixed_load_with_churn(tmp_path, tiny_bert_dir, size):
     if size == "full" and not stress_enabled():
         pytest.skip("set LORAPLEX_STRESS=1 for the 60 s, 32-client run")
