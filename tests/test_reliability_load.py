@@ -118,7 +118,7 @@ def test_excess_over_max_inflight_gets_429_fast(tmp_path, tiny_bert_dir):
 
 # -- load / evict cycles ---------------------------------------------------------------------------------
 def test_load_evict_cycles_do_not_leak(tmp_path, tiny_bert_dir):
-    cycles, n_adapters = (1000, 40) if stress_enabled() else (300, 20)
+    cycles, n_adapters = (1000, 40) if stress_enabled() else (200, 20)
     early = cycles // 10
     store, base = make_store(tmp_path / "store", tiny_bert_dir)
     for i in range(n_adapters):
@@ -213,7 +213,7 @@ def _load_client(url: str, seed: int, stop: threading.Event, out: list) -> None:
 def test_mixed_load_with_churn(tmp_path, tiny_bert_dir, size):
     if size == "full" and not stress_enabled():
         pytest.skip("set LORAPLEX_STRESS=1 for the 60 s, 32-client run")
-    seconds, clients = (60, 32) if size == "full" else (8, 8)
+    seconds, clients = (60, 32) if size == "full" else (6, 8)
     store, base = make_store(tmp_path / "store", tiny_bert_dir)
     churn_serials = {}
     for i, t in enumerate(TENANTS):
