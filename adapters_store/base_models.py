@@ -54,6 +54,11 @@ class BaseModelEntry(_Frozen):
     hidden_size: int | None = None
     num_hidden_layers: int | None = None
     tensors: dict[str, list[int]]
+    module_tensors: dict[str, list[int]] = Field(
+        default_factory=dict,
+        description="weights whose in-memory name differs from the checkpoint's (transformers 5 renames "
+        "some architectures' modules at load, e.g. ViT's 'layers.0.attention.q_proj'); PEFT saves these names",
+    )
     created_at: str = Field(default_factory=utc_now)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
@@ -61,6 +66,11 @@ class BaseModelEntry(_Frozen):
     @classmethod
     def _name(cls, v: str) -> str:
         return validate_name(v, "base name")
+
+    @property
+    def weight_shapes(self) -> dict[str, list[int]]:
+        """Checkpoint and in-memory weight names, for matching adapter keys against the base."""
+        return self.tensors | self.module_tensors
 
     @property
     def ref(self) -> BaseRef:
@@ -136,11 +146,27 @@ def fingerprint_folder(folder: str | Path) -> tuple[str, dict[str, Any], dict[st
     return h.hexdigest(), config, shapes
 
 
+def runtime_shapes(folder: str | Path) -> dict[str, list[int]]:
+    """Parameter names and shapes as the loaded model names them, from a meta-device instance (no weights
+    are read). Empty when transformers cannot build the architecture from its config."""
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModel
+
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        with torch.device("meta"):
+            model = AutoModel.from_config(config)
+    except Exception:  # an architecture transformers does not know: checkpoint names are all we have
+        return {}
+    return {n: list(p.shape) for n, p in model.named_parameters()}
+
+
 def describe_base(
     name: str, folder: str | Path, source: str | None = None, **metadata: Any
 ) -> BaseModelEntry:
     """Fingerprint a model folder and describe it as a registry entry (not yet stored)."""
     fp, config, shapes = fingerprint_folder(folder)
+    in_memory = {k: v for k, v in runtime_shapes(folder).items() if k not in shapes}
     return BaseModelEntry(
         name=name,
         fingerprint=fp,
@@ -149,6 +175,7 @@ def describe_base(
         hidden_size=config.get("hidden_size"),
         num_hidden_layers=config.get("num_hidden_layers"),
         tensors=shapes,
+        module_tensors=in_memory,
         metadata=metadata,
     )
 
@@ -163,10 +190,16 @@ def resolve_source(entry: BaseModelEntry) -> Path:
     if src.startswith(PACKAGE_SOURCE):
         import importlib
 
-        module = importlib.import_module(src[len(PACKAGE_SOURCE):])
-        folder = Path(module.get_model_path()) if hasattr(module, "get_model_path") else Path(module.__file__).parent
+        module = importlib.import_module(src[len(PACKAGE_SOURCE) :])
+        folder = (
+            Path(module.get_model_path())
+            if hasattr(module, "get_model_path")
+            else Path(module.__file__).parent
+        )
     else:
-        folder = Path(src[len("file://"):] if src.startswith("file://") else src)
+        folder = Path(src[len("file://") :] if src.startswith("file://") else src)
     if not (folder / "config.json").is_file():
-        raise ValidationError(f"base {entry.name!r}: weights folder {folder} is not available on this machine")
+        raise ValidationError(
+            f"base {entry.name!r}: weights folder {folder} is not available on this machine"
+        )
     return folder

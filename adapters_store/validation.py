@@ -295,7 +295,7 @@ def check_peft_weights(
                 f"{PEFT_WEIGHTS_FILE}: tensor {key!r} is for module {module!r}, which "
                 f"target_modules {cfg.get('target_modules')!r} does not name"
             )
-        base_shape = base.tensors.get(f"{module}.weight")
+        base_shape = base.weight_shapes.get(f"{module}.weight")
         if base_shape is None or len(base_shape) != 2:
             raise IncompatibleBase(
                 f"{PEFT_WEIGHTS_FILE}: module {module!r} is not a Linear layer of base {base.name!r}"
@@ -318,7 +318,7 @@ def _check_targets_exist(targets: Any, base: BaseModelEntry) -> None:
         return  # a regex string: the per-tensor check below applies
     linears = [
         n.removesuffix(".weight")
-        for n, shape in base.tensors.items()
+        for n, shape in base.weight_shapes.items()
         if n.endswith(".weight") and len(shape) == 2
     ]
     unknown = [t for t in targets if not any(m == t or m.endswith("." + t) for m in linears)]
