@@ -123,9 +123,21 @@ def build_full_model(backbone: Backbone, state: dict[str, torch.Tensor]) -> nn.M
 
 
 def encode_texts(backbone: Backbone, texts: Sequence[str], max_len: int) -> dict[str, torch.Tensor]:
+    """Tokenise with truncation to ``max_len``, never past the base's position table."""
     return backbone.preprocessor(
-        list(texts), padding=True, truncation=True, max_length=max_len, return_tensors="pt"
+        list(texts),
+        padding=True,
+        truncation=True,
+        max_length=min(max_len, max_positions(backbone)),
+        return_tensors="pt",
     )
+
+
+def max_positions(backbone: Backbone) -> int:
+    """Tokens a row may have: the base's position embeddings (RoBERTa-style models reserve 2)."""
+    config = backbone.model.config
+    limit = int(getattr(config, "max_position_embeddings", 1 << 30))
+    return limit - 2 if config.model_type in ("roberta", "xlm-roberta", "camembert") else limit
 
 
 def encode_images(backbone: Backbone, images: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:

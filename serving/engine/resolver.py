@@ -47,6 +47,7 @@ class AliasResolver:
         self._store = store
         self._ttl = ttl_s
         self._cache: dict[tuple[str, str], tuple[Resolved, float]] = {}
+        self._generation = 0  # bumped by forget(): an answer read before a forget is never cached
         self._lock = threading.Lock()
 
     def resolve(self, tenant: str, adapter: str) -> Resolved:
@@ -54,12 +55,15 @@ class AliasResolver:
         now = time.monotonic()
         with self._lock:
             hit = self._cache.get(key)
+            generation = self._generation
         if hit is not None and hit[1] > now:
             return hit[0]
         manifest = self._lookup(*parse_tenant_ref(tenant, adapter))
         resolved = Resolved(manifest, manifest.digest)
         if self._ttl > 0:
             with self._lock:
+                if generation != self._generation:  # a forget() ran while we read: our answer may be stale
+                    return resolved
                 if len(self._cache) >= _MAX_CACHED:
                     self._prune(now)
                 self._cache[key] = (resolved, now + self._ttl)
@@ -81,6 +85,7 @@ class AliasResolver:
 
     def forget(self, tenant: str, name: str | None = None) -> None:
         with self._lock:
+            self._generation += 1
             for key in [
                 k for k in self._cache if k[0] == tenant and (name is None or _name_of(k[1]) == name)
             ]:
