@@ -1,9 +1,8 @@
 """Engine on ORT: the ONNX backbone swapped in at the engine's one backbone call gives the torch answers.
 
-The engine has no ``runtime="onnx"`` switch yet (serving/engine is not the ONNX helper's file). These
-tests put the ORT backbone exactly where the engine would call it: ``run_model`` for head and bare-base
-rows (plain graph), and ``run_shared``'s one backbone call for LoRA rows too (LoRA graph), and check
-every row of a mixed batch against the engine's own torch answers.
+``EngineSettings(runtime="onnx")`` runs the shared pass on the base's validated exports (plain graph for
+head and bare-base rows, the LoRA graph when LoRA rows are in the batch); every row of a mixed batch must
+equal the engine's own torch answer.
 """
 
 from __future__ import annotations
@@ -14,9 +13,8 @@ import torch
 
 from adapters_store import describe_base, open_store
 from serving.engine import Engine, EngineSettings, InferenceItem
-from serving.engine import engine as engine_module
 from serving.engine import forward as engine_forward
-from serving.onnx_backbone import LoraWeights, OrtBackbone, stack_loras
+from serving.onnx_backbone import OrtBackbone
 from tests.test_engine_support import head_bundle, import_peft, save_lora
 from training.onnx_export import export_base, export_lora_base
 
@@ -89,47 +87,7 @@ def test_head_and_base_rows_on_ort_equal_torch(engine_store, monkeypatch):
             np.testing.assert_allclose(o.embedding, t.embedding, atol=1e-4)
 
 
-def onnx_run_shared(ort_lora):
-    """``forward.run_shared`` with the proposed hook: one ORT LoRA-graph call instead of set_context +
-    run_model, for batches of head, LoRA and bare-base rows. Everything else is the engine's own code."""
-
-    def run_shared(backbone, rows, settings):
-        plan, adapters = engine_forward.plan_rows(rows, backbone.num_layers)
-        ordered = [rows[i] for i in plan.order]
-        inputs = engine_forward.encode_rows(backbone, ordered, settings)
-        lora_slots = [s for s, a in enumerate(adapters) if a.lora]
-        stack = stack_loras(ort_lora.record, [LoraWeights.from_paths(adapters[s].lora) for s in lora_slots])
-        to_stack = {s: i for i, s in enumerate(lora_slots)}
-        index = np.array([to_stack.get(s, stack.no_adapter_slot) for s in plan.slot_of_position()])
-        hidden, pooled = ort_lora.hidden_and_pooler(inputs, stack, index)
-        mask = inputs.get("attention_mask")
-        out = [None] * len(rows)
-        for seg in plan.segments:
-            adapter = adapters[seg.slot] if seg.slot >= 0 else None
-            answers = engine_forward.finish_segment(seg, ordered, adapter, hidden, mask, pooled, settings)
-            for pos, answer in zip(range(seg.start, seg.end), answers, strict=True):
-                out[plan.order[pos]] = answer
-        return out
-
-    return run_shared
-
-
-def test_lora_head_and_base_rows_on_the_ort_lora_graph_equal_torch(engine_store, monkeypatch):
-    engine = Engine(engine_store, base="tiny", settings=EngineSettings(threads=1))
-    items = _items()
-    for i, text in enumerate(TEXTS * 2):
-        name, _, _, _, labels = LORAS[i % len(LORAS)]
-        items.append(InferenceItem("beta", name, "classify" if labels else "embed", text=text))
-    torch_results = engine.infer(items)
-    ort_lora = OrtBackbone.from_store(
-        engine_store, engine_store.get_base("tiny"), variant="lora-fp32", threads=1
-    )
-    ort_shared, batches = onnx_run_shared(ort_lora), []
-    monkeypatch.setattr(
-        engine_module, "run_shared", lambda b, rows, s: batches.append(len(rows)) or ort_shared(b, rows, s)
-    )
-    ort_results = engine.infer(items)
-    assert batches == [len(items)]  # every row in one ORT call
+def _assert_same(items, torch_results, ort_results) -> None:
     for item, t, o in zip(items, torch_results, ort_results, strict=True):
         assert not isinstance(t, Exception) and not isinstance(o, Exception), (t, o)
         assert (o.adapter, o.version, o.digest) == (t.adapter, t.version, t.digest)
@@ -138,3 +96,18 @@ def test_lora_head_and_base_rows_on_the_ort_lora_graph_equal_torch(engine_store,
             np.testing.assert_allclose(o.scores, t.scores, atol=1e-4)
         else:
             np.testing.assert_allclose(o.embedding, t.embedding, atol=1e-4)
+
+
+def test_engine_runtime_onnx_equals_torch(engine_store):
+    """The real switch: EngineSettings(runtime='onnx') serves head, LoRA and bare-base rows on ORT."""
+    torch_engine = Engine(engine_store, base="tiny", settings=EngineSettings(threads=1))
+    ort_engine = Engine(engine_store, base="tiny", settings=EngineSettings(threads=1, runtime="onnx"))
+    heads_only = _items()
+    with_lora = heads_only + [
+        InferenceItem("beta", name, "classify" if labels else "embed", text=text)
+        for (name, _, _, _, labels), text in zip(LORAS, TEXTS, strict=False)
+    ]
+    for items in (heads_only, with_lora):
+        _assert_same(items, torch_engine.infer(items), ort_engine.infer(items))
+    assert ort_engine.ort is not None and ort_engine.ort.lora is not None
+    assert ort_engine.ort.calls == 2  # both batches ran on ORT, one call each

@@ -29,6 +29,7 @@ from serving.engine.cache import AdapterCache, Lease
 from serving.engine.forward import PreparedRow, run_full, run_shared
 from serving.engine.items import TASKS, InferenceItem, InferenceResult
 from serving.engine.loader import LoadedAdapter, load_adapter
+from serving.engine.ort_runtime import OrtRuntime
 from serving.engine.plan import chunk_rows, group_rows
 from serving.engine.resolver import AliasResolver
 from serving.engine.settings import EngineSettings
@@ -48,6 +49,11 @@ class Engine:
         self.store = store
         self.base = store.get_base(base)
         self.backbone = load_backbone(self.base)
+        self.ort = (
+            None
+            if self.settings.runtime == "torch"
+            else OrtRuntime.load(store, self.base, self.settings.runtime, self.settings.threads)
+        )
         self._cache = AdapterCache(self.settings.cache_bytes, pins=self.settings.pins)
         self._full = AdapterCache(_UNLIMITED, max_entries=self.settings.full_cache_size)
         self._resolver = AliasResolver(store, self.settings.alias_ttl_s)
@@ -138,7 +144,7 @@ class Engine:
                 if key[0] is not None:
                     answers = run_full(rows[0].adapter, rows, self.backbone, self.settings)
                 else:
-                    answers = run_shared(self.backbone, rows, self.settings)
+                    answers = run_shared(self.backbone, rows, self.settings, self.ort)
         except LoraplexError as e:
             answers = [e] * len(rows)
         except Exception as e:  # a bug must not take down other groups' rows

@@ -18,6 +18,7 @@ from serving.engine.backbone import Backbone, encode_images, encode_texts, pool,
 from serving.engine.items import InferenceItem, InferenceResult
 from serving.engine.loader import LoadedAdapter
 from serving.engine.lora_layers import gather_rows
+from serving.engine.ort_runtime import OrtRuntime
 from serving.engine.plan import MixedBatchPlan, Segment, assign_slots, plan_batch
 from serving.engine.settings import EngineSettings
 
@@ -108,17 +109,22 @@ def encode_rows(backbone: Backbone, rows: Sequence[PreparedRow], settings: Engin
 
 
 def run_shared(
-    backbone: Backbone, rows: Sequence[PreparedRow], settings: EngineSettings
+    backbone: Backbone, rows: Sequence[PreparedRow], settings: EngineSettings, ort: OrtRuntime | None = None
 ) -> list[InferenceResult]:
-    """Answer ``rows`` (none of kind 'full') with ONE pass of the shared backbone; results in row order."""
+    """Answer ``rows`` (none of kind 'full') with ONE pass of the shared backbone; results in row order.
+    With ``ort`` (runtime 'onnx') that pass runs on onnxruntime when the batch's adapters allow it."""
     plan, adapters = plan_rows(rows, backbone.num_layers)
     ordered = [rows[i] for i in plan.order]
     inputs = encode_rows(backbone, ordered, settings)
-    set_context(backbone, plan, adapters)
-    try:
-        hidden, pooled = run_model(backbone.model, inputs)
-    finally:
-        clear_context(backbone)
+    passed = ort.try_pass(plan, adapters, inputs) if ort is not None else None
+    if passed is not None:
+        hidden, pooled = passed
+    else:
+        set_context(backbone, plan, adapters)
+        try:
+            hidden, pooled = run_model(backbone.model, inputs)
+        finally:
+            clear_context(backbone)
     mask = inputs.get("attention_mask")
     out: list[InferenceResult | None] = [None] * len(rows)
     for seg in plan.segments:

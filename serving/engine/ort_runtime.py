@@ -1,0 +1,61 @@
+"""``runtime="onnx"``: the shared backbone pass on onnxruntime where the stored graphs can do it.
+
+Batches of head and bare-base rows run the base's validated plain export (fp32 or int8); batches that
+also hold LoRA rows run the ``lora-fp32`` graph (stacked A/B inputs + a per-row slot index) when it
+was exported. Anything a graph cannot express (IA3, partial blocks, LoRA on modules the graph does not
+take, images with LoRA) runs on the torch backbone, so every row is still answered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from adapters_store.errors import UnsupportedAdapter
+
+LORA_MANIFEST = "backbone-lora-fp32.json"
+
+
+@dataclass
+class OrtRuntime:
+    """The ORT sessions an engine uses instead of its torch backbone, created once at start."""
+
+    plain: Any  # serving.onnx_backbone.OrtBackbone over the fp32 or int8 export
+    lora: Any | None = None  # OrtLoraBackbone over the lora-fp32 export, when one is stored
+    calls: int = 0  # backbone passes served by ORT (the rest ran on torch)
+
+    @classmethod
+    def load(cls, store: Any, base: Any, runtime: str, threads: int) -> OrtRuntime:
+        from serving.onnx_backbone import OrtBackbone
+
+        plain = OrtBackbone.from_store(store, base, "int8" if runtime == "onnx-int8" else "fp32", threads)
+        lora = None
+        if store.has_artifact(base.name, base.fingerprint, LORA_MANIFEST):
+            lora = OrtBackbone.from_store(store, base, "lora-fp32", threads)
+        return cls(plain, lora)
+
+    def try_pass(self, plan: Any, adapters: list, inputs: dict) -> tuple[Any, Any] | None:
+        """(hidden, pooled) from ORT, or None when this batch needs the torch backbone."""
+        kinds = {a.kind for a in adapters}
+        if kinds <= {"head"}:
+            self.calls += 1
+            return self.plain.hidden_and_pooler(inputs)
+        if self.lora is None or not kinds <= {"head", "lora"} or "input_ids" not in inputs:
+            return None
+        try:
+            out = self._lora_pass(plan, adapters, inputs)
+        except UnsupportedAdapter:
+            return None  # e.g. a LoRA on a module the graph does not take
+        self.calls += 1
+        return out
+
+    def _lora_pass(self, plan: Any, adapters: list, inputs: dict) -> tuple[Any, Any]:
+        from serving.onnx_backbone import LoraWeights, stack_loras
+
+        lora_slots = [s for s, a in enumerate(adapters) if a.lora]
+        stack = stack_loras(self.lora.record, [LoraWeights.from_paths(adapters[s].lora) for s in lora_slots])
+        to_stack = {s: i for i, s in enumerate(lora_slots)}
+        index = np.array([to_stack.get(s, stack.no_adapter_slot) for s in plan.slot_of_position()])
+        return self.lora.hidden_and_pooler(inputs, stack, index)
