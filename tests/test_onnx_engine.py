@@ -77,14 +77,7 @@ def test_head_and_base_rows_on_ort_equal_torch(engine_store, monkeypatch):
     monkeypatch.setattr(engine_forward, "run_model", ort_run_model)
     ort_results = engine.infer(items)
     assert calls == [len(items)]  # one ORT call for the whole mixed batch
-    for item, t, o in zip(items, torch_results, ort_results, strict=True):
-        assert not isinstance(t, Exception) and not isinstance(o, Exception), (t, o)
-        assert (o.adapter, o.version, o.digest) == (t.adapter, t.version, t.digest)
-        if item.task == "classify":
-            assert o.labels == t.labels
-            np.testing.assert_allclose(o.scores, t.scores, atol=1e-4)
-        else:
-            np.testing.assert_allclose(o.embedding, t.embedding, atol=1e-4)
+    _assert_same(items, torch_results, ort_results)
 
 
 def _assert_same(items, torch_results, ort_results) -> None:

@@ -337,6 +337,27 @@ def _mount_optional() -> None:
         main.add_command(group, "onnx")
 
 
+SERVICE = "serving.service:LoraplexService"
+
+
+def service_command(host: str, port: int) -> list[str]:
+    """``bentoml serve`` of the loraplex service, from the project folder, in this interpreter."""
+    root = str(Path(__file__).resolve().parent.parent)
+    return [
+        sys.executable,
+        "-m",
+        "bentoml",
+        "serve",
+        SERVICE,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--working-dir",
+        root,
+    ]
+
+
 @main.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=3000, show_default=True, type=int)
@@ -348,20 +369,7 @@ def serve(host: str, port: int, base_name: str, insecure_dev: bool, store_url: s
     env = dict(os.environ, LORAPLEX_STORE=store_url, LORAPLEX_BASE=base_name)
     if insecure_dev:
         env["LORAPLEX_INSECURE_DEV"] = "1"
-    root = str(Path(__file__).resolve().parent.parent)
-    cmd = [
-        sys.executable,
-        "-m",
-        "bentoml",
-        "serve",
-        "serving.service:LoraplexService",
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--working-dir",
-        root,
-    ]
+    cmd = service_command(host, port)
     os.execvpe(cmd[0], cmd, env)
 
 

@@ -189,6 +189,7 @@ def demo_command(store_url: str, port: int, epochs: int, no_serve: bool) -> None
     import warnings
 
     from adapters_store import open_store
+    from training.cli import service_command
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     store = open_store(store_url)
@@ -213,20 +214,7 @@ def demo_command(store_url: str, port: int, epochs: int, no_serve: bool) -> None
         BENTOML_DO_NOT_TRACK="True",
         HF_HUB_OFFLINE="1",
     )
-    root = Path(__file__).resolve().parent.parent
-    cmd = [
-        sys.executable,
-        "-m",
-        "bentoml",
-        "serve",
-        "serving.service:LoraplexService",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--working-dir",
-        str(root),
-    ]
+    cmd = service_command("127.0.0.1", port)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     signal.signal(signal.SIGTERM, _interrupt)  # stop the service we started, not only ourselves
