@@ -44,12 +44,6 @@ def store(tmp_path, tiny_bert_dir):
     return s
 
 
-# Known engine findings (notes: reliability_findings.md 9, 10): serving/engine/ is not the reliability
-# helper's to edit until the lead's "SIGNAL: engine free". strict: the xfail turns red once fixed.
-ENGINE_PENDING = pytest.mark.xfail(strict=True, reason="engine finding awaiting 'SIGNAL: engine free'")
-
-
-@ENGINE_PENDING
 def test_forget_during_a_slow_resolve_is_not_undone(store):
     slow = SlowStore(store)
     resolver = AliasResolver(slow, ttl_s=60.0)
@@ -65,7 +59,6 @@ def test_forget_during_a_slow_resolve_is_not_undone(store):
     assert resolver.resolve("acme", "h").manifest.version == 2, "stale alias cached after forget()"
 
 
-@ENGINE_PENDING
 @pytest.mark.parametrize("words", [40, 400])
 def test_long_text_is_cut_to_the_base_positions(tiny_bert_dir, words):
     from serving.engine.backbone import encode_texts, load_backbone
