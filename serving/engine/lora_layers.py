@@ -21,7 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 LoraSegment = tuple[int, int, torch.Tensor, torch.Tensor]  # (start row, end row, A^T, B^T * scaling)
-SEGMENT_LIMIT = 2  # above this many LoRA segments in a layer, gather per-row A/B once per batch
+# Above this many LoRA segments in a layer, gather per-row A/B once per batch. Measured on a quiet box
+# (benchmarks/bench_engine.py): per-segment matmuls on views beat the gathered bmm pair even at 64
+# tenants in a batch of 64 ((b)/(a) 0.96 vs 0.78, (c)/(a) 0.92 vs 0.57), so the gather is a last resort.
+SEGMENT_LIMIT = 64
 
 
 def _row_refs(
