@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from safetensors.torch import save as save_safetensors  # noqa: E402
+from texts import sentences  # noqa: E402  (benchmarks/ is the script's folder)
 
 from adapters_store import Bundle, describe_base, open_store  # noqa: E402
 from adapters_store.bundle import HEAD_WEIGHTS_FILE, MODEL_WEIGHTS_FILE  # noqa: E402
@@ -41,18 +42,6 @@ from serving.engine import Engine, EngineSettings, InferenceItem, InferenceResul
 RESULTS = Path(__file__).resolve().parent / "results"
 LOAD_AT_START = os.getloadavg()
 LABELS = ["neg", "neu", "pos"]
-WORDS = (
-    "the quick brown fox jumps over a lazy dog while my order of fresh bread arrived late again "
-    "please refund the payment because service was slow yet staff were kind and helpful today"
-).split()
-
-
-def sentences(n: int, words: int = 14, seed: int = 0) -> list[str]:
-    g = torch.Generator().manual_seed(seed)
-    return [
-        " ".join(WORDS[i] for i in torch.randint(len(WORDS), (words,), generator=g).tolist())
-        for _ in range(n)
-    ]
 
 
 def rss_mb() -> float:

@@ -39,24 +39,13 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load as load_tensors  # noqa: E402
 from safetensors.torch import save as save_tensors  # noqa: E402
+from texts import sentences  # noqa: E402  (benchmarks/ is the script's folder)
 
 from adapters_store import describe_base, open_store  # noqa: E402
 from adapters_store.peft_import import bundle_from_peft_files  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 LABELS = ["neg", "neu", "pos"]
-WORDS = (
-    "the quick brown fox jumps over a lazy dog while my order of fresh bread arrived late again "
-    "please refund the payment because service was slow yet staff were kind and helpful today"
-).split()
-
-
-def sentences(n: int, words: int = 14, seed: int = 0) -> list[str]:
-    g = torch.Generator().manual_seed(seed)
-    return [
-        " ".join(WORDS[i] for i in torch.randint(len(WORDS), (words,), generator=g).tolist())
-        for _ in range(n)
-    ]
 
 
 def tenant_names(n: int) -> list[str]:
