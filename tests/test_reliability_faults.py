@@ -35,6 +35,31 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 TARGET = "serving.service:LoraplexService"
 
 
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
+def kill9_server(pid: int) -> None:
+    """kill -9 of the whole server: BentoML starts its workers in sessions of their own, so killing the
+    arbiter's process group alone would leave them running."""
+    workers = _children(pid)  # read before the kill: afterwards they are re-parented
+    os.killpg(pid, signal.SIGKILL)
+    for w in workers:
+        try:
+            os.kill(w, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def big_head(base, tenant: str, name: str, seed: int, hidden: int = 4096) -> Bundle:
     """A head bundle with a hidden layer (about 0.5 MB at hidden 4096): uploads long enough to be cut."""
     g = torch.Generator().manual_seed(seed)
@@ -130,7 +155,7 @@ def test_kill9_during_uploads_loses_nothing(tmp_path, tiny_bert_dir):
         last = rnd == rounds - 1
         if not last:
             time.sleep(rng.uniform(0.3, 2.5))
-            os.killpg(server.proc.pid, signal.SIGKILL)
+            kill9_server(server.proc.pid)
             server.proc.wait(10)
             kills += 1
         for t in threads:
