@@ -47,26 +47,7 @@ def test_register_push_list_show_promote_rm(run, tiny_bert_dir, tmp_path):
     fingerprint = json.loads(out.output)[0]["fingerprint"]
     assert len(fingerprint) == 64
     peft = save_peft_lora(tiny_bert_dir, tmp_path / "peft", r=4)
-    pushed = json.loads(
-        run(
-            "adapters",
-            "push",
-            str(peft),
-            "--tenant",
-            "acme",
-            "--name",
-            "intent",
-            "--base",
-            "tiny",
-            "--labels",
-            "a,b,c",
-            "--alias",
-            "production",
-            "--json",
-        ).output
-    )
-    assert pushed[0]["version"] == 1 and pushed[0]["kind"] == "lora"
-    run(
+    push = (
         "adapters",
         "push",
         str(peft),
@@ -79,6 +60,9 @@ def test_register_push_list_show_promote_rm(run, tiny_bert_dir, tmp_path):
         "--labels",
         "a,b,c",
     )
+    pushed = json.loads(run(*push, "--alias", "production", "--json").output)
+    assert pushed[0]["version"] == 1 and pushed[0]["kind"] == "lora"
+    run(*push)
     listed = json.loads(run("adapters", "list", "--json").output)
     assert listed[0]["versions"] == 2 and "production=v1" in listed[0]["aliases"]
     shown = json.loads(run("adapters", "show", "acme/intent@production", "--json").output)

@@ -24,10 +24,9 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from safetensors.torch import save as save_tensors
 
-from adapters_store import Bundle, HeadSpec
-from tests.helpers.bundles import head_bundle
+from adapters_store import Bundle
+from tests.helpers.bundles import head_bundle, head_bundle_from
 from tests.reliability_support import is_ready, record, stress_enabled
 from tests.service_support import ADMIN, seeded_store, serve_ready, service_env, tenant_auth
 
@@ -70,17 +69,7 @@ def big_head(base, tenant: str, name: str, seed: int, hidden: int = 4096) -> Bun
         "out.weight": torch.randn(3, hidden, generator=g) * 0.1,
         "out.bias": torch.randn(3, generator=g),
     }
-    return Bundle.build(
-        {"head.safetensors": save_tensors(tensors)},
-        tenant=tenant,
-        name=name,
-        kind="head",
-        task="text-classification",
-        labels=["a", "b", "c"],
-        base=base.ref,
-        pooling="mean",
-        head=HeadSpec(in_features=d, num_outputs=3, hidden=hidden, activation="tanh"),
-    )
+    return head_bundle_from(base, tensors, tenant, name, ["a", "b", "c"], activation="tanh")
 
 
 def upload(client: httpx.Client, bundle: Bundle, **fields: str) -> httpx.Response:

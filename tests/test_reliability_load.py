@@ -20,10 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
-from safetensors.torch import save as save_tensors
 
-from adapters_store import Bundle, HeadSpec, describe_base, open_store
-from tests.helpers.bundles import head_bundle
+from adapters_store import Bundle, describe_base, open_store
+from tests.helpers.bundles import head_bundle, head_bundle_from
 from tests.reliability_support import proc_status, record, serving_worker, stress_enabled
 from tests.service_support import ADMIN, BASE, serve_ready, service_env
 
@@ -50,18 +49,7 @@ def fingerprint_head(base, tenant: str, name: str, serial: int) -> Bundle:
     d = base.hidden_size
     bias = torch.tensor(fingerprint_bias(TENANTS.index(tenant), serial))
     tensors = {"out.weight": torch.zeros(3, d), "out.bias": bias}
-    return Bundle.build(
-        {"head.safetensors": save_tensors(tensors)},
-        tenant=tenant,
-        name=name,
-        kind="head",
-        task="text-classification",
-        labels=["a", "b", "c"],
-        base=base.ref,
-        pooling="mean",
-        head=HeadSpec(in_features=d, num_outputs=3),
-        metadata={"serial": serial},
-    )
+    return head_bundle_from(base, tensors, tenant, name, ["a", "b", "c"])
 
 
 def expected_scores(bias: list[float]) -> list[float]:

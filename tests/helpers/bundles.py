@@ -62,6 +62,31 @@ def lora_bundle(
     return import_peft_dir(folder, tenant, name, base, labels=labels or None)
 
 
+def head_bundle_from(
+    base: BaseModelEntry,
+    tensors: dict,
+    tenant: str,
+    name: str,
+    labels: list[str],
+    pooling: str = "mean",
+    activation: str = "relu",
+) -> Bundle:
+    """A text-classification head bundle from ``out.*`` (and optional ``hidden.*``) tensors."""
+    hidden = tensors["hidden.weight"].shape[0] if "hidden.weight" in tensors else None
+    in_features = tensors["hidden.weight" if hidden else "out.weight"].shape[1]
+    return Bundle.build(
+        {"head.safetensors": save_tensors(tensors)},
+        tenant=tenant,
+        name=name,
+        kind="head",
+        task="text-classification",
+        labels=labels,
+        base=base.ref,
+        pooling=pooling,
+        head=HeadSpec(in_features=in_features, num_outputs=len(labels), hidden=hidden, activation=activation),
+    )
+
+
 def head_bundle(
     base: BaseModelEntry,
     tenant: str = "acme",
@@ -76,14 +101,4 @@ def head_bundle(
         "out.weight": torch.randn(num_labels, hidden, generator=g),
         "out.bias": torch.randn(num_labels, generator=g),
     }
-    return Bundle.build(
-        {"head.safetensors": save_tensors(tensors)},
-        tenant=tenant,
-        name=name,
-        kind="head",
-        task="text-classification",
-        labels=[f"c{i}" for i in range(num_labels)],
-        base=base.ref,
-        pooling=pooling,
-        head=HeadSpec(in_features=hidden, num_outputs=num_labels),
-    )
+    return head_bundle_from(base, tensors, tenant, name, [f"c{i}" for i in range(num_labels)], pooling)
