@@ -123,6 +123,19 @@ class LocalStore(ObjectStore):
                     continue  # deleted while listing
         return out
 
+    def _names(self, prefix: str) -> list[str]:
+        # One scandir, no stat per file: a version folder can hold thousands of manifests.
+        base = self._path(prefix.rstrip("/"))
+        if self._linked(base):
+            return []
+        try:
+            with os.scandir(base) as entries:
+                return [
+                    e.name for e in entries if not e.name.startswith(".") and e.is_file(follow_symlinks=False)
+                ]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
     def _sweep_backend(self, grace_s: float) -> int:
         removed, now = 0, time.time()
         for dirpath, _, filenames in os.walk(self.root):

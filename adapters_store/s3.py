@@ -78,6 +78,14 @@ class S3Store(ObjectStore):
                 out.append((obj["Key"][len(self.prefix) :], obj["LastModified"].timestamp()))
         return out
 
+    def _names(self, prefix: str) -> list[str]:
+        # Delimiter '/': the server leaves out everything in sub-folders.
+        out, start = [], len(self._k(prefix))
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self._k(prefix), Delimiter="/"):
+            out.extend(obj["Key"][start:] for obj in page.get("Contents", []))
+        return out
+
     def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist (tests and first-time setup)."""
         from botocore.exceptions import ClientError

@@ -93,6 +93,16 @@ class ObjectStore(ABC):
     def _list(self, prefix: str) -> list[tuple[str, float]]:
         """(key, modified time) of every object under ``prefix`` (a folder-like prefix ending in '/')."""
 
+    def _names(self, prefix: str) -> list[str]:
+        """Names of the objects directly under ``prefix`` (not in sub-folders). Serving lists a version
+        folder on every unaliased resolve, so backends override this with a cheaper listing."""
+        out = []
+        for key, _ in self._list(prefix):
+            rest = key[len(prefix) :]
+            if "/" not in rest:
+                out.append(rest)
+        return out
+
     # -- bases ------------------------------------------------------------------------------------
     def register_base(self, entry: BaseModelEntry) -> BaseModelEntry:
         key = f"bases/{validate_name(entry.name, 'base name')}.json"
@@ -144,7 +154,9 @@ class ObjectStore(ABC):
             stamped = m.model_copy(update={"version": version})
             if self._create(f"{root}versions/{version}.json", stamped.to_json()):
                 return stamped
-            version += 1
+            # Taken by a concurrent put: jump past everything taken meanwhile, not one number at a time
+            # (each try is a durable write; 32 writers on one name exhausted the retries stepping by one).
+            version = max(version + 1, self._next_version(m.tenant, m.name))
         raise Conflict(f"{m.tenant}/{m.name}: too many concurrent puts; retry")
 
     def resolve(self, ref: AdapterRef | str) -> AdapterManifest:
@@ -189,10 +201,10 @@ class ObjectStore(ABC):
     def aliases(self, tenant: str, name: str) -> dict[str, int]:
         prefix = f"{self._adapter_root(tenant, name)}aliases/"
         out = {}
-        for key, _ in self._list(prefix):
-            alias = key[len(prefix) :].removesuffix(".json")
+        for file_name in self._names(prefix):
+            alias = file_name.removesuffix(".json")
             try:
-                out[alias] = int(json.loads(self._read(key))["version"])
+                out[alias] = int(json.loads(self._read(prefix + file_name))["version"])
             except (NotFound, KeyError, ValueError, TypeError):
                 continue  # deleted meanwhile, or damaged: an alias that does not parse points nowhere
         versions = self._versions(tenant, name)
@@ -229,8 +241,8 @@ class ObjectStore(ABC):
 
     def _tombstones(self, root: str) -> dict[int, str]:
         prefix = f"{root}deleted/"
-        stems = {k: k[len(prefix) :].removesuffix(".json") for k, _ in self._list(prefix)}
-        return {int(v): k for k, v in stems.items() if v.isdigit()}
+        stems = {prefix + n: n.removesuffix(".json") for n in self._names(prefix)}
+        return {int(v): k for k, v in stems.items() if v.isascii() and v.isdigit()}
 
     def _compact_tombstones(self, root: str) -> None:
         # Only the highest matters; removing lower ones is safe under concurrency (the max stays).
@@ -304,12 +316,8 @@ class ObjectStore(ABC):
 
     def _versions(self, tenant: str, name: str) -> list[int]:
         prefix = f"{self._adapter_root(tenant, name)}versions/"
-        out = []
-        for key, _ in self._list(prefix):
-            stem = key[len(prefix) :].removesuffix(".json")
-            if stem.isdigit():
-                out.append(int(stem))
-        return sorted(out)
+        stems = (n.removesuffix(".json") for n in self._names(prefix))
+        return sorted(int(s) for s in stems if s.isascii() and s.isdigit())
 
     def _next_version(self, tenant: str, name: str) -> int:
         """One past the newest version, deleted ones included (their tombstones)."""

@@ -2,9 +2,9 @@
 
 Admin (admin token): ``/v1/admin/...`` upload, list, show, promote/rollback aliases, delete, warm, pin,
 cache status. Tenants (tenant token): ``/v1/adapters[/{name}]`` show their own adapters only; another
-tenant's adapter and a missing one give the same 404. Every change invalidates this replica's engine
-entries for that adapter, so it serves the new state at once; other replicas follow within the
-engine's alias TTL.
+tenant's adapter and a missing one give the same 404. Every change makes this replica's engine resolve
+that adapter afresh, so it serves the new state at once (a delete also frees what the deleted versions
+had loaded); other replicas follow within the engine's alias TTL.
 """
 
 from __future__ import annotations
@@ -61,9 +61,15 @@ class ManagementContext:
             raise ServiceUnavailable("the adapter store is not open yet; retry when /readyz is 200")
         return self.store
 
-    def invalidate(self, tenant: str, name: str | None = None) -> None:
+    def changed(self, tenant: str, name: str) -> None:
+        """A version was registered or an alias moved: resolve afresh, keep what is loaded."""
         if self.engine is not None:
-            self.engine.invalidate(tenant, name)
+            self.engine.forget_resolutions(tenant, name)
+
+    def invalidate(self, tenant: str, name: str | None = None, version: int | None = None) -> None:
+        """Something was deleted: resolve afresh and free what it had loaded."""
+        if self.engine is not None:
+            self.engine.invalidate(tenant, name, version)
 
 
 CONTEXT = ManagementContext()
@@ -215,7 +221,7 @@ async def upload_version(request: Request, ctx: ManagementContext):
     manifest = await run_in_threadpool(store.put, bundle)
     if alias:
         await run_in_threadpool(store.set_alias, tenant, name, alias, manifest.version)
-    ctx.invalidate(tenant, name)
+    ctx.changed(tenant, name)
     logger.info("registered %s/%s@%s (%s)", tenant, name, manifest.version, manifest.digest[:12])
     return {**version_view(manifest), "alias": alias}
 
@@ -234,7 +240,7 @@ async def delete_version(request: Request, ctx: ManagementContext):
     tenant, name = path_names(request)
     version = path_version(request)
     await run_in_threadpool(ctx.need_store().delete_version, tenant, name, version)
-    ctx.invalidate(tenant, name)
+    ctx.invalidate(tenant, name, version)
     return {"tenant": tenant, "name": name, "deleted_version": version}
 
 
@@ -245,7 +251,7 @@ async def set_alias(request: Request, ctx: ManagementContext):
     alias = validate_alias(request.path_params["alias"])
     body = await json_body(request, AliasRequest)
     await run_in_threadpool(ctx.need_store().set_alias, tenant, name, alias, body.version)
-    ctx.invalidate(tenant, name)
+    ctx.changed(tenant, name)
     return {"tenant": tenant, "name": name, "alias": alias, "version": body.version}
 
 
@@ -255,7 +261,7 @@ async def delete_alias(request: Request, ctx: ManagementContext):
     tenant, name = path_names(request)
     alias = validate_alias(request.path_params["alias"])
     await run_in_threadpool(ctx.need_store().delete_alias, tenant, name, alias)
-    ctx.invalidate(tenant, name)
+    ctx.changed(tenant, name)
     return {"tenant": tenant, "name": name, "deleted_alias": alias}
 
 
@@ -267,7 +273,7 @@ async def rollback(request: Request, ctx: ManagementContext):
     store = ctx.need_store()
     target = await run_in_threadpool(rollback_target, store, tenant, name, alias)
     await run_in_threadpool(store.set_alias, tenant, name, alias, target[1])
-    ctx.invalidate(tenant, name)
+    ctx.changed(tenant, name)
     return {"tenant": tenant, "name": name, "alias": alias, "from_version": target[0], "version": target[1]}
 
 

@@ -104,7 +104,7 @@ def test_concurrent_misses_load_once():
 def test_invalidate_while_leased_then_reload_keeps_counts_apart():
     cache = AdapterCache(max_bytes=100)
     old = cache.acquire("a", ("t", "a"), _loader("old", 10))
-    assert cache.invalidate(lambda owner: owner == ("t", "a")) == 1
+    assert cache.invalidate(lambda owner, _value: owner == ("t", "a")) == 1
     new = cache.acquire("a", ("t", "a"), _loader("new", 10))
     assert old.value == "old" and new.value == "new"
     old.release()  # must not release the new entry's lease
@@ -207,3 +207,25 @@ def test_concurrent_infer_with_evictions_answers_every_row_correctly(head_store)
     assert not errors
     stats = engine.cache_stats()
     assert stats["evictions"] > 0 and stats["leased"] == 0 and stats["bytes_used"] <= 600
+
+
+def test_register_and_alias_moves_keep_loaded_versions_deletes_free_them(head_store):
+    """Finding 12: every admin change used to drop the adapter's loaded versions, so under churn each
+    request cold-loaded. Versions are content-addressed: only a delete needs to free anything."""
+    store, base = head_store
+    store.put(head_bundle(base, "acme", "intent", 1, ["a", "b"])[0])
+    engine = Engine(store, base="tiny", settings=EngineSettings(alias_ttl_s=60.0, threads=1))
+    item = InferenceItem("acme", "intent", "classify", text="hi")
+    assert engine.infer([item])[0].version == 1
+    store.put(head_bundle(base, "acme", "intent", 2, ["a", "b"])[0])
+    engine.forget_resolutions("acme", "intent")  # what the register route does
+    assert engine.infer([item])[0].version == 2
+    store.set_alias("acme", "intent", "production", 1)
+    engine.forget_resolutions("acme", "intent")
+    assert engine.infer([item])[0].version == 1
+    stats = engine.cache_stats()
+    assert (stats["loads"], stats["entries"], stats["hits"]) == (2, 2, 1)  # v1 came back from the cache
+    store.delete_version("acme", "intent", 1)
+    assert engine.invalidate("acme", "intent", version=1) == 1
+    assert engine.infer([item])[0].version == 2  # production went with v1: latest answers
+    assert engine.cache_stats()["entries"] == 1 and engine.cache_stats()["loads"] == 2

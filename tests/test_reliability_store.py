@@ -100,3 +100,33 @@ def test_deeply_nested_safetensors_header_is_a_validation_error():
     data = raw_safetensors(b"[" * 50_000 + b"]" * 50_000, b"\0" * 8)
     with pytest.raises(ValidationError, match="nested"):
         parse_safetensors(data, "x.safetensors", StoreLimits())
+
+
+def test_planted_names_in_a_version_folder_are_ignored(tmp_path, store_and_base):
+    store, base = store_and_base
+    store.put(head_bundle(base, name="h", seed=1))
+    versions = tmp_path / "store/tenants/acme/adapters/h/versions"
+    (versions / "7.json").symlink_to(versions / "1.json")  # a link is never followed
+    (versions / "\u00b2.json").write_text("{}")  # a non-ASCII digit is not a version number
+    (versions / ".9.json").write_text("{}")  # hidden (the store's own temp files start with '.')
+    assert [m.version for m in store.list_versions("acme", "h")] == [1]
+    assert store.resolve("acme/h").version == 1
+    assert store.put(head_bundle(base, name="h", seed=2)).version == 2
+
+
+def test_put_that_loses_races_jumps_past_taken_numbers(store_and_base, monkeypatch):
+    """Finding 12: 32 writers on one name got 409 'too many concurrent puts' because a put that lost a
+    race stepped one number at a time. A stale first listing (here: 70 numbers taken since) must not
+    exhaust the retries."""
+    store, base = store_and_base
+    for seed in range(70):
+        store.put(head_bundle(base, name="h", seed=seed))
+    real, calls = store._next_version, []
+
+    def stale_first(tenant, name):
+        calls.append(name)
+        return 1 if len(calls) == 1 else real(tenant, name)
+
+    monkeypatch.setattr(store, "_next_version", stale_first)
+    assert store.put(head_bundle(base, name="h", seed=1000)).version == 71
+    assert len(calls) == 2

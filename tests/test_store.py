@@ -155,3 +155,31 @@ def test_lora_round_trip_keeps_bytes(any_store, tiny_bert_dir, base, tmp_path):
     got = any_store.get(f"acme/intent@{m.version}")
     assert got.files == bundle.files
     assert got.manifest.kind == "lora" and got.manifest.task == "text-classification"
+
+
+def test_hot_paths_list_one_folder_not_the_whole_tree(any_store, base, monkeypatch):
+    """Finding 12: put, resolve and alias changes used to walk (and stat) every file under the adapter;
+    with thousands of versions that starved inference. They must only list a folder's direct names."""
+    for seed in (1, 2, 3):
+        any_store.put(head_bundle(base, seed=seed))
+
+    def no_walk(prefix):
+        raise AssertionError(f"hot path walked {prefix!r}")
+
+    monkeypatch.setattr(any_store, "_list", no_walk)
+    assert any_store.put(head_bundle(base, seed=4)).version == 4
+    assert any_store.resolve("acme/head").version == 4
+    any_store.set_alias("acme", "head", "production", 2)
+    assert any_store.aliases("acme", "head") == {"production": 2, "latest": 4}
+    any_store.delete_version("acme", "head", 2)
+    any_store.delete_version("acme", "head", 4)
+    assert any_store.aliases("acme", "head") == {"latest": 3}
+    assert any_store.put(head_bundle(base, seed=5)).version == 5  # the tombstone of 4 still counts
+
+
+def test_names_lists_direct_children_only(any_store, base):
+    any_store.put(head_bundle(base, seed=1))
+    any_store._write("tenants/acme/adapters/head/versions/sub/9.json", b"{}")
+    assert sorted(any_store._names("tenants/acme/adapters/head/versions/")) == ["1.json"]
+    assert [m.version for m in any_store.list_versions("acme", "head")] == [1]
+    assert any_store._names("tenants/acme/adapters/none/versions/") == []

@@ -152,10 +152,11 @@ class AdapterCache:
             self._pins.discard(owner_pattern)
             self._trim()
 
-    def invalidate(self, predicate: Callable[[Owner], bool]) -> int:
-        """Forget matching entries now. A batch holding one keeps its own reference until it ends."""
+    def invalidate(self, predicate: Callable[[Owner, Any], bool]) -> int:
+        """Forget entries for which ``predicate(owner, value)`` holds now. A batch holding one keeps its
+        own reference until it ends."""
         with self._lock:
-            keys = [k for k, e in self._entries.items() if predicate(e.owner)]
+            keys = [k for k, e in self._entries.items() if predicate(e.owner, e.value)]
             for key in keys:
                 self._drop(key)
             return len(keys)

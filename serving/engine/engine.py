@@ -175,12 +175,22 @@ class Engine:
         self._cache.unpin(pattern)
         self._full.unpin(pattern)
 
-    def invalidate(self, tenant: str, name: str | None = None) -> int:
-        """Forget cached resolutions and adapters of ``tenant`` (or one adapter); returns entries dropped."""
+    def forget_resolutions(self, tenant: str, name: str | None = None) -> None:
+        """After a register or an alias change: the next request resolves afresh. Loaded adapters stay:
+        they are keyed by content digest, and no stored version's content ever changes."""
         self._resolver.forget(tenant, name)
 
-        def match(owner: tuple[str, str]) -> bool:
-            return owner[0] == tenant and (name is None or owner[1] == name)
+    def invalidate(self, tenant: str, name: str | None = None, version: int | None = None) -> int:
+        """After a delete: forget resolutions of ``tenant`` (or one adapter) and drop its loaded
+        adapters (or only ``version``'s); returns the entries dropped."""
+        self._resolver.forget(tenant, name)
+
+        def match(owner: tuple[str, str], loaded: LoadedAdapter) -> bool:
+            return (
+                owner[0] == tenant
+                and (name is None or owner[1] == name)
+                and (version is None or loaded.manifest.version == version)
+            )
 
         return self._cache.invalidate(match) + self._full.invalidate(match)
 
