@@ -18,6 +18,7 @@ concurrent puts race for N; the loser retries with N+1, so both land with distin
 from __future__ import annotations
 
 import json
+import threading
 import time
 from abc import ABC, abstractmethod
 from typing import Protocol, runtime_checkable
@@ -36,6 +37,9 @@ from adapters_store.names import LATEST, AdapterRef, validate_alias, validate_na
 from adapters_store.validation import StoreLimits, validate_bundle
 
 _PUT_RETRIES = 64
+# Puts on one name in one process take turns for a number (the conditional create still guards across
+# processes): 32 threads racing for the same next number starved some of them into a 409.
+_NUMBER_LOCKS = tuple(threading.Lock() for _ in range(64))
 
 
 @runtime_checkable
@@ -149,14 +153,14 @@ class ObjectStore(ABC):
         for entry_name, data in bundle.files.items():
             # Rewritten on every put: refreshes the blob's age so a concurrent sweep keeps it.
             self._write(f"tenants/{m.tenant}/blobs/{m.files[entry_name].sha256}", data)
-        version = self._next_version(m.tenant, m.name)
-        for _ in range(_PUT_RETRIES):
-            stamped = m.model_copy(update={"version": version})
-            if self._create(f"{root}versions/{version}.json", stamped.to_json()):
-                return stamped
-            # Taken by a concurrent put: jump past everything taken meanwhile, not one number at a time
-            # (each try is a durable write; 32 writers on one name exhausted the retries stepping by one).
-            version = max(version + 1, self._next_version(m.tenant, m.name))
+        with _NUMBER_LOCKS[hash((self.url, root)) % len(_NUMBER_LOCKS)]:
+            version = self._next_version(m.tenant, m.name)
+            for _ in range(_PUT_RETRIES):
+                stamped = m.model_copy(update={"version": version})
+                if self._create(f"{root}versions/{version}.json", stamped.to_json()):
+                    return stamped
+                # Taken by another process: jump past everything taken meanwhile, not one at a time.
+                version = max(version + 1, self._next_version(m.tenant, m.name))
         raise Conflict(f"{m.tenant}/{m.name}: too many concurrent puts; retry")
 
     def resolve(self, ref: AdapterRef | str) -> AdapterManifest:

@@ -114,6 +114,7 @@ class LoraplexService:
         STATE.cache_stats = lambda: self.engine.cache_stats() if self.engine is not None else {}
         CONTEXT.store, CONTEXT.base = self.store, self.base
         CONTEXT.max_upload_bytes = settings.limits.max_upload_bytes
+        CONTEXT.max_management = settings.limits.max_management
         self.tokens = self._token_counter()
         metrics.set_ready(False)
         # Load the backbone off the startup path: /livez answers at once, /readyz once it is loaded.

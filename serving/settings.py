@@ -45,6 +45,12 @@ class LimitSettings(BaseModel):
     max_inflight: int = Field(
         default=512, ge=1, le=1 << 20, description="Requests in progress at once; more get 429 at once."
     )
+    max_management: int = Field(
+        default=2,
+        ge=1,
+        le=256,
+        description="Management and listing requests handled at once; more wait their turn (inference never does).",
+    )
     max_queue_ms: int = Field(
         default=10_000, ge=10, le=600_000, description="Longest an inference item may wait to be batched."
     )
