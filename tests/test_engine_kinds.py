@@ -70,9 +70,8 @@ def test_full_fine_tunes_use_a_dedicated_lru_and_match_their_own_model(tmp_path,
 
 @pytest.fixture(scope="module")
 def vit_world(tmp_path_factory, tiny_vit_dir):
-    # LoRA on ViT is not exercised: transformers 5 renames ViT modules at load time (layers.N.attention.q_proj)
-    # while the checkpoint keeps encoder.layer.N.attention.attention.query, and the store validates PEFT keys
-    # against the checkpoint names. Heads on the shared ViT backbone are.
+    # Heads on the shared ViT backbone; ViT LoRA is tests/test_store_vit.py, ViT partial/full are
+    # tests/test_training_roundtrip.py.
     root = tmp_path_factory.mktemp("vit")
     store = open_store(root / "store")
     base = store.register_base(describe_base("vit", tiny_vit_dir))

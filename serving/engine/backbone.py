@@ -38,6 +38,8 @@ class Backbone:
     layers: list[LayerSwitch]  # encoder blocks; [] when the architecture has none to switch
     layer_factory: Callable[[int], nn.Module] | None
     feature_dim: int
+    layer_prefix: str = "encoder.layer."  # in-memory path of block N is f"{layer_prefix}{N}"
+    to_memory: Callable[[str], str] = str  # checkpoint weight name -> in-memory name
 
     @property
     def prefix(self) -> str:
@@ -60,7 +62,7 @@ def load_backbone(entry: BaseModelEntry) -> Backbone:
     config = AutoConfig.from_pretrained(folder)
     model = AutoModel.from_pretrained(folder, config=config).eval()
     modality: Modality = "image" if hasattr(config, "num_channels") else "text"
-    encoder_layers = _encoder_layers(model)
+    layer_prefix, encoder_layers = _encoder_layers(model)
     factory = _layer_factory(type(encoder_layers[0]), model.config) if encoder_layers is not None else None
     linears = wrap_linears(model)  # before wrap_layers, so paths stay the base's weight names
     layers = wrap_layers(encoder_layers) if encoder_layers is not None else []
@@ -73,13 +75,41 @@ def load_backbone(entry: BaseModelEntry) -> Backbone:
         layers=layers,
         layer_factory=factory,
         feature_dim=_feature_dim(config),
+        layer_prefix=layer_prefix,
+        to_memory=checkpoint_to_memory(model),
     )
 
 
-def _encoder_layers(model: nn.Module) -> nn.ModuleList | None:
-    encoder = getattr(model, "encoder", None)
-    layers = getattr(encoder, "layer", None)
-    return layers if isinstance(layers, nn.ModuleList) and len(layers) > 0 else None
+def _encoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList | None]:
+    """(in-memory path prefix, blocks): BERT keeps ``encoder.layer``; transformers 5 ViT has ``layers``."""
+    for prefix, layers in (("encoder.layer.", getattr(getattr(model, "encoder", None), "layer", None)),
+                           ("layers.", getattr(model, "layers", None))):  # fmt: skip
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return prefix, layers
+    return "encoder.layer.", None
+
+
+def checkpoint_to_memory(model: nn.Module) -> Callable[[str], str]:
+    """Checkpoint weight name -> the model's in-memory name. Bundles hold checkpoint names (what the
+    registry validates against), but transformers 5 renames some modules at load and back on save (ViT:
+    ``encoder.layer.0.attention.attention.query`` is ``layers.0.attention.q_proj``). The renamings are
+    the ones ``from_pretrained`` applies; a fusing converter (none for the bases served here) is refused."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    if not renamings and not converters:
+        return str
+
+    def rename(key: str) -> str:
+        new, converter = rename_source_key(key, renamings, converters)
+        if converter is not None:
+            raise ValidationError(f"weight {key!r} is stored fused in memory; this engine cannot serve it")
+        return new
+
+    return rename
 
 
 def _layer_factory(cls: type[nn.Module], config: Any) -> Callable[[int], nn.Module]:
@@ -113,6 +143,7 @@ def build_full_model(backbone: Backbone, state: dict[str, torch.Tensor]) -> nn.M
     from transformers import AutoModel
 
     model = AutoModel.from_config(backbone.model.config).eval()
+    state = {backbone.to_memory(k): t for k, t in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:

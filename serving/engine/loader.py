@@ -234,10 +234,15 @@ def _load_partial(bundle: Bundle, backbone: Backbone, loaded: LoadedAdapter) -> 
     per_layer: dict[int, dict[str, torch.Tensor]] = {}
     pooler: dict[str, torch.Tensor] = {}
     for key, t in _strip(_tensors(bundle, MODEL_WEIGHTS_FILE), backbone).items():
+        # Bundles hold checkpoint names; blocks are built under their in-memory names (ViT differs).
         if key.startswith("pooler.dense."):
             pooler[key.removeprefix("pooler.dense.")] = t
         elif (m := _LAYER_KEY.match(key)) and int(m["idx"]) >= first:
-            per_layer.setdefault(int(m["idx"]), {})[m["rest"]] = t
+            block_prefix = f"{backbone.layer_prefix}{m['idx']}."
+            name = backbone.to_memory(key)
+            if not name.startswith(block_prefix):
+                raise ValidationError(f"{MODEL_WEIGHTS_FILE}: {key!r} does not belong to block {m['idx']}")
+            per_layer.setdefault(int(m["idx"]), {})[name.removeprefix(block_prefix)] = t
         else:
             raise ValidationError(f"{MODEL_WEIGHTS_FILE}: {key!r} is not a block at or above layer {first}")
     for idx in range(first, backbone.num_layers):
