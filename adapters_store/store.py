@@ -157,8 +157,14 @@ class ObjectStore(ABC):
             version = self._next_version(m.tenant, m.name)
             for _ in range(_PUT_RETRIES):
                 stamped = m.model_copy(update={"version": version})
-                if self._create(f"{root}versions/{version}.json", stamped.to_json()):
-                    return stamped
+                key = f"{root}versions/{version}.json"
+                if self._create(key, stamped.to_json()):
+                    # A delete writes its tombstone before removing the manifest, so no tombstone at or
+                    # above N means N was never served before. Otherwise another process took N and it
+                    # was deleted since we listed: '@N' must never name other weights, so withdraw.
+                    if max(self._tombstones(root), default=0) < version:
+                        return stamped
+                    self._delete(key)
                 # Taken by another process: jump past everything taken meanwhile, not one at a time.
                 version = max(version + 1, self._next_version(m.tenant, m.name))
         raise Conflict(f"{m.tenant}/{m.name}: too many concurrent puts; retry")

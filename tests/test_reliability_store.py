@@ -130,3 +130,22 @@ def test_put_that_loses_races_jumps_past_taken_numbers(store_and_base, monkeypat
     monkeypatch.setattr(store, "_next_version", stale_first)
     assert store.put(head_bundle(base, name="h", seed=1000)).version == 71
     assert len(calls) == 2
+
+
+def test_put_never_reuses_a_number_deleted_since_it_listed(store_and_base, monkeypatch):
+    """Another replica took v3 and it was deleted between this put's listing and its create: the create
+    succeeds (versions/3.json is gone) but '@3' once named other weights, so the put must not keep 3."""
+    store, base = store_and_base
+    for seed in (1, 2, 3):
+        store.put(head_bundle(base, name="h", seed=seed))
+    store.delete_version("acme", "h", 3)
+    real, calls = store._next_version, []
+
+    def stale_first(tenant, name):
+        calls.append(name)
+        return 3 if len(calls) == 1 else real(tenant, name)  # what it listed before the delete
+
+    monkeypatch.setattr(store, "_next_version", stale_first)
+    m = store.put(head_bundle(base, name="h", seed=4))
+    assert m.version == 4
+    assert [v.version for v in store.list_versions("acme", "h")] == [1, 2, 4]
