@@ -188,7 +188,7 @@ def run_workload(setup: dict, feed: dict[str, np.ndarray], rounds: int, reps: in
     fp32 = OrtBackbone.from_store(store, entry, "fp32", threads=threads)
     int8 = OrtBackbone.from_store(store, entry, "int8", threads=threads)
     lora_bb: OrtLoraBackbone = OrtBackbone.from_store(store, entry, "lora-fp32", threads=threads)
-    adapters = random_adapters(16, lora_bb.record.lora["num_layers"], fp32.hidden_size)
+    adapters = random_adapters(16, lora_bb.record.lora.num_layers, fp32.hidden_size)
     stack = stack_loras(lora_bb.record, adapters)
     batch = feed["input_ids"].shape[0]
     idx = np.arange(batch) % 16
@@ -232,7 +232,7 @@ def run_workload(setup: dict, feed: dict[str, np.ndarray], rounds: int, reps: in
 
 def lora_quality(lora_bb, stack, idx, ids, mask, entry) -> dict[str, float]:
     """Mixed-LoRA graph vs the same gathered LoRA in torch eager (max abs diff of mean-pooled)."""
-    module = LoraTextFeatures(load_base_model(entry), list(lora_bb.record.lora["targets"])).eval()
+    module = LoraTextFeatures(load_base_model(entry), list(lora_bb.record.lora.targets)).eval()
     tensors = [torch.from_numpy(v) for v in stack.arrays.values()]
     with torch.inference_mode():
         ref = module(

@@ -26,23 +26,19 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from adapters_store.base_models import BaseModelEntry
 from adapters_store.errors import IntegrityError, UnsafeFormat, UnsupportedAdapter, ValidationError
+from adapters_store.onnx_artifacts import (
+    VARIANTS,
+    LoraGraphRecord,
+    OnnxExportManifest,
+    Variant,
+    graph_file,
+    manifest_file,
+)
 
-Variant = Literal["fp32", "int8", "lora-fp32"]
-VARIANTS: tuple[str, ...] = ("fp32", "int8", "lora-fp32")
-_SCHEMA_VERSION = 1
 HIDDEN_OUTPUT = "last_hidden_state"
-
-
-def graph_file(variant: str) -> str:
-    return f"backbone-{variant}.onnx"
-
-
-def manifest_file(variant: str) -> str:
-    return f"backbone-{variant}.json"
 
 
 @dataclass(frozen=True)
@@ -76,26 +72,6 @@ class OrtSettings:
         return opts
 
 
-class ExportRecord(BaseModel):
-    """The fields of the export manifest (written by training/onnx_export) that serving relies on."""
-
-    model_config = ConfigDict(frozen=True, extra="ignore")
-
-    schema_version: Literal[1]
-    base: str
-    fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
-    variant: Variant
-    modality: Literal["text", "image"]
-    graph_file: str
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    size: int = Field(gt=0)
-    outputs: list[str]
-    pooling_outputs: dict[str, str]
-    hidden_size: int = Field(gt=0)
-    inputs: list[dict[str, Any]]
-    lora: dict[str, Any] | None = None
-
-
 @dataclass(frozen=True)
 class BackboneFeatures:
     """Pooled features of one batch: ``mean``/``cls``/``pooler`` are [batch, hidden] float32."""
@@ -113,13 +89,13 @@ class BackboneFeatures:
         return getattr(self, pooling)
 
 
-def load_export(store: Any, entry: BaseModelEntry, variant: str) -> tuple[ExportRecord, bytes]:
+def load_export(store: Any, entry: BaseModelEntry, variant: str) -> tuple[OnnxExportManifest, bytes]:
     """Read and check the base's export manifest and graph bytes; raise before anything is run."""
     if variant not in VARIANTS:
         raise ValidationError(f"unknown ONNX variant {variant!r}; known: {', '.join(VARIANTS)}")
     raw = store.get_artifact(entry.name, entry.fingerprint, manifest_file(variant))
     try:
-        record = ExportRecord.model_validate_json(raw)
+        record = OnnxExportManifest.model_validate_json(raw)
     except Exception as e:
         raise IntegrityError(
             f"base {entry.name!r}: ONNX export manifest is invalid ({str(e)[:300]})"
@@ -134,7 +110,7 @@ def load_export(store: Any, entry: BaseModelEntry, variant: str) -> tuple[Export
     return record, graph
 
 
-def check_graph(graph: bytes, record: ExportRecord) -> None:
+def check_graph(graph: bytes, record: OnnxExportManifest) -> None:
     """Refuse external data and any graph whose inputs/outputs are not the ones the export declared."""
     model = onnx.load_from_string(graph)
     tensors = list(model.graph.initializer)
@@ -143,7 +119,7 @@ def check_graph(graph: bytes, record: ExportRecord) -> None:
         raise UnsafeFormat("ONNX graphs with external data are never loaded")
     outputs = [o.name for o in model.graph.output]
     inputs = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
-    declared = {i["name"] for i in record.inputs}
+    declared = {i.name for i in record.inputs}
     if outputs != record.outputs or HIDDEN_OUTPUT not in outputs or not declared <= inputs:
         raise IntegrityError(
             f"ONNX graph inputs/outputs {sorted(inputs)} -> {outputs} differ from its manifest"
@@ -153,7 +129,7 @@ def check_graph(graph: bytes, record: ExportRecord) -> None:
 class OrtBackbone:
     """One ORT session over a base's validated export, created once and reused (``run`` is thread-safe)."""
 
-    def __init__(self, record: ExportRecord, graph: bytes, settings: OrtSettings | None = None):
+    def __init__(self, record: OnnxExportManifest, graph: bytes, settings: OrtSettings | None = None):
         self.record = record
         self.settings = settings or OrtSettings()
         self.session = ort.InferenceSession(
@@ -221,7 +197,7 @@ class OrtBackbone:
 
 
 def text_feed(
-    record: ExportRecord, input_ids: np.ndarray, attention_mask: np.ndarray
+    record: OnnxExportManifest, input_ids: np.ndarray, attention_mask: np.ndarray
 ) -> dict[str, np.ndarray]:
     if record.modality != "text":
         raise ValidationError(f"base {record.base!r} takes images, not text")
@@ -353,10 +329,10 @@ class LoraStack:
     rank: int  # R: the largest rank in the batch; smaller ranks are zero-padded (exact)
 
 
-def stack_loras(record: ExportRecord, adapters: Sequence[LoraWeights]) -> LoraStack:
+def stack_loras(record: OnnxExportManifest, adapters: Sequence[LoraWeights]) -> LoraStack:
     """Pack adapters for the LoRA graph; a target the graph lacks is refused (no silent drop)."""
     spec = _lora_spec(record)
-    targets, layers = spec["targets"], spec["num_layers"]
+    targets, layers = spec.targets, spec.num_layers
     for ad in adapters:
         extra = sorted({m for (_, m) in ad.deltas} - set(targets))
         if extra or any(layer >= layers for (layer, _) in ad.deltas):
@@ -366,24 +342,24 @@ def stack_loras(record: ExportRecord, adapters: Sequence[LoraWeights]) -> LoraSt
             )
     for ad in adapters:
         for (layer, t), (at, bt) in ad.deltas.items():
-            if at.shape[0] != spec["in_features"][t] or bt.shape[1] != spec["out_features"][t]:
+            if at.shape[0] != spec.in_features[t] or bt.shape[1] != spec.out_features[t]:
                 raise ValidationError(
                     f"LoRA layer {layer} {t}: A^T {list(at.shape)} / B^T {list(bt.shape)} do not fit "
-                    f"[{spec['in_features'][t]}, r] / [r, {spec['out_features'][t]}] of this base"
+                    f"[{spec.in_features[t]}, r] / [r, {spec.out_features[t]}] of this base"
                 )
     rank = max([ad.rank for ad in adapters] + [1])
     n = len(adapters) + 1
     arrays = {}
     for layer in range(layers):
         for t in targets:
-            a = np.zeros((n, spec["in_features"][t], rank), np.float32)
-            b = np.zeros((n, rank, spec["out_features"][t]), np.float32)
+            a = np.zeros((n, spec.in_features[t], rank), np.float32)
+            b = np.zeros((n, rank, spec.out_features[t]), np.float32)
             for i, ad in enumerate(adapters):
                 if (layer, t) in ad.deltas:
                     at, bt = ad.deltas[(layer, t)]
                     a[i, :, : at.shape[1]], b[i, : bt.shape[0]] = at, bt
-            arrays[lora_input(spec["a_input"], layer, t)] = a
-            arrays[lora_input(spec["b_input"], layer, t)] = b
+            arrays[lora_input(spec.a_input, layer, t)] = a
+            arrays[lora_input(spec.b_input, layer, t)] = b
     return LoraStack(arrays, no_adapter_slot=len(adapters), rank=rank)
 
 
@@ -391,7 +367,7 @@ def lora_input(pattern: str, layer: int, target: str) -> str:
     return pattern.format(layer=layer, target=target.replace(".", "_"))
 
 
-def _lora_spec(record: ExportRecord) -> dict[str, Any]:
+def _lora_spec(record: OnnxExportManifest) -> LoraGraphRecord:
     if record.lora is None:
         raise ValidationError(f"the {record.variant!r} export of {record.base!r} has no LoRA inputs")
     return record.lora
@@ -400,7 +376,7 @@ def _lora_spec(record: ExportRecord) -> dict[str, Any]:
 class OrtLoraBackbone(OrtBackbone):
     """The ``lora-fp32`` export: the backbone with gathered LoRA deltas on its target Linears."""
 
-    def __init__(self, record: ExportRecord, graph: bytes, settings: OrtSettings | None = None):
+    def __init__(self, record: OnnxExportManifest, graph: bytes, settings: OrtSettings | None = None):
         _lora_spec(record)
         super().__init__(record, graph, settings)
 
@@ -437,4 +413,4 @@ class OrtLoraBackbone(OrtBackbone):
         n_slots = next(iter(stack.arrays.values())).shape[0]
         if idx.shape != (batch,) or idx.min(initial=0) < 0 or idx.max(initial=0) >= n_slots:
             raise ValidationError(f"adapter_index must be [batch] ints in 0..{n_slots - 1}")
-        return {**feed, self.record.lora["index_input"]: idx, **stack.arrays}
+        return {**feed, self.record.lora.index_input: idx, **stack.arrays}

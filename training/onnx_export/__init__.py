@@ -12,17 +12,17 @@ from typing import Any
 from training.onnx_export.cli import onnx_group
 
 _LAZY = {
-    "OnnxExportManifest": "artifacts",
-    "graph_file": "artifacts",
-    "manifest_file": "artifacts",
-    "OnnxExportError": "errors",
-    "OnnxShapeError": "errors",
-    "OnnxToleranceError": "errors",
-    "UnsupportedArchitecture": "errors",
-    "ExportReport": "export",
-    "ExportSettings": "export",
-    "export_base": "export",
-    "export_lora_base": "lora_graph",
+    "OnnxExportManifest": "adapters_store.onnx_artifacts",
+    "graph_file": "adapters_store.onnx_artifacts",
+    "manifest_file": "adapters_store.onnx_artifacts",
+    "OnnxExportError": "training.onnx_export.errors",
+    "OnnxShapeError": "training.onnx_export.errors",
+    "OnnxToleranceError": "training.onnx_export.errors",
+    "UnsupportedArchitecture": "training.onnx_export.errors",
+    "ExportReport": "training.onnx_export.export",
+    "ExportSettings": "training.onnx_export.export",
+    "export_base": "training.onnx_export.export",
+    "export_lora_base": "training.onnx_export.lora_graph",
 }
 
 __all__ = ["onnx_group", *_LAZY]
@@ -31,4 +31,4 @@ __all__ = ["onnx_group", *_LAZY]
 def __getattr__(name: str) -> Any:
     if name not in _LAZY:
         raise AttributeError(f"module 'training.onnx_export' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"training.onnx_export.{_LAZY[name]}"), name)
+    return getattr(importlib.import_module(_LAZY[name]), name)

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from adapters_store.base_models import BaseModelEntry, fingerprint_folder, resolve_source
 from adapters_store.bundle import sha256_hex
 from adapters_store.errors import IncompatibleBase
-from training.onnx_export.artifacts import (
+from adapters_store.onnx_artifacts import (
     GraphInputRecord,
     LoraGraphRecord,
     OnnxExportManifest,

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.onnx_export.artifacts import LoraGraphRecord
+from adapters_store.onnx_artifacts import LoraGraphRecord
 from training.onnx_export.errors import OnnxExportError, UnsupportedArchitecture
 from training.onnx_export.export import (
     ExportReport,

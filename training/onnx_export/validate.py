@@ -5,27 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
+from adapters_store.onnx_artifacts import ValidationFigures
 from training.onnx_export.errors import OnnxShapeError, OnnxToleranceError
 
 Feed = dict[str, np.ndarray]
 Runner = Callable[[Feed], list[np.ndarray]]
-
-
-class ValidationFigures(BaseModel):
-    """What was measured: worst case over every probe, row and output."""
-
-    model_config = ConfigDict(frozen=True)
-
-    max_abs_diff: float = Field(ge=0, description="largest |onnx - torch| of any value")
-    max_scaled_diff: float = Field(
-        ge=0,
-        description="largest |onnx - torch| / (1 + |torch|): absolute for small values, relative for large",
-    )
-    min_cosine: float = Field(description="smallest per-row cosine of any pooled output")
-    mean_cosine: float = Field(description="mean per-row cosine over the pooled outputs")
-    shapes: list[list[int]] = Field(description="probe input shapes (first input) that were checked")
 
 
 def row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -1,13 +1,13 @@
-"""What an export stores under its base: the graph and a manifest that serving checks before loading.
+"""The ONNX export manifest: the one schema ``training/onnx_export`` writes and ``serving`` reads.
 
-Store keys (``store.put_artifact(base, fingerprint, filename, data)``)::
+An export stores, under its base (``store.put_artifact(base, fingerprint, filename, data)``)::
 
     bases/<base>/artifacts/<fingerprint>/backbone-<variant>.onnx   the graph, no external data
     bases/<base>/artifacts/<fingerprint>/backbone-<variant>.json   OnnxExportManifest (written last)
 
 The manifest is the commit point: it is written after the graph and records the graph's sha256, so a
-half-written export is never served. ``serving/onnx_backbone.py`` reads this JSON with its own reader
-(serving never imports training); the round-trip tests keep the two in step.
+half-written export is never served. It lives here, in the registry package, because both sides
+depend on it and serving never imports training.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from adapters_store.bundle import utc_now
-from training.onnx_export.validate import ValidationFigures
 
 EXPORT_SCHEMA_VERSION = 1
 Variant = Literal["fp32", "int8", "lora-fp32"]
@@ -73,6 +72,21 @@ class QuantizationRecord(BaseModel):
     excluded_patterns: list[str]
     attempts: list[QuantAttempt]
     min_cosine_required: float
+
+
+class ValidationFigures(BaseModel):
+    """What was measured: worst case over every probe, row and output."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_abs_diff: float = Field(ge=0, description="largest |onnx - torch| of any value")
+    max_scaled_diff: float = Field(
+        ge=0,
+        description="largest |onnx - torch| / (1 + |torch|): absolute for small values, relative for large",
+    )
+    min_cosine: float = Field(description="smallest per-row cosine of any pooled output")
+    mean_cosine: float = Field(description="mean per-row cosine over the pooled outputs")
+    shapes: list[list[int]] = Field(description="probe input shapes (first input) that were checked")
 
 
 class OnnxExportManifest(BaseModel):
