@@ -261,15 +261,18 @@ def test_delete_and_replace_while_in_use_never_serves_stale(shared):
         t.join(60)
     assert len(out) > 20
     stale = []
-    for t0, status, body, _ in out:
+    for t0, status, body, took in out:
         assert status == 200, body
         v = body["version"]
         assert body["digest"] == digests[v] and body["scores"] == pytest.approx(ref[v], abs=1e-6)
         done = [(end, vs) for _, end, vs in changes if end < t0]
         if not done:
             continue
-        # While the next change is in progress, its new version may answer too.
-        allowed = done[-1][1] | {v for start, end, vs in changes if start < t0 <= end for v in vs}
+        # A change sent while this request was still in flight (before its answer came back) may have
+        # taken effect before the request was resolved: its new version may answer too.
+        allowed = done[-1][1] | {
+            v for start, end, vs in changes if end >= t0 and start < t0 + took for v in vs
+        }
         if v not in allowed:
             stale.append(f"v{v} served {t0 - done[-1][0]:.3f}s after the change to {done[-1][1]}")
     assert not stale, (
@@ -279,16 +282,18 @@ def test_delete_and_replace_while_in_use_never_serves_stale(shared):
 
 
 # -- concurrent register / delete / promote with inference ------------------------------------------------
-def _churn_worker(url: str, base, wid: int, ops: int, log: list, known: list, lock: threading.Lock) -> None:
+def _churn_worker(
+    url: str, base, name: str, wid: int, ops: int, log: list, known: list, lock: threading.Lock
+) -> None:
     rng = random.Random(wid)
     with httpx.Client(base_url=url, timeout=120) as c:
         for i in range(ops):
             op = rng.choice(["register", "register", "delete", "promote", "unalias"])
-            path = "/v1/admin/tenants/globex/adapters/churn"
+            path = f"/v1/admin/tenants/globex/adapters/{name}"
             with lock:
                 v = rng.choice(known) if known else 1
             if op == "register":
-                r = upload(c, head_bundle(base, tenant="globex", name="churn", seed=wid * 100000 + i))
+                r = upload(c, head_bundle(base, tenant="globex", name=name, seed=wid * 100000 + i))
                 if r.status_code == 201:
                     with lock:
                         known.append(r.json()["version"])
@@ -304,19 +309,22 @@ def _churn_worker(url: str, base, wid: int, ops: int, log: list, known: list, lo
             )
 
 
-def run_churn(shared, threads: int, ops: int) -> dict:
+def run_churn(shared, name: str, threads: int, ops: int) -> dict:
     store, server = shared["store"], shared["server"]
     base = store.get_base("tiny")
     log, known, lock = [], [], threading.Lock()
     stop, infer_out = threading.Event(), []
     readers = [
-        threading.Thread(target=_hammer, args=(server.url, "globex", "churn", stop, infer_out))
-        for _ in range(2)
+        threading.Thread(target=_hammer, args=(server.url, "globex", name, stop, infer_out)) for _ in range(2)
     ]
     for t in readers:
         t.start()
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(lambda w: _churn_worker(server.url, base, w, ops, log, known, lock), range(threads)))
+        list(
+            pool.map(
+                lambda w: _churn_worker(server.url, base, name, w, ops, log, known, lock), range(threads)
+            )
+        )
     stop.set()
     for t in readers:
         t.join(60)
@@ -330,7 +338,8 @@ def test_concurrent_register_delete_promote_stay_consistent(shared, size):
     if size == "full" and not stress_enabled():
         pytest.skip("set LORAPLEX_STRESS=1 for 32 threads x 1,000 operations")
     threads, ops = (8, 25) if size == "small" else (32, 1000)
-    res = run_churn(shared, threads, ops)
+    name = f"churn-{size}"  # the small and full runs share the module's server and store
+    res = run_churn(shared, name, threads, ops)
     log, store = res["log"], res["store"]
     statuses = {s for *_, s, _b, _t in log} | {s for _, s, _b, _t in res["infer"]}
     assert statuses <= {200, 201, 404, 409}, statuses
@@ -338,9 +347,9 @@ def test_concurrent_register_delete_promote_stay_consistent(shared, size):
     registered = {v for op, v, s, *_ in log if op == "register" and s == 201}
     deleted = {v for op, v, s, *_ in log if op == "delete" and s == 200}
     assert deleted <= registered
-    stored_versions = {m.version for m in store.list_versions("globex", "churn")}
+    stored_versions = {m.version for m in store.list_versions("globex", name)}
     assert stored_versions == registered - deleted, (sorted(stored_versions ^ (registered - deleted)))[:10]
-    aliases = store.aliases("globex", "churn") if stored_versions else {}
+    aliases = store.aliases("globex", name) if stored_versions else {}
     if "production" in aliases:
         assert aliases["production"] in stored_versions, (
             f"production points at deleted version {aliases['production']}"
