@@ -1,7 +1,7 @@
 """Reliability and stress run: every reliability test at full size, figures as a table.
 
-Run: ``.venv/bin/python benchmarks/stress.py`` (about 45 minutes on 2 busy shared cores, most of it the
-32 x 1,000 churn; ``--quick``: about 2 minutes). It runs
+Run: ``.venv/bin/python benchmarks/stress.py`` (about 10 minutes on 2 quiet cores; ``--quick``: about
+2 minutes). It runs
 ``tests/test_reliability_*.py`` with ``LORAPLEX_STRESS=1`` (the ``stress``-marked parts at full size:
 5,000+ schemathesis cases, 32 threads x 1,000 churn operations, 5 kill -9 rounds, 1,000 load/evict
 cycles, 60 s of mixed load with 32 clients over 20 tenants) plus the normal-size parts, collects the
