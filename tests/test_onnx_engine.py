@@ -104,3 +104,7 @@ def test_engine_runtime_onnx_equals_torch(engine_store):
         _assert_same(items, torch_engine.infer(items), ort_engine.infer(items))
     assert ort_engine.ort is not None and ort_engine.ort.lora is not None
     assert ort_engine.ort.calls == 2  # both batches ran on ORT, one call each
+    writes = ort_engine.ort.slots.writes
+    assert writes > 0
+    _assert_same(with_lora, torch_engine.infer(with_lora), ort_engine.infer(with_lora))
+    assert ort_engine.ort.slots.writes == writes  # resident LoRAs are not packed again

@@ -10,6 +10,7 @@ from adapters_store import describe_base, open_store
 from adapters_store.errors import UnsupportedAdapter, ValidationError
 from adapters_store.peft_import import import_peft_dir
 from serving.onnx_backbone import (
+    LoraSlots,
     LoraWeights,
     OrtBackbone,
     OrtLoraBackbone,
@@ -230,3 +231,42 @@ def test_from_paths_takes_the_torch_engine_layout(lora_setup):
         np.testing.assert_array_equal(b, from_bundle.deltas[key][1])
     with pytest.raises(UnsupportedAdapter, match="pooler.dense"):
         LoraWeights.from_paths({"pooler.dense": (np.zeros((32, 2)), np.zeros((2, 32)))})
+
+
+def test_resident_slots_equal_a_fresh_stack_through_eviction_and_rank_growth(lora_setup):
+    """Serving keeps LoRA inputs resident across calls (LoraSlots): every assignment must feed exactly
+    what a fresh stack_loras of the same adapters gives, after evictions and a rank increase too."""
+    store, entry, dirs, _ = lora_setup
+    bb = OrtBackbone.from_store(store, entry, variant="lora-fp32", threads=1)
+    weights = {n: LoraWeights.from_bundle(store.get(f"acme/{n}")) for n in dirs}
+    slots = LoraSlots(bb.record, capacity=3)
+    rng = np.random.default_rng(5)
+    ids = rng.integers(1000, 30000, size=(6, 9))
+    mask = np.ones_like(ids)
+    loads = []
+
+    def load(key):
+        loads.append(key)
+        return weights[key]
+
+    # r=1 first (ranks grow to 4, then 8), then batches that force evictions of unused slots
+    for batch in (
+        ["qv-r1"],
+        ["qv-r4", "qv-r1"],
+        ["q-r8", "v-r2-rs"],
+        ["qv-r6-pat", "q-r8", "qv-r1"],
+        ["qv-r4"],
+    ):
+        stack, assigned = slots.assign(batch, load)
+        assert len(set(assigned)) == len(batch) and max(assigned) < 3
+        rows = np.array([assigned[i % len(batch)] for i in range(5)] + [stack.no_adapter_slot])
+        fresh = stack_loras(bb.record, [weights[n] for n in batch])
+        fresh_rows = np.array([i % len(batch) for i in range(5)] + [fresh.no_adapter_slot])
+        got, want = bb.features(ids, mask, stack, rows), bb.features(ids, mask, fresh, fresh_rows)
+        np.testing.assert_allclose(got.mean, want.mean, atol=1e-5, err_msg=str(batch))
+    assert slots.rank == 8
+    # resident adapters were never packed again (qv-r1, q-r8); qv-r4 was evicted by v-r2-rs and came back
+    assert loads == ["qv-r1", "qv-r4", "q-r8", "v-r2-rs", "qv-r6-pat", "qv-r4"]
+    assert slots.writes == len(loads)
+    with pytest.raises(UnsupportedAdapter, match="slots hold 3"):
+        slots.assign(list(dirs)[:4], load)

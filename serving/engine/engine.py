@@ -52,7 +52,13 @@ class Engine:
         self.ort = (
             None
             if self.settings.runtime == "torch"
-            else OrtRuntime.load(store, self.base, self.settings.runtime, self.settings.threads)
+            else OrtRuntime.load(
+                store,
+                self.base,
+                self.settings.runtime,
+                self.settings.threads,
+                lora_slots=min(self.settings.max_batch_rows, 256),  # a pass holds at most that many
+            )
         )
         self._cache = AdapterCache(self.settings.cache_bytes, pins=self.settings.pins)
         self._full = AdapterCache(_UNLIMITED, max_entries=self.settings.full_cache_size)

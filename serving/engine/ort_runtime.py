@@ -24,17 +24,19 @@ class OrtRuntime:
 
     plain: Any  # serving.onnx_backbone.OrtBackbone over the fp32 or int8 export
     lora: Any | None = None  # OrtLoraBackbone over the lora-fp32 export, when one is stored
+    slots: Any | None = None  # serving.onnx_backbone.LoraSlots: resident LoRA inputs of that graph
     calls: int = 0  # backbone passes served by ORT (the rest ran on torch)
 
     @classmethod
-    def load(cls, store: Any, base: Any, runtime: str, threads: int) -> OrtRuntime:
-        from serving.onnx_backbone import OrtBackbone
+    def load(cls, store: Any, base: Any, runtime: str, threads: int, lora_slots: int = 64) -> OrtRuntime:
+        from serving.onnx_backbone import LoraSlots, OrtBackbone
 
         plain = OrtBackbone.from_store(store, base, "int8" if runtime == "onnx-int8" else "fp32", threads)
-        lora = None
+        lora = slots = None
         if store.has_artifact(base.name, base.fingerprint, LORA_MANIFEST):
             lora = OrtBackbone.from_store(store, base, "lora-fp32", threads)
-        return cls(plain, lora)
+            slots = LoraSlots(lora.record, capacity=lora_slots)
+        return cls(plain, lora, slots)
 
     def try_pass(self, plan: Any, adapters: list, inputs: dict) -> tuple[Any, Any] | None:
         """(hidden, pooled) from ORT, or None when this batch needs the torch backbone."""
@@ -52,10 +54,13 @@ class OrtRuntime:
         return out
 
     def _lora_pass(self, plan: Any, adapters: list, inputs: dict) -> tuple[Any, Any]:
-        from serving.onnx_backbone import LoraWeights, stack_loras
+        from serving.onnx_backbone import LoraWeights
 
-        lora_slots = [s for s, a in enumerate(adapters) if a.lora]
-        stack = stack_loras(self.lora.record, [LoraWeights.from_paths(adapters[s].lora) for s in lora_slots])
-        to_stack = {s: i for i, s in enumerate(lora_slots)}
-        index = np.array([to_stack.get(s, stack.no_adapter_slot) for s in plan.slot_of_position()])
+        # Keyed by content digest: a resident adapter is never packed again, a new version always is.
+        by_digest = {a.digest: a for a in adapters if a.lora}
+        stack, slots = self.slots.assign(list(by_digest), lambda d: LoraWeights.from_paths(by_digest[d].lora))
+        slot_of = dict(zip(by_digest, slots, strict=True))
+        # Plan slot -> graph slot; the bare base (BASE_SLOT, -1) and head-only adapters get the zero slot.
+        graph_slot = {s: slot_of[a.digest] for s, a in enumerate(adapters) if a.lora}
+        index = np.array([graph_slot.get(s, stack.no_adapter_slot) for s in plan.slot_of_position()])
         return self.lora.hidden_and_pooler(inputs, stack, index)
