@@ -10,6 +10,10 @@ Paths (batch of 32 sentences of ~20 tokens, classification):
   (c) the engine, 32 rows from a pool of 64 tenants of every shared-backbone kind
   (d) PEFT ``adapter_names`` mixed batch over the same 16 adapters as (b)
   (e) naive: PEFT ``set_adapter`` then a forward of one row, for each row
+  (f) the engine with ``runtime="onnx"`` on the same rows as (b): the base exported with the project's
+      own ``loraplex onnx export`` code (fp32 + the query/value LoRA graph), LoRA adapters resident in
+      the graph's slots; the 16 classifiers still run in torch. The targets are judged on (b), the
+      default torch runtime; (f) is what a deployment that ran the export step gets.
 """
 
 from __future__ import annotations
@@ -153,7 +157,12 @@ def partial_top_layer(base_dir: Path) -> dict[str, torch.Tensor]:
 
 # -- throughput --------------------------------------------------------------------------------------
 def make_paths(
-    engine: Engine, base_dir: Path, lora16: list[Path], mix: list[tuple[str, str]], texts: list[str]
+    engine: Engine,
+    base_dir: Path,
+    lora16: list[Path],
+    mix: list[tuple[str, str]],
+    texts: list[str],
+    onnx_engine: Engine | None = None,
 ):
     from peft import PeftModel
     from transformers import AutoTokenizer, BertForSequenceClassification, BertModel
@@ -200,7 +209,17 @@ def make_paths(
             peft_model.set_adapter(name)
             peft_model(**enc([text])).logits.tolist()
 
-    return {"a": a, "b": b, "c": c, "d": d, "e": e}
+    paths = {"a": a, "b": b, "c": c, "d": d, "e": e}
+    if onnx_engine is not None:
+
+        def f():
+            calls = onnx_engine.ort.calls
+            out = onnx_engine.infer(items_b)
+            assert all(isinstance(r, InferenceResult) for r in out), out[0]
+            assert onnx_engine.ort.calls == calls + 1, "the batch fell back to torch"
+
+        paths["f"] = f
+    return paths
 
 
 def interleaved(paths: dict, rounds: int, repeats: int = 3) -> dict[str, list[float]]:
@@ -350,6 +369,30 @@ def report(times: dict, mem: dict, lora_bytes: int, n: int, rounds: int) -> tupl
             r_be[0] >= 3.5,
         ),
         ("(c)/(a) engine 64-tenant mix vs base", _fmt(r_ca, 3), "-", None),
+        *(
+            [
+                (
+                    "(f)/(a) engine, runtime onnx, 16 LoRA vs base (torch)",
+                    _fmt(ratio(times, "f", "a"), 3),
+                    "-",
+                    None,
+                ),
+                (
+                    "(f)/(d) engine, runtime onnx, vs PEFT adapter_names",
+                    _fmt(ratio(times, "f", "d"), 2),
+                    "-",
+                    None,
+                ),
+                (
+                    "(f)/(e) engine, runtime onnx, vs naive set_adapter per row",
+                    _fmt(ratio(times, "f", "e"), 2),
+                    "-",
+                    None,
+                ),
+            ]
+            if "f" in times
+            else []
+        ),
         ("(d)/(a) PEFT mixed vs base", _fmt(r_da, 3), "-", None),
         (
             f"RSS growth, {n} LoRA r=8 resident / adapters' bytes",
@@ -387,8 +430,9 @@ def report(times: dict, mem: dict, lora_bytes: int, n: int, rounds: int) -> tupl
         "c": "(c) engine, 64-tenant mix",
         "d": "(d) PEFT adapter_names",
         "e": "(e) naive set_adapter + 1 row",
+        "f": "(f) engine, runtime onnx, 16 LoRA tenants",
     }
-    lines += [f"| {names[k]} | {sps[k]:.0f} |" for k in names]
+    lines += [f"| {names[k]} | {sps[k]:.0f} |" for k in names if k in sps]
     lines += [
         "",
         f"{rounds} interleaved rounds, batch 32 x ~20 tokens, torch {torch.__version__}, "
@@ -397,7 +441,12 @@ def report(times: dict, mem: dict, lora_bytes: int, n: int, rounds: int) -> tupl
         f"{LOAD_AT_START[0]:.1f}, at end {os.getloadavg()[0]:.1f} (2 shared cores).",
     ]
     data = {
-        "ratios": {"b/a": r_ba, "b/d": r_bd, "b/e": r_be, "c/a": r_ca, "d/a": r_da},
+        "ratios": {"b/a": r_ba, "b/d": r_bd, "b/e": r_be, "c/a": r_ca, "d/a": r_da}
+        | (
+            {"f/a": ratio(times, "f", "a"), "f/d": ratio(times, "f", "d"), "f/e": ratio(times, "f", "e")}
+            if "f" in times
+            else {}
+        ),
         "sentences_per_s": sps,
         "round_times_s": times,
         "memory": {**mem, "cold": None},
@@ -414,6 +463,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--tenants", type=int, default=1000, help="resident LoRA tenants for the memory figure")
     ap.add_argument("--cycles", type=int, default=1000)
+    ap.add_argument(
+        "--no-onnx", action="store_true", help="skip path (f): no ONNX export, torch runtime only"
+    )
     ap.add_argument("--memory-part", metavar="STORE", help=argparse.SUPPRESS)  # internal: child process
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -435,11 +487,20 @@ def main() -> None:
         lora_bytes = put_synthetic_loras(store, base, template.read_bytes(), args.tenants)
         print(f"setup {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         engine = Engine(store, base="minilm", settings=EngineSettings(threads=2))
+        onnx_engine = None
+        if not args.no_onnx:
+            from training.onnx_export import export_base, export_lora_base
+
+            t0 = time.perf_counter()
+            export_base(store, "minilm")
+            export_lora_base(store, "minilm", targets=("query", "value"))
+            print(f"onnx export {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            onnx_engine = Engine(store, base="minilm", settings=EngineSettings(threads=2, runtime="onnx"))
         texts = sentences(32)
         times = interleaved(
-            make_paths(engine, base_dir, tenants["lora16"], tenants["mix"], texts), args.rounds
+            make_paths(engine, base_dir, tenants["lora16"], tenants["mix"], texts, onnx_engine), args.rounds
         )
-        del engine
+        del engine, onnx_engine
         mem = memory_in_child(work / "store", args)
     table, data = report(times, mem, lora_bytes, args.tenants, args.rounds)
     RESULTS.mkdir(exist_ok=True)
