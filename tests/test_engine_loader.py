@@ -12,6 +12,7 @@ from adapters_store.errors import IncompatibleBase, ValidationError
 from adapters_store.peft_import import import_peft_dir
 from serving.engine.backbone import load_backbone
 from serving.engine.loader import load_adapter
+from tests.helpers.bundles import head_bundle_from
 from tests.test_engine_support import head_bundle, save_lora
 
 torch.set_num_threads(1)
@@ -73,17 +74,8 @@ def test_partial_missing_a_block_tensor_is_refused(tiny, tiny_bert_dir):
 
 def test_head_that_does_not_fit_the_features_is_refused(tiny):
     base, backbone = tiny
-    head = {"out.weight": torch.randn(2, 16), "out.bias": torch.zeros(2)}
-    bundle = Bundle.build(
-        {HEAD_WEIGHTS_FILE: save_safetensors(head)},
-        tenant="a",
-        name="b",
-        kind="head",
-        task="text-classification",
-        labels=["x", "y"],
-        base=base.ref,
-        head={"in_features": 16, "num_outputs": 2},
-    )
+    head = {"out.weight": torch.randn(2, 16), "out.bias": torch.zeros(2)}  # features are 32 wide
+    bundle = head_bundle_from(base, head, "a", "b", ["x", "y"])
     with pytest.raises(ValidationError):
         load_adapter(bundle, backbone)
 
@@ -91,15 +83,6 @@ def test_head_that_does_not_fit_the_features_is_refused(tiny):
 def test_non_finite_weights_are_refused(tiny):
     base, backbone = tiny
     head = {"out.weight": torch.full((2, 32), float("nan")), "out.bias": torch.zeros(2)}
-    bundle = Bundle.build(
-        {HEAD_WEIGHTS_FILE: save_safetensors(head)},
-        tenant="a",
-        name="b",
-        kind="head",
-        task="text-classification",
-        labels=["x", "y"],
-        base=base.ref,
-        head={"in_features": 32, "num_outputs": 2},
-    )
+    bundle = head_bundle_from(base, head, "a", "b", ["x", "y"])
     with pytest.raises(ValidationError):
         load_adapter(bundle, backbone)

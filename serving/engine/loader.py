@@ -26,7 +26,13 @@ from adapters_store.bundle import (
     Bundle,
 )
 from adapters_store.errors import IncompatibleBase, UnsupportedAdapter, ValidationError
-from adapters_store.validation import StoreLimits, backbone_name, parse_peft_config, validate_bundle
+from adapters_store.validation import (
+    UNSUPPORTED_PEFT_OPTIONS,
+    StoreLimits,
+    backbone_name,
+    parse_peft_config,
+    validate_bundle,
+)
 from serving.engine.backbone import Backbone, build_full_model
 from serving.engine.heads import HeadParams, head_from_classifier, head_from_file
 
@@ -34,16 +40,6 @@ _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 _IA3_KEY = re.compile(r"^(?P<module>.+)\.ia3_l$")
 _LAYER_KEY = re.compile(r"^encoder\.layer\.(?P<idx>\d+)\.(?P<rest>.+)$")
 _HEAD_MODULES = ("classifier", "score")
-# PEFT options that change the maths; the engine refuses them rather than serve something different.
-_UNSUPPORTED_FLAGS = (
-    "use_dora",
-    "lora_bias",
-    "layer_replication",
-    "alora_invocation_tokens",
-    "target_parameters",
-    "trainable_token_indices",
-    "use_bdlora",
-)
 _LIMITS = StoreLimits()
 
 
@@ -122,7 +118,7 @@ def _strip(tensors: dict[str, torch.Tensor], backbone: Backbone) -> dict[str, to
 
 def _load_peft(bundle: Bundle, backbone: Backbone, loaded: LoadedAdapter) -> None:
     cfg = parse_peft_config(bundle.files[PEFT_CONFIG_FILE])
-    for flag in _UNSUPPORTED_FLAGS:
+    for flag in UNSUPPORTED_PEFT_OPTIONS:  # refused at upload too; checked again for old bundles
         if cfg.get(flag):
             raise UnsupportedAdapter(
                 f"{PEFT_CONFIG_FILE}: {flag} is not supported by the engine; train a plain adapter"
