@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import weakref
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError as PydanticValidationError
@@ -52,14 +53,17 @@ class ManagementContext:
     engine: Any = None
     max_upload_bytes: int = 600 << 20
     max_management: int = 2
-    _slots: asyncio.Semaphore | None = None
+    _slots: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
 
     def slot(self) -> asyncio.Semaphore:
         """Management requests run a few at a time and queue for the rest: 32 concurrent uploads on one
-        name took 2.4x longer than 4 and starved inference of the GIL (finding 12)."""
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.max_management)
-        return self._slots
+        name took 2.4x longer than 4 and starved inference of the GIL (finding 12). One semaphore per
+        event loop (a semaphore is bound to the loop it first waits on)."""
+        loop = asyncio.get_running_loop()
+        sem = self._slots.get(loop)
+        if sem is None:
+            sem = self._slots[loop] = asyncio.Semaphore(self.max_management)
+        return sem
 
     def need_engine(self):
         if self.engine is None:

@@ -428,3 +428,46 @@ def test_run_batch_decodes_images_for_an_image_backbone(tiny_vit_dir, tmp_path):
     assert out[0].error is None and sorted(out[0].labels) == ["round", "square"], out[0]
     assert out[1].error.error == "invalid_request" and out[1]._status == 400
     assert out[2].error is None and sum(out[2].scores) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("limit", [1, 3])
+def test_management_requests_take_turns(limit, monkeypatch):
+    """LORAPLEX_MAX_MANAGEMENT: at most ``limit`` management requests run at once; the rest wait."""
+    import asyncio
+    import threading
+    import time
+
+    import httpx
+
+    from serving import management
+    from serving.auth import ADMIN
+    from serving.gateway import PRINCIPAL_KEY
+
+    running, peak, lock = [0], [0], threading.Lock()
+
+    class SlowStore:
+        def list_tenants(self):
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+            time.sleep(0.1)
+            with lock:
+                running[0] -= 1
+            return ["acme"]
+
+    ctx = management.ManagementContext(store=SlowStore(), base=object(), max_management=limit)
+    monkeypatch.setattr(management, "CONTEXT", ctx)
+    app = management.build_app()
+
+    async def as_admin(scope, receive, send):
+        scope.setdefault("state", {})[PRINCIPAL_KEY] = ADMIN
+        await app(scope, receive, send)
+
+    async def burst():
+        transport = httpx.ASGITransport(app=as_admin)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await asyncio.gather(*[client.get("/admin/tenants") for _ in range(6)])
+
+    answers = asyncio.run(burst())
+    assert [r.status_code for r in answers] == [200] * 6
+    assert peak[0] == limit
