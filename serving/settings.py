@@ -78,7 +78,9 @@ class ServiceSettings(BaseModel):
     alias_ttl_s: float = Field(
         default=2.0, ge=0.0, le=3600.0, description="Max age of a cached alias resolution (replica lag)."
     )
-    runtime: Literal["torch", "onnx", "onnx-int8"] = Field(default="torch", description="Backbone runtime.")
+    runtime: Literal["torch", "onnx", "onnx-int8", "auto"] = Field(
+        default="torch", description="Backbone runtime."
+    )
     threads: int = Field(default=2, ge=1, le=256, description="Intra-op threads of the backbone.")
     max_batch_size: int = Field(default=64, ge=2, le=4096, description="Rows per adaptive batch.")
     drain_s: float = Field(

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from adapters_store import describe_base, open_store
+from adapters_store.errors import IntegrityError
 from serving.engine import Engine, EngineSettings, InferenceItem
 from serving.engine import forward as engine_forward
 from serving.onnx_backbone import OrtBackbone
@@ -108,3 +109,35 @@ def test_engine_runtime_onnx_equals_torch(engine_store):
     assert writes > 0
     _assert_same(with_lora, torch_engine.infer(with_lora), ort_engine.infer(with_lora))
     assert ort_engine.ort.slots.writes == writes  # resident LoRAs are not packed again
+
+
+def test_runtime_auto_uses_the_export_when_there_is_a_usable_one(
+    engine_store, tmp_path, tiny_bert_dir, caplog
+):
+    auto = Engine(engine_store, base="tiny", settings=EngineSettings(threads=1, runtime="auto"))
+    assert auto.runtime == "onnx" and auto.ort is not None and auto.ort.lora is not None
+    items = _items()
+    _assert_same(
+        items,
+        Engine(engine_store, base="tiny", settings=EngineSettings(threads=1)).infer(items),
+        auto.infer(items),
+    )
+    assert auto.ort.calls == 1
+    # a base never exported: torch, quietly
+    bare = open_store(str(tmp_path / "bare"))
+    bare.register_base(describe_base("tiny", tiny_bert_dir))
+    assert Engine(bare, base="tiny", settings=EngineSettings(runtime="auto")).runtime == "torch"
+    # a damaged export: 'auto' serves on torch and says why; an explicit 'onnx' refuses to start
+    entry = bare.get_base("tiny")
+    for name in ("backbone-fp32.onnx", "backbone-fp32.json"):
+        bare.put_artifact(
+            "tiny", entry.fingerprint, name, engine_store.get_artifact("tiny", entry.fingerprint, name)
+        )
+    graph = bytearray(bare.get_artifact("tiny", entry.fingerprint, "backbone-fp32.onnx"))
+    graph[len(graph) // 2] ^= 1
+    bare.put_artifact("tiny", entry.fingerprint, "backbone-fp32.onnx", bytes(graph))
+    with caplog.at_level("WARNING"):
+        assert Engine(bare, base="tiny", settings=EngineSettings(runtime="auto")).runtime == "torch"
+    assert "not usable" in caplog.text
+    with pytest.raises(IntegrityError):
+        Engine(bare, base="tiny", settings=EngineSettings(runtime="onnx"))

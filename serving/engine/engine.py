@@ -49,21 +49,36 @@ class Engine:
         self.store = store
         self.base = store.get_base(base)
         self.backbone = load_backbone(self.base)
-        self.ort = (
-            None
-            if self.settings.runtime == "torch"
-            else OrtRuntime.load(
-                store,
-                self.base,
-                self.settings.runtime,
-                self.settings.threads,
-                lora_slots=min(self.settings.max_batch_rows, 256),  # a pass holds at most that many
-            )
+        self.ort = self._load_ort(store)
+        self.runtime = (
+            "torch"
+            if self.ort is None
+            else ("onnx" if self.settings.runtime == "auto" else self.settings.runtime)
         )
         self._cache = AdapterCache(self.settings.cache_bytes, pins=self.settings.pins)
         self._full = AdapterCache(_UNLIMITED, max_entries=self.settings.full_cache_size)
         self._resolver = AliasResolver(store, self.settings.alias_ttl_s)
         self._forward_lock = threading.Lock()  # the wrappers' batch context is shared state
+
+    def _load_ort(self, store: Any) -> OrtRuntime | None:
+        runtime = self.settings.runtime
+        if runtime == "torch" or (runtime == "auto" and not OrtRuntime.exported(store, self.base)):
+            return None
+        try:
+            return OrtRuntime.load(
+                store,
+                self.base,
+                "onnx" if runtime == "auto" else runtime,
+                self.settings.threads,
+                lora_slots=min(self.settings.max_batch_rows, 256),  # a pass holds at most that many
+            )
+        except Exception as e:  # a damaged or unloadable export
+            if runtime != "auto":
+                raise  # asked for explicitly: a broken export stops the start
+            log.warning(
+                "runtime auto: the ONNX export of %s is not usable (%s); serving on torch", self.base.name, e
+            )
+            return None
 
     # -- inference --------------------------------------------------------------------------------
     def infer(self, items: Sequence[InferenceItem]) -> list[InferenceResult | LoraplexError]:

@@ -16,6 +16,7 @@ import numpy as np
 from adapters_store.errors import UnsupportedAdapter
 
 LORA_MANIFEST = "backbone-lora-fp32.json"
+FP32_MANIFEST = "backbone-fp32.json"
 
 
 @dataclass
@@ -26,6 +27,11 @@ class OrtRuntime:
     lora: Any | None = None  # OrtLoraBackbone over the lora-fp32 export, when one is stored
     slots: Any | None = None  # serving.onnx_backbone.LoraSlots: resident LoRA inputs of that graph
     calls: int = 0  # backbone passes served by ORT (the rest ran on torch)
+
+    @staticmethod
+    def exported(store: Any, base: Any) -> bool:
+        """True when ``loraplex onnx export`` stored the base's plain fp32 graph (what 'auto' needs)."""
+        return store.has_artifact(base.name, base.fingerprint, FP32_MANIFEST)
 
     @classmethod
     def load(cls, store: Any, base: Any, runtime: str, threads: int, lora_slots: int = 64) -> OrtRuntime:

@@ -45,11 +45,11 @@ class EngineSettings(BaseModel):
     threads: int = Field(
         default=2, ge=1, le=256, description="torch intra-op threads (torch.set_num_threads)."
     )
-    runtime: Literal["torch", "onnx", "onnx-int8"] = Field(
+    runtime: Literal["torch", "onnx", "onnx-int8", "auto"] = Field(
         default="torch",
         description="Backbone runtime. 'onnx'/'onnx-int8' run the shared pass on the base's validated ONNX "
         "export (run 'loraplex onnx export' first) for head, bare-base and (with the LoRA graph) LoRA rows; "
-        "other kinds fall back to torch.",
+        "other kinds fall back to torch. 'auto': 'onnx' when the base has a loadable fp32 export, else torch.",
     )
     base_pooling: Literal["mean", "cls", "pooler"] = Field(
         default="mean", description="Pooling for rows with no adapter (bare base embeddings)."
