@@ -140,7 +140,12 @@ class LoraplexService:
             return
         self.engine = CONTEXT.engine = engine
         metrics.set_ready(True)
-        logger.info("loraplex ready: base %s (%s...)", self.base.name, self.base.fingerprint[:12])
+        logger.info(
+            "loraplex ready: base %s (%s...), runtime %s",
+            self.base.name,
+            self.base.fingerprint[:12],
+            engine.runtime,
+        )
 
     def _start_draining(self) -> None:
         self.draining = True
