@@ -123,6 +123,28 @@ class LocalStore(ObjectStore):
                     continue  # deleted while listing
         return out
 
+    def _keys(self, prefix: str) -> list[str]:
+        # scandir walk: file types come from the directory entries, no stat per file.
+        base = self._path(prefix.rstrip("/"))
+        if self._linked(base):
+            return []
+        out: list[str] = []
+        stack = [(str(base), prefix.rstrip("/"))]
+        while stack:
+            folder, key = stack.pop()
+            try:
+                with os.scandir(folder) as entries:
+                    for e in entries:
+                        if e.name.startswith("."):
+                            continue
+                        if e.is_dir(follow_symlinks=False):
+                            stack.append((e.path, f"{key}/{e.name}"))
+                        elif e.is_file(follow_symlinks=False):
+                            out.append(f"{key}/{e.name}")
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # removed while listing
+        return out
+
     def _names(self, prefix: str) -> list[str]:
         # One scandir, no stat per file: a version folder can hold thousands of manifests.
         base = self._path(prefix.rstrip("/"))

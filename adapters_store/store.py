@@ -97,6 +97,10 @@ class ObjectStore(ABC):
     def _list(self, prefix: str) -> list[tuple[str, float]]:
         """(key, modified time) of every object under ``prefix`` (a folder-like prefix ending in '/')."""
 
+    def _keys(self, prefix: str) -> list[str]:
+        """Every key under ``prefix``, like ``_list`` without the modified times (listings need none)."""
+        return [k for k, _ in self._list(prefix)]
+
     def _names(self, prefix: str) -> list[str]:
         """Names of the objects directly under ``prefix`` (not in sub-folders). Serving lists a version
         folder on every unaliased resolve, so backends override this with a cheaper listing."""
@@ -199,11 +203,11 @@ class ObjectStore(ABC):
         return self.get(ref).manifest
 
     def list_tenants(self) -> list[str]:
-        return sorted({k.split("/")[1] for k, _ in self._list("tenants/") if "/adapters/" in k})
+        return sorted({k.split("/")[1] for k in self._keys("tenants/") if "/versions/" in k})
 
     def list_adapters(self, tenant: str) -> list[str]:
         prefix = f"tenants/{validate_name(tenant, 'tenant')}/adapters/"
-        return sorted({k[len(prefix) :].split("/")[0] for k, _ in self._list(prefix) if "/versions/" in k})
+        return sorted({k[len(prefix) :].split("/")[0] for k in self._keys(prefix) if "/versions/" in k})
 
     def list_versions(self, tenant: str, name: str) -> list[AdapterManifest]:
         return [self._manifest(tenant, name, v) for v in self._versions(tenant, name)]

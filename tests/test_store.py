@@ -190,3 +190,7 @@ def test_names_lists_direct_children_only(any_store, base):
     assert sorted(any_store._names("tenants/acme/adapters/head/versions/")) == ["1.json"]
     assert [m.version for m in any_store.list_versions("acme", "head")] == [1]
     assert any_store._names("tenants/acme/adapters/none/versions/") == []
+    # the recursive listing without times (list_tenants / list_adapters) sees what _list sees
+    for prefix in ("tenants/", "tenants/acme/adapters/", "tenants/acme/adapters/none/"):
+        assert sorted(any_store._keys(prefix)) == sorted(k for k, _ in any_store._list(prefix))
+    assert "tenants/acme/adapters/head/versions/sub/9.json" in any_store._keys("tenants/")
