@@ -1,7 +1,8 @@
 """HTTP load benchmark: the real service on the real all-MiniLM-L6-v2, 50 tenants, 64 concurrent clients.
 
 Run: ``.venv/bin/python benchmarks/bench_http.py`` (about 3 minutes on 2 cores). Prints a markdown table
-and writes benchmarks/results/bench_http.json and bench_http.md (``bench_http_httpx.*`` with ``--client httpx``).
+and writes benchmarks/results/bench_http.json and bench_http.md (``bench_http_httpx.*`` with
+``--client httpx``, ``bench_http_onnx.*`` with ``--runtime onnx``).
 
 Setup: a temporary local store with 50 tenants, each with its own LoRA adapter (r=8, query+value, a
 3-label classifier; tenants differ by seeded random weights). A real ``bentoml serve`` process serves
@@ -250,6 +251,13 @@ def main() -> None:
         help="load generator: a minimal asyncio HTTP/1.1 client (default) or httpx.AsyncClient",
     )
     p.add_argument("--server-env", action="append", default=[], help="KEY=VALUE for the server (repeatable)")
+    p.add_argument(
+        "--runtime",
+        choices=["torch", "onnx"],
+        default="torch",
+        help="backbone runtime of the server and of the in-process engine; onnx exports the base first "
+        "(fp32 + the query/value LoRA graph)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     # SIGTERM -> SystemExit, so the finally below stops the server (it runs in its own process group).
@@ -268,6 +276,11 @@ def main() -> None:
         tmp = Path(tmp_s)
         t0 = time.perf_counter()
         store = build_store(tmp, base_dir, tenants)
+        if args.runtime == "onnx":
+            from training.onnx_export import export_base, export_lora_base
+
+            export_base(store, "minilm")
+            export_lora_base(store, "minilm", targets=("query", "value"))
         print(f"store with {len(tenants)} tenants built in {time.perf_counter() - t0:.1f}s", flush=True)
         env = service_env(
             str(tmp / "store"),
@@ -276,11 +289,14 @@ def main() -> None:
             LORAPLEX_THREADS=str(args.threads),
             LORAPLEX_TENANT_TOKENS=",".join(f"{t}:{k}" for t, k in tokens.items()),
             OMP_NUM_THREADS=str(args.threads),
+            LORAPLEX_RUNTIME=args.runtime,
             **dict(kv.split("=", 1) for kv in args.server_env),
         )
         server = serve_ready("serving.service:LoraplexService", env, tmp / "serve", timeout=180)
         try:
-            engine = Engine(store, base="minilm", settings=EngineSettings(threads=args.threads))
+            engine = Engine(
+                store, base="minilm", settings=EngineSettings(threads=args.threads, runtime=args.runtime)
+            )
             engine_round(engine, tenants, texts, 64, 1.0)  # load every adapter, warm the allocator
             asyncio.run(LOAD[args.client](server.url, tokens, texts, args.clients, 3.0))  # warm the server
             rounds = [
@@ -344,7 +360,10 @@ def report(args, rounds: list[dict], batch_mean: float | None) -> None:
     md = markdown(args, result)
     print(md)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = "bench_http" if args.client == "raw" and not args.server_env else f"bench_http_{args.client}"
+    variant = [
+        x for x in (args.client != "raw" and args.client, args.runtime != "torch" and args.runtime) if x
+    ]
+    stem = "_".join(["bench_http", *variant]) + ("_env" if args.server_env else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
     (RESULTS / f"{stem}.md").write_text(md + "\n")
 
@@ -361,6 +380,7 @@ def summarize(args, rounds: list[dict], batch_mean: float | None) -> dict:
         "threads": args.threads,
         "client": args.client,
         "server_env": args.server_env,
+        "runtime": args.runtime,
         "requests": len(lat),
         "errors": len(errors),
         "error_samples": errors[:5],
@@ -416,6 +436,7 @@ def markdown(args, result: dict) -> str:
             f"Real all-MiniLM-L6-v2, {args.threads} torch threads in server and engine, 2 CPU cores shared with "
             f"the load generator ({LOAD_NAMES[args.client]}"
             + (f"; server settings {', '.join(args.server_env)}" if args.server_env else "")
+            + f"; runtime {args.runtime} in the server and in the in-process engine"
             + "); LoRA r=8 (query, value) + 3-label classifier per tenant. The machine was shared "
             f"with other jobs (1-min load average {result['load_average_1m_at_end']:.1f} at the end), which moves "
             "wall-clock rates a lot between rounds; the per-CPU-second ratios are less sensitive to that.",
