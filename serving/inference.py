@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from adapters_store.errors import LoraplexError, ServiceUnavailable
 from serving import metrics
-from serving.limits import TokenCounter, decode_image
+from serving.limits import TokenCounter, decode_audio, decode_image
 from serving.schemas import ErrorBody, ItemResult
 from serving.settings import LimitSettings
 
@@ -44,14 +44,18 @@ def to_result(task: str, answer: Any) -> ItemResult:
     )
 
 
-def prepare(task: str, item: Any, limits: LimitSettings, tokens: TokenCounter | None):
-    """HTTP item -> engine ``InferenceItem`` (decoding images, applying the token policy)."""
+def prepare(task: str, item: Any, limits: LimitSettings, tokens: TokenCounter | None, rate: int = 16000):
+    """HTTP item -> engine ``InferenceItem`` (decoding images and audio, applying the token policy)."""
     from serving.engine import InferenceItem
 
     image = decode_image(item.image_b64, limits) if item.image_b64 is not None else None
+    audio_b64 = getattr(item, "audio_b64", None)
+    audio = decode_audio(audio_b64, limits, rate) if audio_b64 is not None else None
     if item.text is not None and tokens is not None and limits.token_policy == "reject":
         tokens.check(item.text, limits.max_tokens)
-    return InferenceItem(tenant=item.tenant, adapter=item.adapter, task=task, text=item.text, image=image)
+    return InferenceItem(
+        tenant=item.tenant, adapter=item.adapter, task=task, text=item.text, image=image, audio=audio
+    )
 
 
 def run_batch(
@@ -67,9 +71,11 @@ def run_batch(
         return [error_result(err) for _ in items]
     results: list[ItemResult | None] = [None] * len(items)
     ready: list[tuple[int, Any]] = []
+    backbone = getattr(engine, "backbone", None)
+    rate = backbone.sampling_rate if getattr(backbone, "modality", None) == "audio" else 16000
     for i, item in enumerate(items):
         try:
-            ready.append((i, prepare(task, item, limits, tokens)))
+            ready.append((i, prepare(task, item, limits, tokens, rate)))
         except LoraplexError as err:
             results[i] = error_result(err)
     if ready:

@@ -78,6 +78,9 @@ def check_items(items: Sequence[Any], limits: LimitSettings) -> None:
         image = getattr(item, "image_b64", None)
         if image is not None and len(image) * 3 // 4 > limits.max_image_bytes:
             raise PayloadTooLarge(f"items[{i}].image_b64 is over the limit of {limits.max_image_bytes} bytes")
+        audio = getattr(item, "audio_b64", None)
+        if audio is not None and len(audio) * 3 // 4 > limits.max_audio_bytes:
+            raise PayloadTooLarge(f"items[{i}].audio_b64 is over the limit of {limits.max_audio_bytes} bytes")
 
 
 def decode_image(data_b64: str, limits: LimitSettings) -> np.ndarray:
@@ -102,6 +105,41 @@ def decode_image(data_b64: str, limits: LimitSettings) -> np.ndarray:
             return np.asarray(img.convert("RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
         raise ValidationError("image_b64 is not a readable PNG or JPEG image") from None
+
+
+def decode_audio(data_b64: str, limits: LimitSettings, rate: int) -> np.ndarray:
+    """Base64 WAV (16-bit PCM, mono, at ``rate`` Hz) -> float32 waveform in [-1, 1]. Nothing is resampled
+    or down-mixed: another rate or layout is refused with a message saying what to send."""
+    import wave
+
+    try:
+        raw = base64.b64decode(data_b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest("audio_b64 is not valid base64") from None
+    if len(raw) > limits.max_audio_bytes:
+        raise PayloadTooLarge(f"audio of {len(raw)} bytes is over the limit of {limits.max_audio_bytes}")
+    try:
+        with wave.open(io.BytesIO(raw)) as w:
+            layout = (w.getnchannels(), w.getsampwidth(), w.getframerate())
+            frames = w.getnframes()
+            if layout != (1, 2, rate):
+                raise ValidationError(
+                    f"audio is {layout[0]} channel(s), {8 * layout[1]}-bit, {layout[2]} Hz; this base takes "
+                    f"mono 16-bit PCM WAV at {rate} Hz"
+                )
+            if frames > limits.max_audio_seconds * rate:
+                raise ValidationError(
+                    f"audio of {frames / rate:.1f} s is over the limit of {limits.max_audio_seconds} s"
+                )
+            pcm = w.readframes(frames)
+    except (wave.Error, EOFError):
+        raise ValidationError("audio_b64 is not a readable WAV file") from None
+    samples = np.frombuffer(pcm, dtype="<i2")
+    if samples.size < 400:
+        raise ValidationError(
+            f"audio of {samples.size} samples is too short; send at least 400 (25 ms at 16 kHz)"
+        )
+    return (samples.astype(np.float32) / 32768.0).copy()
 
 
 class TokenCounter:

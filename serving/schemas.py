@@ -21,12 +21,16 @@ class _Item(BaseModel):
 
     text: str | None = Field(default=None, description="Input text (text backbones).")
     image_b64: str | None = Field(default=None, description="Base64 PNG/JPEG (image backbones).")
+    audio_b64: str | None = Field(
+        default=None,
+        description="Base64 WAV, 16-bit PCM mono at the base's sampling rate (audio backbones).",
+    )
     _tenant: str | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _one_input(self):
-        if (self.text is None) == (self.image_b64 is None):
-            raise ValueError("give exactly one of 'text' or 'image_b64'")
+        if sum(x is not None for x in (self.text, self.image_b64, self.audio_b64)) != 1:
+            raise ValueError("give exactly one of 'text', 'image_b64' or 'audio_b64'")
         return self
 
     @property

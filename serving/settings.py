@@ -42,6 +42,8 @@ class LimitSettings(BaseModel):
     )
     max_image_bytes: int = Field(default=4 << 20, ge=1024, le=1 << 30, description="Encoded image (413).")
     max_image_pixels: int = Field(default=4096 * 4096, ge=64, le=1 << 30, description="Decoded image (422).")
+    max_audio_bytes: int = Field(default=4 << 20, ge=1024, le=1 << 30, description="Encoded WAV (413).")
+    max_audio_seconds: float = Field(default=60.0, gt=0, le=3600, description="WAV duration (422).")
     max_inflight: int = Field(
         default=512, ge=1, le=1 << 20, description="Requests in progress at once; more get 429 at once."
     )

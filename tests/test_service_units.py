@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import pytest
+from pydantic import ValidationError as PydanticValidationError
 
 from adapters_store import describe_base, open_store
 from adapters_store.errors import (
@@ -153,6 +154,8 @@ def test_check_items_limits():
         check_items([EmbedItem(text="x" * 11)], limits)
     with pytest.raises(ValidationError, match="at least one"):
         check_items([], limits)
+    with pytest.raises(PayloadTooLarge, match=r"items\[0\].audio_b64"):  # refused before any decoding
+        check_items([EmbedItem(audio_b64="A" * 2000)], LimitSettings(max_audio_bytes=1024))
 
 
 def _png(w: int, h: int) -> str:
@@ -471,3 +474,67 @@ def test_management_requests_take_turns(limit, monkeypatch):
     answers = asyncio.run(burst())
     assert [r.status_code for r in answers] == [200] * 6
     assert peak[0] == limit
+
+
+def _wav(samples: np.ndarray, rate: int = 16000, channels: int = 1, width: int = 2) -> str:
+    import io
+    import wave
+
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(width)
+        w.setframerate(rate)
+        w.writeframes(samples.tobytes())
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_decode_audio_takes_mono_16_bit_wav_at_the_base_rate_only():
+    from serving.limits import decode_audio
+
+    limits = LimitSettings(max_audio_seconds=1.0)
+    pcm = (np.sin(np.arange(8000) / 5) * 20000).astype("<i2")
+    wave_ = decode_audio(_wav(pcm), limits, 16000)
+    assert wave_.dtype == np.float32 and wave_.shape == (8000,)
+    np.testing.assert_allclose(wave_, pcm / 32768.0, atol=1e-7)
+    for bad, match in [
+        (_wav(pcm, rate=8000), "8000 Hz; this base takes mono 16-bit PCM WAV at 16000 Hz"),
+        (_wav(np.repeat(pcm, 2), channels=2), "2 channel"),
+        (_wav(pcm.astype(np.uint8), width=1), "8-bit"),
+        (_wav(np.zeros(20000, "<i2")), "over the limit of 1.0 s"),
+        (_wav(np.zeros(100, "<i2")), "too short"),
+        (base64.b64encode(b"RIFF-not-really").decode(), "readable WAV"),
+    ]:
+        with pytest.raises(ValidationError, match=match):
+            decode_audio(bad, limits, 16000)
+    with pytest.raises(InvalidRequest, match="base64"):
+        decode_audio("%%", limits, 16000)
+    with pytest.raises(PayloadTooLarge):
+        decode_audio(_wav(pcm), LimitSettings(max_audio_bytes=1024), 16000)
+
+
+def test_run_batch_decodes_audio_for_an_audio_backbone(tmp_path):
+    """WAV in base64 -> float32 waveform -> the engine's audio path; a bad WAV fails its row alone."""
+    import torch
+
+    from serving.engine import Engine, EngineSettings
+    from tests.helpers.models import make_tiny_wav2vec2
+
+    torch.set_num_threads(1)
+    store = open_store(tmp_path / "store")
+    store.register_base(describe_base("w2v", make_tiny_wav2vec2(tmp_path / "w2v")))
+    engine = Engine(store, base="w2v", settings=EngineSettings(threads=1))
+    pcm = (np.sin(np.arange(4000) / 3) * 10000).astype("<i2")
+    items = [
+        EmbedItem(audio_b64=_wav(pcm)),
+        EmbedItem(audio_b64=_wav(pcm, rate=44100)),
+        EmbedItem(text="words for an audio base"),
+    ]
+    for item in items:
+        item._tenant = "acme"
+    results = run_batch(engine, "embed", items, LimitSettings())
+    assert results[0].error is None and len(results[0].embedding) == 32
+    assert results[1].error.error == "validation_error" and "44100 Hz" in results[1].error.message
+    assert results[2].error.error == "validation_error" and "reads audio" in results[2].error.message
+    with pytest.raises(PydanticValidationError, match="exactly one"):
+        EmbedItem(text="x", audio_b64=_wav(pcm))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from adapters_store import describe_base, open_store
+from tests.helpers.models import make_tiny_wav2vec2
 from training import TrainConfig, train
 from training.errors import DatasetError, TrainConfigError
 from training.media import arrays_data
@@ -54,28 +55,6 @@ def make_tiny_clip(dest: Path) -> Path:
         projection_dim=24,
     )
     CLIPModel(cfg).eval().save_pretrained(dest, safe_serialization=True)
-    return dest
-
-
-def make_tiny_wav2vec2(dest: Path) -> Path:
-    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
-
-    torch.manual_seed(0)
-    cfg = Wav2Vec2Config(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        conv_dim=(16, 16),
-        conv_stride=(5, 4),
-        conv_kernel=(10, 8),
-        num_feat_extract_layers=2,
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=4,
-        vocab_size=8,
-    )
-    Wav2Vec2Model(cfg).eval().save_pretrained(dest, safe_serialization=True)
-    Wav2Vec2FeatureExtractor(sampling_rate=16000).save_pretrained(dest)
     return dest
 
 

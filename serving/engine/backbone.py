@@ -21,7 +21,8 @@ from adapters_store.base_models import BaseModelEntry, resolve_source
 from adapters_store.errors import LoraplexError, ServiceUnavailable, ValidationError
 from serving.engine.lora_layers import LayerSwitch, MultiTenantLinear, wrap_layers, wrap_linears
 
-Modality = Literal["text", "image"]
+Modality = Literal["text", "image", "audio"]
+AUDIO_MODEL_TYPES = frozenset({"wav2vec2", "hubert", "wavlm"})  # as training/backbone.py trains them
 _IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 _IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
@@ -33,7 +34,9 @@ class Backbone:
     entry: BaseModelEntry
     model: nn.Module
     modality: Modality
-    preprocessor: Any  # a tokenizer (text), an image processor or None (image)
+    preprocessor: (
+        Any  # a tokenizer (text), an image processor or None (image), a feature extractor or None (audio)
+    )
     linears: dict[str, MultiTenantLinear]  # module path (as in the base's weight names) -> wrapper
     layers: list[LayerSwitch]  # encoder blocks; [] when the architecture has none to switch
     layer_factory: Callable[[int], nn.Module] | None
@@ -50,6 +53,11 @@ class Backbone:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    @property
+    def sampling_rate(self) -> int:
+        """Audio bases: the rate waveforms must be given at (the feature extractor's, else 16 kHz)."""
+        return int(getattr(self.preprocessor, "sampling_rate", 16000))
+
 
 def load_backbone(entry: BaseModelEntry) -> Backbone:
     """Load the base's HF folder once, in eval mode, and wrap it for mixed batches."""
@@ -61,7 +69,11 @@ def load_backbone(entry: BaseModelEntry) -> Backbone:
         raise ServiceUnavailable(e.message) from None
     config = AutoConfig.from_pretrained(folder)
     model = AutoModel.from_pretrained(folder, config=config).eval()
-    modality: Modality = "image" if hasattr(config, "num_channels") else "text"
+    modality: Modality = (
+        "audio"
+        if config.model_type in AUDIO_MODEL_TYPES
+        else ("image" if hasattr(config, "num_channels") else "text")
+    )
     layer_prefix, encoder_layers = _encoder_layers(model)
     factory = _layer_factory(type(encoder_layers[0]), model.config) if encoder_layers is not None else None
     linears = wrap_linears(model)  # before wrap_layers, so paths stay the base's weight names
@@ -127,6 +139,13 @@ def _feature_dim(config: Any) -> int:
 
 
 def _preprocessor(folder: Path, modality: Modality) -> Any:
+    if modality == "audio":
+        from transformers import AutoFeatureExtractor
+
+        try:
+            return AutoFeatureExtractor.from_pretrained(folder)
+        except (OSError, ValueError):
+            return None
     if modality == "text":
         from transformers import AutoTokenizer
 
@@ -179,6 +198,20 @@ def encode_images(backbone: Backbone, images: Sequence[np.ndarray]) -> dict[str,
         }
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
     return {"pixel_values": (pixels - _IMAGENET_MEAN) / _IMAGENET_STD}
+
+
+def encode_audio(backbone: Backbone, waves: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
+    """Waveforms -> ``input_values``, exactly as training prepares them (training/backbone.py): the
+    feature extractor's normalisation, or zero-mean unit-variance without one. No attention mask, so
+    the engine only batches waveforms of one length together (padding would change the mean)."""
+    arrays = [np.asarray(w, dtype=np.float32).reshape(-1) for w in waves]
+    fe = backbone.preprocessor
+    if fe is not None:
+        enc = fe(arrays, sampling_rate=backbone.sampling_rate, padding=True, return_tensors="pt")
+        return {"input_values": enc["input_values"]}
+    length = max(len(a) for a in arrays)
+    padded = np.stack([np.pad((a - a.mean()) / (a.std() + 1e-7), (0, length - len(a))) for a in arrays])
+    return {"input_values": torch.from_numpy(padded)}
 
 
 def run_model(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:

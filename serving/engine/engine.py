@@ -122,6 +122,20 @@ class Engine:
         if self.backbone.modality == "text":
             if not isinstance(item.text, str) or not item.text.strip():
                 raise ValidationError("this base reads text: give a non-empty 'text'")
+        elif self.backbone.modality == "audio":
+            wave = item.audio
+            if (
+                not isinstance(wave, np.ndarray)
+                or wave.dtype != np.float32
+                or wave.ndim != 1
+                or wave.size < 400
+            ):
+                raise ValidationError(
+                    f"this base reads audio: give 'audio' as a 1-D float32 waveform at "
+                    f"{self.backbone.sampling_rate} Hz, at least 400 samples"
+                )
+            if not np.isfinite(wave).all():
+                raise ValidationError("audio samples must be finite")
         else:
             img = item.image
             if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
@@ -156,7 +170,10 @@ class Engine:
 
     def _group_key(self, row: PreparedRow) -> tuple:
         full = row.adapter.digest if row.adapter is not None and row.adapter.kind == "full" else None
-        shape = row.item.image.shape if self.backbone.preprocessor is None else None
+        if self.backbone.modality == "audio":
+            shape = row.item.audio.shape  # no attention mask: only equal lengths share a pass
+        else:
+            shape = row.item.image.shape if self.backbone.preprocessor is None else None
         return (full, shape)
 
     def _run_chunk(self, key: tuple, rows: list[PreparedRow], idx: list[int], out: list) -> None:

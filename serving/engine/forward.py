@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from adapters_store.errors import ValidationError
 from serving.engine import lora_layers
-from serving.engine.backbone import Backbone, encode_images, encode_texts, pool, run_model
+from serving.engine.backbone import Backbone, encode_audio, encode_images, encode_texts, pool, run_model
 from serving.engine.items import InferenceItem, InferenceResult
 from serving.engine.loader import LoadedAdapter
 from serving.engine.lora_layers import gather_rows
@@ -105,6 +105,8 @@ def clear_context(backbone: Backbone) -> None:
 def encode_rows(backbone: Backbone, rows: Sequence[PreparedRow], settings: EngineSettings) -> dict:
     if backbone.modality == "text":
         return dict(encode_texts(backbone, [r.item.text for r in rows], settings.max_seq_len))
+    if backbone.modality == "audio":
+        return encode_audio(backbone, [r.item.audio for r in rows])
     return encode_images(backbone, [r.item.image for r in rows])
 
 

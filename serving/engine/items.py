@@ -17,7 +17,8 @@ class InferenceItem:
 
     ``adapter`` is ``"name"``, ``"name@3"`` or ``"name@production"`` within ``tenant``; ``None`` runs the
     bare base. Without ``@`` the engine tries alias ``production`` and falls back to ``latest``.
-    Text backbones take ``text``; image backbones take ``image`` (HWC uint8).
+    Text backbones take ``text``; image backbones take ``image`` (HWC uint8); audio backbones take
+    ``audio`` (1-D float32 waveform at the base's sampling rate, values in [-1, 1]).
     """
 
     tenant: str
@@ -25,6 +26,7 @@ class InferenceItem:
     task: Task
     text: str | None = None
     image: np.ndarray | None = field(default=None, repr=False)
+    audio: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

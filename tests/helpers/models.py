@@ -73,3 +73,25 @@ def make_tiny_resnet(dest: Path, seed: int = 0) -> Path:
     cfg = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_channels=3)
     ResNetModel(cfg).eval().save_pretrained(dest, safe_serialization=True)
     return dest
+
+
+def make_tiny_wav2vec2(dest: Path) -> Path:
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    torch.manual_seed(0)
+    cfg = Wav2Vec2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        conv_dim=(16, 16),
+        conv_stride=(5, 4),
+        conv_kernel=(10, 8),
+        num_feat_extract_layers=2,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+        vocab_size=8,
+    )
+    Wav2Vec2Model(cfg).eval().save_pretrained(dest, safe_serialization=True)
+    Wav2Vec2FeatureExtractor(sampling_rate=16000).save_pretrained(dest)
+    return dest
