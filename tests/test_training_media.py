@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from adapters_store import describe_base, open_store
-from tests.helpers.models import make_tiny_wav2vec2
+from tests.helpers.models import make_tiny_clip, make_tiny_wav2vec2
 from training import TrainConfig, train
 from training.errors import DatasetError, TrainConfigError
 from training.media import arrays_data
@@ -29,33 +27,6 @@ def half_images(n_per_class: int, size: int = 16, seed: int = 0) -> tuple[np.nda
             images.append(img.astype(np.uint8))
             labels.append(label)
     return np.stack(images), labels
-
-
-def make_tiny_clip(dest: Path) -> Path:
-    from transformers import CLIPConfig, CLIPModel
-
-    torch.manual_seed(0)
-    cfg = CLIPConfig(
-        text_config={
-            "hidden_size": 32,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 4,
-            "intermediate_size": 64,
-            "vocab_size": 99,
-            "max_position_embeddings": 16,
-        },
-        vision_config={
-            "hidden_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "intermediate_size": 64,
-            "image_size": 16,
-            "patch_size": 4,
-        },
-        projection_dim=24,
-    )
-    CLIPModel(cfg).eval().save_pretrained(dest, safe_serialization=True)
-    return dest
 
 
 @pytest.fixture(scope="module")

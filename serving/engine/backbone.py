@@ -23,6 +23,7 @@ from serving.engine.lora_layers import LayerSwitch, MultiTenantLinear, wrap_laye
 
 Modality = Literal["text", "image", "audio"]
 AUDIO_MODEL_TYPES = frozenset({"wav2vec2", "hubert", "wavlm"})  # as training/backbone.py trains them
+CLIP_MODEL_TYPE = "clip"  # served as an image encoder: pooling 'pooler' is the projected image embedding
 _IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 _IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
@@ -69,11 +70,12 @@ def load_backbone(entry: BaseModelEntry) -> Backbone:
         raise ServiceUnavailable(e.message) from None
     config = AutoConfig.from_pretrained(folder)
     model = AutoModel.from_pretrained(folder, config=config).eval()
-    modality: Modality = (
-        "audio"
-        if config.model_type in AUDIO_MODEL_TYPES
-        else ("image" if hasattr(config, "num_channels") else "text")
-    )
+    if config.model_type in AUDIO_MODEL_TYPES:
+        modality: Modality = "audio"
+    elif config.model_type == CLIP_MODEL_TYPE or hasattr(config, "num_channels"):
+        modality = "image"
+    else:
+        modality = "text"
     layer_prefix, encoder_layers = _encoder_layers(model)
     factory = _layer_factory(type(encoder_layers[0]), model.config) if encoder_layers is not None else None
     linears = wrap_linears(model)  # before wrap_layers, so paths stay the base's weight names
@@ -134,6 +136,8 @@ def _layer_factory(cls: type[nn.Module], config: Any) -> Callable[[int], nn.Modu
 
 
 def _feature_dim(config: Any) -> int:
+    if config.model_type == CLIP_MODEL_TYPE:
+        return int(config.projection_dim)
     sizes = getattr(config, "hidden_sizes", None)  # ResNet-style: the last stage's channels
     return int(sizes[-1]) if sizes else int(config.hidden_size)
 
@@ -215,7 +219,11 @@ def encode_audio(backbone: Backbone, waves: Sequence[np.ndarray]) -> dict[str, t
 
 
 def run_model(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(last hidden state, pooler output or None) of an HF base model."""
+    """(last hidden state, pooler output or None) of an HF base model. CLIP runs its image tower only,
+    as training does: the pooler output is the projected image embedding."""
+    if getattr(model.config, "model_type", "") == CLIP_MODEL_TYPE:
+        out = model.get_image_features(pixel_values=inputs["pixel_values"])
+        return out.last_hidden_state, out.pooler_output
     out = model(**inputs)
     return out.last_hidden_state, getattr(out, "pooler_output", None)
 

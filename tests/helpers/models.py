@@ -95,3 +95,30 @@ def make_tiny_wav2vec2(dest: Path) -> Path:
     Wav2Vec2Model(cfg).eval().save_pretrained(dest, safe_serialization=True)
     Wav2Vec2FeatureExtractor(sampling_rate=16000).save_pretrained(dest)
     return dest
+
+
+def make_tiny_clip(dest: Path) -> Path:
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    cfg = CLIPConfig(
+        text_config={
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "intermediate_size": 64,
+            "vocab_size": 99,
+            "max_position_embeddings": 16,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 64,
+            "image_size": 16,
+            "patch_size": 4,
+        },
+        projection_dim=24,
+    )
+    CLIPModel(cfg).eval().save_pretrained(dest, safe_serialization=True)
+    return dest

@@ -1,4 +1,4 @@
-"""Audio bases (Wav2Vec2): a head trained by ``training`` is served by the engine exactly as trained."""
+"""Audio (Wav2Vec2) and CLIP image bases: heads trained by ``training`` are served exactly as trained."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from adapters_store import describe_base, open_store
 from adapters_store.errors import ValidationError
 from serving.engine import Engine, EngineSettings, InferenceItem, InferenceResult
-from tests.helpers.models import make_tiny_wav2vec2
+from tests.helpers.models import make_tiny_clip, make_tiny_wav2vec2
 from training import TrainConfig, train_bundle
 from training.media import arrays_data
 
@@ -87,3 +87,35 @@ def test_wrong_inputs_for_an_audio_base_fail_alone(audio_world):
     results = engine.infer([*bad, InferenceItem("acme", "tones", "classify", audio=good[0])])
     assert all(isinstance(r, ValidationError) for r in results[:-1]), results
     assert isinstance(results[-1], InferenceResult)
+
+
+def test_clip_image_head_is_served_on_the_projected_embedding(tmp_path):
+    store = open_store(tmp_path / "store")
+    store.register_base(describe_base("clip", make_tiny_clip(tmp_path / "clip")))
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(16)]
+    labels = ["bright" if im.mean() > 127 else "dark" for im in images]
+    cfg = TrainConfig(
+        store=store,
+        base="clip",
+        tenant="acme",
+        name="light",
+        task="image-classification",
+        lr=2e-2,
+        epochs=3,
+        batch_size=8,
+        progress=False,
+    )
+    outcome = train_bundle(cfg, store, train_data=arrays_data(images, labels))
+    manifest = store.put(outcome.bundle)
+    assert manifest.pooling == "pooler" and manifest.head.in_features == 24  # the projection width
+    engine = Engine(store, base="clip", settings=EngineSettings(threads=1))
+    assert engine.backbone.modality == "image"
+    items = [InferenceItem("acme", "light", "classify", image=im) for im in images[:5]]
+    items.append(InferenceItem("acme", None, "embed", image=images[0]))
+    results = engine.infer(items)
+    assert all(isinstance(r, InferenceResult) for r in results), results
+    served = torch.tensor([r.logits for r in results[:5]])
+    torch.testing.assert_close(served, learner_logits(outcome.learner, images[:5]), atol=2e-5, rtol=1e-4)
+    [text_row] = engine.infer([InferenceItem("acme", "light", "classify", text="no text tower here")])
+    assert isinstance(text_row, ValidationError)
