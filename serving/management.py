@@ -148,16 +148,53 @@ async def json_body(request: Request, model):
         raise ValidationError(f"invalid body: {str(e)[:400]}") from None
 
 
-def adapter_view(store: AdapterStore, tenant: str, name: str) -> dict[str, Any]:
-    versions = store.list_versions(tenant, name)
-    if not versions:
+MAX_PAGE = 1000
+
+
+def page_query(request: Request) -> tuple[int | None, int | None]:
+    """``?limit=N&before=V``: at most N versions older than V (newest of those), for long histories."""
+    out = []
+    for key, low, high in (("limit", 1, MAX_PAGE), ("before", 1, None)):
+        raw = request.query_params.get(key)
+        if raw is None:
+            out.append(None)
+            continue
+        try:
+            value = int(raw)
+        except ValueError:
+            raise InvalidRequest(f"{key} must be an integer, got {raw[:40]!r}") from None
+        if value < low or (high is not None and value > high):
+            raise InvalidRequest(f"{key} must be in {low}..{high or 'any'}, got {value}")
+        out.append(value)
+    return out[0], out[1]
+
+
+def adapter_view(
+    store: AdapterStore, tenant: str, name: str, limit: int | None = None, before: int | None = None
+) -> dict[str, Any]:
+    """Versions (oldest first) and aliases. With ``limit``, only that many manifests are read: the
+    newest ones older than ``before``; ``next_before`` pages further back."""
+    numbers = store.version_numbers(tenant, name)
+    if not numbers:
         raise NotFound(f"adapter {name!r} not found")
-    return {
+    older = [v for v in numbers if before is None or v < before]
+    page = older[-limit:] if limit else older
+    versions = []
+    for v in page:
+        try:
+            versions.append(store.resolve(AdapterRef(tenant, name, str(v))))
+        except NotFound:
+            continue  # deleted since the listing
+    out = {
         "tenant": tenant,
         "name": name,
         "aliases": store.aliases(tenant, name),
         "versions": [version_view(m) for m in versions],
+        "total_versions": len(numbers),
     }
+    if len(page) < len(older):
+        out["next_before"] = page[0]
+    return out
 
 
 # -- tenant routes -----------------------------------------------------------------------------------
@@ -179,10 +216,12 @@ async def list_own_adapters(request: Request, ctx: ManagementContext):
 
 @route("/adapters/{name}", ["GET"], "tenant")
 async def show_own_adapter(request: Request, ctx: ManagementContext):
-    """One of the calling tenant's adapters: versions and aliases (404 if it is not theirs)."""
+    """One of the calling tenant's adapters: versions and aliases (404 if it is not theirs).
+
+    ``?limit=N&before=V`` returns only the N newest versions older than V, and ``next_before``."""
     tenant, store = principal_of(request).require_tenant(), ctx.need_store()
     name = validate_name(request.path_params["name"], "adapter name")
-    return await run_in_threadpool(adapter_view, store, tenant, name)
+    return await run_in_threadpool(adapter_view, store, tenant, name, *page_query(request))
 
 
 # -- admin routes ------------------------------------------------------------------------------------
@@ -210,9 +249,11 @@ async def list_adapters(request: Request, ctx: ManagementContext):
 
 @route(ADAPTER, ["GET"], "admin")
 async def show_adapter(request: Request, ctx: ManagementContext):
-    """Versions and aliases of one adapter."""
+    """Versions and aliases of one adapter.
+
+    ``?limit=N&before=V`` returns only the N newest versions older than V, and ``next_before``."""
     tenant, name = path_names(request)
-    return await run_in_threadpool(adapter_view, ctx.need_store(), tenant, name)
+    return await run_in_threadpool(adapter_view, ctx.need_store(), tenant, name, *page_query(request))
 
 
 @route(ADAPTER, ["DELETE"], "admin")
@@ -298,7 +339,7 @@ def rollback_target(store: AdapterStore, tenant: str, name: str, alias: str) -> 
     current = aliases.get(alias, aliases.get(LATEST)) if alias == "production" else aliases.get(alias)
     if current is None:
         raise NotFound(f"{tenant}/{name} has no alias {alias!r}")
-    older = [m.version for m in store.list_versions(tenant, name) if m.version and m.version < current]
+    older = [v for v in store.version_numbers(tenant, name) if v < current]
     if not older:
         raise InvalidRequest(f"{tenant}/{name}@{alias} is at version {current}; there is no older version")
     return current, max(older)
@@ -362,6 +403,9 @@ ROUTES = [
 ]
 
 
+PAGED = {"show_adapter", "show_own_adapter"}
+
+
 def openapi_spec(prefix: str = "/v1") -> dict[str, Any]:
     """OpenAPI 3 description of these routes (BentoML's ``/docs.json`` covers classify and embed)."""
     paths: dict[str, dict[str, Any]] = {}
@@ -371,6 +415,15 @@ def openapi_spec(prefix: str = "/v1") -> dict[str, Any]:
             {"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
             for n in r.param_convertors
         ]
+        if r.name in PAGED:
+            params += [
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
+                },
+                {"name": "before", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+            ]
         security = [{"bearer": []}]
         for method in sorted(r.methods - {"HEAD"}):
             paths.setdefault(prefix + r.path, {})[method.lower()] = {

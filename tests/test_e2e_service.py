@@ -135,6 +135,11 @@ def test_register_over_http_then_serve_at_once(env):
     assert classify(c, "globex", "sentiment@2").json()[0]["digest"] == head.manifest.digest
     listed = c.get("/v1/adapters/fresh", headers=tenant_auth("initech")).json()
     assert listed["aliases"] == {"production": 1, "latest": 1} and len(listed["versions"]) == 1
+    paged = c.get("/v1/admin/tenants/globex/adapters/sentiment?limit=1", headers=ADMIN).json()
+    assert [v["version"] for v in paged["versions"]] == [2] and paged["next_before"] == 2
+    for query in ("limit=0", "limit=x", "before=-1", f"limit={10**6}"):
+        bad = c.get(f"/v1/admin/tenants/globex/adapters/sentiment?{query}", headers=ADMIN)
+        assert bad.status_code == 400 and bad.json()["error"] == "invalid_request", (query, bad.text)
 
 
 def test_alias_promote_and_rollback(env):

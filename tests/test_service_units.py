@@ -319,6 +319,28 @@ def test_rollback_target_is_the_previous_existing_version(tiny_base, tmp_path):
         rollback_target(store, "acme", "h", "production")
 
 
+def test_adapter_view_pages_a_long_history(tiny_base, tmp_path, monkeypatch):
+    from serving.management import adapter_view
+
+    store = open_store(tmp_path / "store")
+    base = store.register_base(tiny_base)
+    for seed in range(6):
+        store.put(head_bundle(base, tenant="acme", name="h", seed=seed))
+    store.delete_version("acme", "h", 4)
+    full = adapter_view(store, "acme", "h")
+    assert [v["version"] for v in full["versions"]] == [1, 2, 3, 5, 6] and "next_before" not in full
+    reads = []
+    real = store.resolve
+    monkeypatch.setattr(store, "resolve", lambda ref: reads.append(ref) or real(ref))
+    page = adapter_view(store, "acme", "h", limit=2)
+    assert [v["version"] for v in page["versions"]] == [5, 6] and page["next_before"] == 5
+    assert page["total_versions"] == 5 and len(reads) == 2  # only the page's manifests are read
+    page = adapter_view(store, "acme", "h", limit=2, before=page["next_before"])
+    assert [v["version"] for v in page["versions"]] == [2, 3] and page["next_before"] == 2
+    last = adapter_view(store, "acme", "h", limit=2, before=2)
+    assert [v["version"] for v in last["versions"]] == [1] and "next_before" not in last
+
+
 # -- one batch, many tenants ----------------------------------------------------------------------------------
 def test_run_batch_answers_rows_of_many_tenants_and_fails_bad_rows_alone(tiny_base, tmp_path):
     import torch
