@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from adapters_store import Bundle, HeadSpec, describe_base, open_store
+from adapters_store import describe_base, open_store
+from tests.helpers.bundles import head_bundle_from
 from tests.helpers.models import make_tiny_wav2vec2
 from tests.service_support import serve_ready, service_env, tenant_auth
 
@@ -30,26 +31,12 @@ def wav_b64(samples: np.ndarray, rate: int = 16000, channels: int = 1) -> str:
 
 @pytest.fixture(scope="module")
 def audio_server(tmp_path_factory):
-    from safetensors.torch import save as save_tensors
-
     tmp = tmp_path_factory.mktemp("e2e-audio")
     store = open_store(tmp / "store")
     base = store.register_base(describe_base("tiny", make_tiny_wav2vec2(tmp / "w2v")))
     g = torch.Generator().manual_seed(0)
     head = {"out.weight": torch.randn(2, 32, generator=g), "out.bias": torch.zeros(2)}
-    store.put(
-        Bundle.build(
-            {"head.safetensors": save_tensors(head)},
-            tenant="acme",
-            name="tones",
-            kind="head",
-            task="audio-classification",
-            labels=["low", "high"],
-            base=base.ref,
-            pooling="mean",
-            head=HeadSpec(in_features=32, num_outputs=2),
-        )
-    )
+    store.put(head_bundle_from(base, head, "acme", "tones", ["low", "high"], task="audio-classification"))
     server = serve_ready("serving.service:LoraplexService", service_env(str(tmp / "store"), tmp), tmp)
     yield server
     server.stop()

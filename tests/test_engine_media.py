@@ -33,21 +33,25 @@ def audio_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("audio")
     store = open_store(root / "store")
     store.register_base(describe_base("w2v", make_tiny_wav2vec2(root / "w2v")))
-    waves, labels = tones(16, 4000, seed=0)
+    outcome, manifest = train_head(store, "w2v", "tones", "audio-classification", *tones(16, 4000, seed=0))
+    return store, outcome.learner, manifest
+
+
+def train_head(store, base: str, name: str, task: str, inputs: list, labels: list[str]):
+    """A head trained by ``training`` on in-memory inputs, stored: (outcome, manifest)."""
     cfg = TrainConfig(
         store=store,
-        base="w2v",
+        base=base,
         tenant="acme",
-        name="tones",
-        task="audio-classification",
+        name=name,
+        task=task,
         lr=2e-2,
-        epochs=6,
-        batch_size=16,
+        epochs=4,
+        batch_size=8,
         progress=False,
     )
-    outcome = train_bundle(cfg, store, train_data=arrays_data(waves, labels))
-    manifest = store.put(outcome.bundle)
-    return store, outcome.learner, manifest
+    outcome = train_bundle(cfg, store, train_data=arrays_data(inputs, labels))
+    return outcome, store.put(outcome.bundle)
 
 
 def learner_logits(learner, waves) -> torch.Tensor:
@@ -95,19 +99,7 @@ def test_clip_image_head_is_served_on_the_projected_embedding(tmp_path):
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(16)]
     labels = ["bright" if im.mean() > 127 else "dark" for im in images]
-    cfg = TrainConfig(
-        store=store,
-        base="clip",
-        tenant="acme",
-        name="light",
-        task="image-classification",
-        lr=2e-2,
-        epochs=3,
-        batch_size=8,
-        progress=False,
-    )
-    outcome = train_bundle(cfg, store, train_data=arrays_data(images, labels))
-    manifest = store.put(outcome.bundle)
+    outcome, manifest = train_head(store, "clip", "light", "image-classification", images, labels)
     assert manifest.pooling == "pooler" and manifest.head.in_features == 24  # the projection width
     engine = Engine(store, base="clip", settings=EngineSettings(threads=1))
     assert engine.backbone.modality == "image"

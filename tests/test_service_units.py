@@ -29,7 +29,7 @@ from serving.management import rollback_target
 from serving.schemas import ClassifyItem, EmbedItem
 from serving.settings import LimitSettings, ServiceSettings, parse_tenant_tokens
 from serving.uploads import bundle_from_upload, parse_labels
-from tests.helpers.bundles import head_bundle, save_peft_lora
+from tests.helpers.bundles import head_bundle, head_bundle_from, save_peft_lora
 
 
 # -- settings ------------------------------------------------------------------------------------------
@@ -418,9 +418,7 @@ def test_token_policy_reject_counts_with_the_base_tokenizer(tiny_bert_dir):
 def test_run_batch_decodes_images_for_an_image_backbone(tiny_vit_dir, tmp_path):
     """PNG in base64 -> HWC uint8 -> the engine's image path; a broken image fails its row alone."""
     import torch
-    from safetensors.torch import save as save_tensors
 
-    from adapters_store import Bundle, HeadSpec
     from serving.engine import Engine, EngineSettings
 
     torch.set_num_threads(1)
@@ -429,17 +427,7 @@ def test_run_batch_decodes_images_for_an_image_backbone(tiny_vit_dir, tmp_path):
     g = torch.Generator().manual_seed(0)
     head = {"out.weight": torch.randn(2, 32, generator=g), "out.bias": torch.zeros(2)}
     store.put(
-        Bundle.build(
-            {"head.safetensors": save_tensors(head)},
-            tenant="acme",
-            name="shapes",
-            kind="head",
-            task="image-classification",
-            labels=["round", "square"],
-            base=base.ref,
-            pooling="mean",
-            head=HeadSpec(in_features=32, num_outputs=2),
-        )
+        head_bundle_from(base, head, "acme", "shapes", ["round", "square"], task="image-classification")
     )
     engine = Engine(store, base="vit", settings=EngineSettings(threads=1))
     items = [

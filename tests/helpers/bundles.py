@@ -70,8 +70,9 @@ def head_bundle_from(
     labels: list[str],
     pooling: str = "mean",
     activation: str = "relu",
+    task: str = "text-classification",
 ) -> Bundle:
-    """A text-classification head bundle from ``out.*`` (and optional ``hidden.*``) tensors."""
+    """A classification head bundle from ``out.*`` (and optional ``hidden.*``) tensors."""
     hidden = tensors["hidden.weight"].shape[0] if "hidden.weight" in tensors else None
     in_features = tensors["hidden.weight" if hidden else "out.weight"].shape[1]
     return Bundle.build(
@@ -79,7 +80,7 @@ def head_bundle_from(
         tenant=tenant,
         name=name,
         kind="head",
-        task="text-classification",
+        task=task,
         labels=labels,
         base=base.ref,
         pooling=pooling,
