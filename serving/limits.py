@@ -83,16 +83,21 @@ def check_items(items: Sequence[Any], limits: LimitSettings) -> None:
             raise PayloadTooLarge(f"items[{i}].audio_b64 is over the limit of {limits.max_audio_bytes} bytes")
 
 
+def _decoded(data_b64: str, what: str, max_bytes: int) -> bytes:
+    try:
+        raw = base64.b64decode(data_b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"{what}_b64 is not valid base64") from None
+    if len(raw) > max_bytes:
+        raise PayloadTooLarge(f"{what} of {len(raw)} bytes is over the limit of {max_bytes}")
+    return raw
+
+
 def decode_image(data_b64: str, limits: LimitSettings) -> np.ndarray:
     """Base64 PNG/JPEG -> HWC uint8 RGB, checking the pixel count before decoding the pixels."""
     from PIL import Image, UnidentifiedImageError
 
-    try:
-        raw = base64.b64decode(data_b64, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidRequest("image_b64 is not valid base64") from None
-    if len(raw) > limits.max_image_bytes:
-        raise PayloadTooLarge(f"image of {len(raw)} bytes is over the limit of {limits.max_image_bytes}")
+    raw = _decoded(data_b64, "image", limits.max_image_bytes)
     try:
         with Image.open(io.BytesIO(raw)) as img:
             w, h = img.size  # header only: nothing decoded yet
@@ -112,12 +117,7 @@ def decode_audio(data_b64: str, limits: LimitSettings, rate: int) -> np.ndarray:
     or down-mixed: another rate or layout is refused with a message saying what to send."""
     import wave
 
-    try:
-        raw = base64.b64decode(data_b64, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidRequest("audio_b64 is not valid base64") from None
-    if len(raw) > limits.max_audio_bytes:
-        raise PayloadTooLarge(f"audio of {len(raw)} bytes is over the limit of {limits.max_audio_bytes}")
+    raw = _decoded(data_b64, "audio", limits.max_audio_bytes)
     try:
         with wave.open(io.BytesIO(raw)) as w:
             layout = (w.getnchannels(), w.getsampwidth(), w.getframerate())
