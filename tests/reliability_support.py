@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 
 from tests.reliability_corpus import Case
-from tests.service_support import ADMIN_TOKEN, TENANT_TOKENS
+from tests.service_support import ADMIN_TOKEN, TENANT_TOKENS, process_tree
 
 
 @dataclass
@@ -174,26 +174,6 @@ def stream_until_answer(
 
 
 # -- process and file-system probes ------------------------------------------------------------------
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children.get(p, [])
-    return sorted(out)
-
-
 def proc_status(pid: int) -> dict[str, int]:
     """RSS (kB), threads and open fds of one process."""
     fields = {}

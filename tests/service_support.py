@@ -6,6 +6,7 @@ readiness is polled on ``/readyz``. Stores are filled with tiny random models' a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -65,6 +66,12 @@ class ServeProcess:
             return ""
 
     def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM the server, SIGKILL after ``timeout``; then make sure its workers are gone too.
+        BentoML starts workers in sessions of their own, so a worker still draining when the arbiter
+        died was once left running (and holding CPU) after its test."""
+        workers = [
+            p for p in process_tree(self.proc.pid) if p != self.proc.pid
+        ]  # before they are re-parented
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
@@ -72,7 +79,41 @@ class ServeProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
+        deadline = time.monotonic() + 10
+        while (alive := [w for w in workers if _alive(w)]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for w in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w, signal.SIGKILL)
         return self.proc.returncode
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return sorted(out)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def service_env(store_url: str, workdir: Path, **extra: str) -> dict[str, str]:

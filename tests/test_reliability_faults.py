@@ -28,29 +28,16 @@ import torch
 from adapters_store import Bundle
 from tests.helpers.bundles import head_bundle, head_bundle_from
 from tests.reliability_support import is_ready, record, stress_enabled
-from tests.service_support import ADMIN, seeded_store, serve_ready, service_env, tenant_auth
+from tests.service_support import ADMIN, process_tree, seeded_store, serve_ready, service_env, tenant_auth
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 TARGET = "serving.service:LoraplexService"
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(entry))
-            except (OSError, ValueError, IndexError):
-                continue
-    return out
-
-
 def kill9_server(pid: int) -> None:
     """kill -9 of the whole server: BentoML starts its workers in sessions of their own, so killing the
     arbiter's process group alone would leave them running."""
-    workers = _children(pid)  # read before the kill: afterwards they are re-parented
+    workers = [p for p in process_tree(pid) if p != pid]  # read before the kill: they get re-parented
     os.killpg(pid, signal.SIGKILL)
     for w in workers:
         try:
