@@ -11,8 +11,9 @@ Layout (keys are the same on local disk and on S3)::
 
 A put uploads blobs first and then creates ``versions/<N>.json`` with a conditional create (O_EXCL-like
 link on disk, ``If-None-Match: *`` on S3). A crash before that leaves only unreferenced blobs, which
-``sweep_orphans`` removes after a grace period; a crash after it leaves a complete version. Two
-concurrent puts race for N; the loser retries with N+1, so both land with distinct versions.
+``sweep_orphans`` removes after a grace period; a crash after it leaves a complete version. Puts on
+one name take turns for N within a process; across processes the conditional create decides and the
+loser re-lists, so both land with distinct versions. A number that was ever deleted is never reused.
 """
 
 from __future__ import annotations
