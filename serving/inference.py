@@ -49,8 +49,7 @@ def prepare(task: str, item: Any, limits: LimitSettings, tokens: TokenCounter | 
     from serving.engine import InferenceItem
 
     image = decode_image(item.image_b64, limits) if item.image_b64 is not None else None
-    audio_b64 = getattr(item, "audio_b64", None)
-    audio = decode_audio(audio_b64, limits, rate) if audio_b64 is not None else None
+    audio = decode_audio(item.audio_b64, limits, rate) if item.audio_b64 is not None else None
     if item.text is not None and tokens is not None and limits.token_policy == "reject":
         tokens.check(item.text, limits.max_tokens)
     return InferenceItem(
@@ -71,8 +70,7 @@ def run_batch(
         return [error_result(err) for _ in items]
     results: list[ItemResult | None] = [None] * len(items)
     ready: list[tuple[int, Any]] = []
-    backbone = getattr(engine, "backbone", None)
-    rate = backbone.sampling_rate if getattr(backbone, "modality", None) == "audio" else 16000
+    rate = getattr(getattr(engine, "backbone", None), "sampling_rate", 16000)  # audio bases only use it
     for i, item in enumerate(items):
         try:
             ready.append((i, prepare(task, item, limits, tokens, rate)))

@@ -35,9 +35,7 @@ class Backbone:
     entry: BaseModelEntry
     model: nn.Module
     modality: Modality
-    preprocessor: (
-        Any  # a tokenizer (text), an image processor or None (image), a feature extractor or None (audio)
-    )
+    preprocessor: Any  # tokenizer (text); image processor (image) or feature extractor (audio), or None
     linears: dict[str, MultiTenantLinear]  # module path (as in the base's weight names) -> wrapper
     layers: list[LayerSwitch]  # encoder blocks; [] when the architecture has none to switch
     layer_factory: Callable[[int], nn.Module] | None
