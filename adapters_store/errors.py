@@ -65,6 +65,12 @@ class UnsafeFormat(ValidationError):
     code = "unsafe_format"
 
 
+class DatasetError(ValidationError):
+    """Training data cannot be used as given (missing column, one class, bad encoding, over a limit...)."""
+
+    code = "dataset_error"
+
+
 class IncompatibleBase(ValidationError):
     code = "incompatible_base"
 

@@ -37,8 +37,9 @@ logger = logging.getLogger("loraplex.gateway")
 PRINCIPAL_KEY = "loraplex_principal"
 PUBLIC_PATHS = frozenset(
     {"/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schema.json", "/", "/v1/openapi.json"}
-)
-PUBLIC_PREFIXES = ("/static_content/", "/assets/")
+) | {"/console"}
+# The console's files are static and hold no data; its data comes from token-checked /v1 routes.
+PUBLIC_PREFIXES = ("/static_content/", "/assets/", "/console/")
 INFERENCE_PATHS = frozenset({"/v1/classify", "/v1/embed"})
 _CODES = {
     400: "invalid_request",
@@ -76,7 +77,10 @@ def is_public(path: str) -> bool:
 
 
 def is_upload(method: str, path: str) -> bool:
-    return method == "POST" and path.startswith("/v1/admin/") and path.endswith("/versions")
+    """Adapter uploads and training jobs (datasets) take the upload limit; their routes apply their own."""
+    if method != "POST":
+        return False
+    return (path.startswith("/v1/admin/") and path.endswith("/versions")) or path.endswith("/jobs")
 
 
 def required_role(path: str) -> str:

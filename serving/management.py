@@ -21,7 +21,7 @@ from pydantic import ValidationError as PydanticValidationError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from adapters_store.base_models import BaseModelEntry
@@ -101,12 +101,14 @@ def route(path: str, methods: list[str], role: str, status: int = 200):
     """Wrap a handler: check the role, map LoraplexError to its status with ``{error, message}``."""
 
     def deco(fn: Handler) -> Route:
-        async def endpoint(request: Request) -> JSONResponse:
+        async def endpoint(request: Request) -> Response:
             try:
                 p = principal_of(request)
                 p.require_admin() if role == "admin" else p.require_tenant()
                 async with CONTEXT.slot():
                     result = await fn(request, CONTEXT)
+                if isinstance(result, Response):  # files (a job's log, its curve PNG)
+                    return result
                 return JSONResponse(result, status_code=status)
             except LoraplexError as err:
                 return JSONResponse(err.to_dict(), status_code=err.status)
@@ -404,12 +406,13 @@ ROUTES = [
 
 
 PAGED = {"show_adapter", "show_own_adapter"}
+EXTRA_ROUTES: list[Route] = []  # other modules' routes (training jobs, console helpers), set by build_app
 
 
 def openapi_spec(prefix: str = "/v1") -> dict[str, Any]:
     """OpenAPI 3 description of these routes (BentoML's ``/docs.json`` covers classify and embed)."""
     paths: dict[str, dict[str, Any]] = {}
-    for r in ROUTES:
+    for r in [*ROUTES, *EXTRA_ROUTES]:
         doc = (r.endpoint.__doc__ or r.name).strip()
         params = [
             {"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
@@ -446,6 +449,10 @@ async def openapi_endpoint(request: Request) -> JSONResponse:
     return JSONResponse(openapi_spec())
 
 
-def build_app() -> Starlette:
-    """The Starlette app the service mounts at ``/v1`` (BentoML's own routes take precedence)."""
-    return Starlette(routes=[*ROUTES, Route("/openapi.json", openapi_endpoint, methods=["GET"])])
+def build_app(extra: list[Route] | tuple[Route, ...] = ()) -> Starlette:
+    """The Starlette app the service mounts at ``/v1`` (BentoML's own routes take precedence);
+    ``extra`` routes (made with :func:`route`) are served and described in the OpenAPI too."""
+    EXTRA_ROUTES[:] = list(extra)
+    return Starlette(
+        routes=[*ROUTES, *EXTRA_ROUTES, Route("/openapi.json", openapi_endpoint, methods=["GET"])]
+    )

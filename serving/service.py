@@ -25,9 +25,12 @@ from adapters_store.base_models import BaseModelEntry, resolve_source
 from adapters_store.errors import InvalidRequest
 from serving import metrics
 from serving.auth import token_book_from_settings
+from serving.console_app import CONSOLE_ROUTES, console_app
 from serving.gateway import STATE, GatewayMiddleware
 from serving.http_io import ClassifyInput, EmbedInput, ResultsOutput
 from serving.inference import run_batch
+from serving.jobs import JobRunner
+from serving.jobs_routes import JOB_ROUTES, JOBS
 from serving.limits import InflightLimiter, TokenCounter
 from serving.management import CONTEXT, build_app
 from serving.schemas import ClassifyItem, EmbedItem, ItemResult
@@ -88,7 +91,8 @@ def engine_settings(settings: ServiceSettings, base: BaseModelEntry | None = Non
         ) from None
 
 
-@bentoml.asgi_app(build_app(), path="/v1", name="loraplex-management")
+@bentoml.asgi_app(console_app(), path="/console", name="loraplex-console")
+@bentoml.asgi_app(build_app([*JOB_ROUTES, *CONSOLE_ROUTES]), path="/v1", name="loraplex-management")
 @bentoml.service(name="loraplex", workers=1, traffic={"timeout": 120}, resources={"cpu": "2"})
 class LoraplexService:
     """Many tenants' adapters on one shared backbone."""
@@ -116,9 +120,18 @@ class LoraplexService:
         CONTEXT.max_upload_bytes = settings.limits.max_upload_bytes
         CONTEXT.max_management = settings.limits.max_management
         self.tokens = self._token_counter()
+        self._start_jobs(settings)
         metrics.set_ready(False)
         # Load the backbone off the startup path: /livez answers at once, /readyz once it is loaded.
         threading.Thread(target=self._load_engine, name="loraplex-engine-load", daemon=True).start()
+
+    def _start_jobs(self, settings: ServiceSettings) -> None:
+        """Training jobs run as subprocesses of this replica (``serving.jobs``); records in the store."""
+        JOBS.settings = settings.jobs
+        JOBS.runner = JobRunner(
+            self.store, settings.store, settings.base, settings.jobs, on_registered=CONTEXT.changed
+        )
+        JOBS.runner.start()
 
     def _token_counter(self) -> TokenCounter | None:
         """Only for ``token_policy='reject'``; the base's own tokenizer counts (a missing one fails the start)."""

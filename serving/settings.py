@@ -58,6 +58,38 @@ class LimitSettings(BaseModel):
     )
 
 
+class JobSettings(BaseModel):
+    """Training jobs over HTTP (``serving.jobs``): bounds and how hard a job may use the machine.
+    Environment: ``LORAPLEX_JOB_<FIELD>``; in the settings file under ``jobs:``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_concurrent: int = Field(default=1, ge=0, le=64, description="Jobs training at once; 0 = jobs off.")
+    max_queued: int = Field(default=8, ge=1, le=10_000, description="Jobs waiting or running here (429).")
+    threads: int = Field(default=1, ge=1, le=256, description="torch/OMP threads of a job process.")
+    nice: int = Field(default=10, ge=0, le=19, description="CPU niceness of a job process.")
+    max_dataset_bytes: int = Field(
+        default=10 << 20, ge=1024, le=1 << 30, description="Uploaded dataset (413)."
+    )
+    max_rows: int = Field(default=100_000, ge=4, le=10_000_000, description="Examples per dataset (422).")
+    max_labels: int = Field(default=200, ge=2, le=100_000, description="Distinct labels (422).")
+    max_epochs: int = Field(default=50, ge=1, le=1000, description="Epochs a job may ask for (422).")
+    max_seconds: float = Field(
+        default=3600.0, gt=0, le=7 * 86400, description="Wall time of one job; then it is killed, failed."
+    )
+    stale_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=86400,
+        description="Another replica's job without a heartbeat this long is failed.",
+    )
+    replica: str = Field(
+        default_factory=lambda: os.environ.get("HOSTNAME") or os.uname().nodename,
+        min_length=1,
+        description="This replica's id in job records: at start it fails its own unfinished jobs.",
+    )
+
+
 class ServiceSettings(BaseModel):
     """Everything the service needs to start. ``from_env()`` builds it."""
 
@@ -92,6 +124,7 @@ class ServiceSettings(BaseModel):
         description="After SIGTERM: seconds of /readyz 503 while still serving.",
     )
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    jobs: JobSettings = Field(default_factory=JobSettings)
 
     @field_validator("base")
     @classmethod
@@ -115,8 +148,10 @@ class ServiceSettings(BaseModel):
         data.update(_fields_from_env(env))
         limits = dict(data.pop("limits", {}) or {})
         limits.update(_limits_from_env(env))
+        jobs = dict(data.pop("jobs", {}) or {})
+        jobs.update(_jobs_from_env(env))
         try:
-            return cls(**data, limits=LimitSettings(**limits))
+            return cls(**data, limits=LimitSettings(**limits), jobs=JobSettings(**jobs))
         except InvalidRequest:
             raise
         except Exception as e:
@@ -198,5 +233,13 @@ def _limits_from_env(env: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in LimitSettings.model_fields:
         if (value := env.get(ENV_PREFIX + name.upper())) not in (None, ""):
+            out[name] = value
+    return out
+
+
+def _jobs_from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in JobSettings.model_fields:
+        if (value := env.get(f"{ENV_PREFIX}JOB_{name.upper()}")) not in (None, ""):
             out[name] = value
     return out

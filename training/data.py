@@ -6,18 +6,15 @@ where it helps, the row and what to do; nothing here raises a bare ``KeyError`` 
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# The reading rules live in adapters_store.tables: the service's job routes read uploads with them.
+from adapters_store.tables import column, parse_rows, table_format
 from training.errors import DatasetError
-
-TABLE_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
 
 
 @dataclass(frozen=True)
@@ -45,55 +42,8 @@ class LabelledData:
         return LabelledData(list(self.inputs) + list(other.inputs), list(self.labels) + list(other.labels))
 
 
-def _decode(path: Path) -> str:
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise DatasetError(f"{path}: the file is empty")
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DatasetError(
-            f"{path}: not valid UTF-8 (byte {e.start}, line {line}); re-save the file as UTF-8"
-        ) from None
-
-
 def _read_rows(path: Path) -> list[dict[str, Any]]:
-    kind = TABLE_SUFFIXES.get(path.suffix.lower())
-    if kind is None:
-        raise DatasetError(f"{path}: unsupported data file; use one of {', '.join(sorted(TABLE_SUFFIXES))}")
-    text = _decode(path)
-    if kind in ("csv", "tsv"):
-        try:
-            return list(csv.DictReader(io.StringIO(text), delimiter="\t" if kind == "tsv" else ","))
-        except csv.Error as e:
-            raise DatasetError(f"{path}: malformed CSV: {e}") from None
-    rows = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise DatasetError(f"{path}: line {n} must be a JSON object")
-        rows.append(row)
-    return rows
-
-
-def _column(rows: list[dict[str, Any]], col: str, path: Path, what: str) -> list[str]:
-    if col not in rows[0]:
-        raise DatasetError(
-            f"{path}: unknown {what} column {col!r}; the file has columns {', '.join(map(repr, rows[0]))}"
-        )
-    out = []
-    for n, row in enumerate(rows, start=1):
-        value = row.get(col)
-        if value is None or (isinstance(value, str) and not value.strip()):
-            raise DatasetError(f"{path}: row {n} has an empty {what} ({col!r})")
-        out.append(str(value))
-    return out
+    return parse_rows(path.read_bytes(), table_format(path.name, str(path)), str(path))
 
 
 def read_table(
@@ -104,10 +54,8 @@ def read_table(
     if not path.is_file():
         raise DatasetError(f"{path}: no such data file")
     rows = _read_rows(path)
-    if not rows:
-        raise DatasetError(f"{path}: the file has a header but no rows")
-    texts = _column(rows, text_column, path, "text")
-    labels = _column(rows, label_column, path, "label") if label_column else None
+    texts = column(rows, text_column, str(path), "text")
+    labels = column(rows, label_column, str(path), "label") if label_column else None
     return LabelledData(texts, labels)
 
 

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from adapters_store.errors import InvalidRequest, LoraplexError, ValidationError
+from adapters_store.errors import DatasetError, InvalidRequest, LoraplexError
 
-
-class DatasetError(ValidationError):
-    """The training data cannot be used as given (missing column, one class, bad encoding...)."""
-
-    code = "dataset_error"
+__all__ = ["DatasetError", "TrainConfigError", "TrainingFailed"]
 
 
 class TrainConfigError(InvalidRequest):

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from training.config import TrainConfig
 from training.errors import TrainingFailed
 from training.metrics import classification_metrics
+from training.progress import report_epoch, report_step
 
 
 class Learner(Protocol):
@@ -115,6 +116,7 @@ def _epoch(
         total, seen = total + loss.item() * len(idx), seen + len(idx)
         bar.update(1)
         bar.set_postfix(loss=f"{total / seen:.4f}")
+        report_step(epoch, step, len(batches), total / seen)
     return total / max(seen, 1)
 
 
@@ -171,6 +173,7 @@ def fit(
         learner.on_epoch_start(epoch)
         record = _epoch_with_bar(learner, opt, data, names, cfg, domain, gen, epoch)
         result.history.append(record)
+        report_epoch(record)
         score = record["val"][cfg.monitor]
         if score > best:
             best, result.best_epoch = score, epoch
