@@ -58,6 +58,12 @@ async def try_classify(request: Request, ctx: ManagementContext):
     }
 
 
+@route("/admin/cache/residents", ["GET"], "admin")
+async def cache_residents(request: Request, ctx: ManagementContext):
+    """Adapters loaded in this replica's engine now, least recently used (next evicted) first."""
+    return {"residents": await run_in_threadpool(ctx.need_engine().cache_residents)}
+
+
 @route("/admin/usage", ["GET"], "admin")
 async def usage(request: Request, ctx: ManagementContext):
     """Per-tenant requests (by route) and inference items (by outcome) counted by this replica."""
@@ -76,7 +82,7 @@ def usage_counts() -> dict[str, dict[str, Any]]:
     return out
 
 
-CONSOLE_ROUTES = [try_classify, usage]
+CONSOLE_ROUTES = [try_classify, cache_residents, usage]
 
 
 def console_app() -> Starlette:

@@ -38,19 +38,25 @@ def csv_bytes(rows: list[dict]) -> bytes:
 def env(tmp_path_factory, tiny_bert_dir):
     tmp = tmp_path_factory.mktemp("e2e-jobs")
     store = seeded_store(tmp / "store", tiny_bert_dir, tmp)
-    server = serve_ready("serving.service:LoraplexService", service_env(str(tmp / "store"), tmp, **JOB_LIMITS), tmp)
+    server = serve_ready(
+        "serving.service:LoraplexService", service_env(str(tmp / "store"), tmp, **JOB_LIMITS), tmp
+    )
     client = httpx.Client(base_url=server.url, timeout=60)
     yield {"server": server, "client": client, "store": store}
     client.close()
     server.stop()
 
 
-def post_csv(c: httpx.Client, data: bytes, headers: dict, path: str = "/v1/jobs", filename="data.csv", **fields):
+def post_csv(
+    c: httpx.Client, data: bytes, headers: dict, path: str = "/v1/jobs", filename="data.csv", **fields
+):
     form = {k: (json.dumps(v) if isinstance(v, dict) else str(v)) for k, v in fields.items()}
     return c.post(path, files={"dataset": (filename, data, "text/csv")}, data=form, headers=headers)
 
 
-def wait_job(c: httpx.Client, job_id: str, headers: dict, until=("succeeded", "failed", "cancelled"), timeout=240):
+def wait_job(
+    c: httpx.Client, job_id: str, headers: dict, until=("succeeded", "failed", "cancelled"), timeout=240
+):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = c.get(f"/v1/jobs/{job_id}", headers=headers).json()
@@ -62,13 +68,24 @@ def wait_job(c: httpx.Client, job_id: str, headers: dict, until=("succeeded", "f
 
 def test_tenant_trains_promotes_and_serves_an_adapter_over_http(env):
     c, acme = env["client"], tenant_auth("acme")
-    r = post_csv(c, csv_bytes(toy_rows(per_class=12)), acme, name="tickets", strategy="lora",
-                 alias="production", options={"epochs": 3, "lr": 0.01, "batch_size": 8})
+    r = post_csv(
+        c,
+        csv_bytes(toy_rows(per_class=12)),
+        acme,
+        name="tickets",
+        strategy="lora",
+        alias="production",
+        options={"epochs": 3, "lr": 0.01, "batch_size": 8},
+    )
     assert r.status_code == 202, r.text
     job = r.json()
     assert job["status"] == "queued" and job["tenant"] == "acme"
-    assert job["dataset"] == {"source": "data.csv", "bytes": job["dataset"]["bytes"], "rows": 36,
-                              "labels": {"billing": 12, "login": 12, "shipping": 12}}
+    assert job["dataset"] == {
+        "source": "data.csv",
+        "bytes": job["dataset"]["bytes"],
+        "rows": 36,
+        "labels": {"billing": 12, "login": 12, "shipping": 12},
+    }
     # Another tenant cannot see it: the same 404 as a missing job.
     other = c.get(f"/v1/jobs/{job['id']}", headers=tenant_auth("globex"))
     assert other.status_code == 404 and other.json()["error"] == "not_found"
@@ -83,8 +100,11 @@ def test_tenant_trains_promotes_and_serves_an_adapter_over_http(env):
     assert c.get(f"/v1/jobs/{job['id']}/log", headers=acme).status_code == 200
 
     # Registered and promoted: the tenant's plain name now answers with the new version.
-    answer = c.post("/v1/classify", headers=acme,
-                    json={"items": [{"adapter": "tickets", "text": "refund my invoice payment"}]})
+    answer = c.post(
+        "/v1/classify",
+        headers=acme,
+        json={"items": [{"adapter": "tickets", "text": "refund my invoice payment"}]},
+    )
     assert answer.status_code == 200, answer.text
     body = answer.json()[0]
     assert body["adapter"] == "acme/tickets" and body["version"] == 1
@@ -100,8 +120,11 @@ def test_admin_posts_json_examples_and_a_failing_job_registers_nothing(env):
     # Two examples per class with val_fraction 0.2 cannot give every class a validation example:
     # training's own rule fails the job, with its message, and nothing is registered.
     examples = [{"text": r["text"], "label": r["label"]} for r in toy_rows(per_class=2)]
-    r = c.post("/v1/admin/tenants/initech/jobs", headers=ADMIN,
-               json={"name": "tiny-set", "strategy": "head", "examples": examples, "options": {"epochs": 1}})
+    r = c.post(
+        "/v1/admin/tenants/initech/jobs",
+        headers=ADMIN,
+        json={"name": "tiny-set", "strategy": "head", "examples": examples, "options": {"epochs": 1}},
+    )
     assert r.status_code == 202, r.text
     job = r.json()
     done = wait_job(c, job["id"], tenant_auth("initech"))
@@ -114,8 +137,14 @@ def test_admin_posts_json_examples_and_a_failing_job_registers_nothing(env):
 
 def test_cancel_stops_a_running_job_and_registers_nothing(env):
     c, globex = env["client"], tenant_auth("globex")
-    r = post_csv(c, csv_bytes(toy_rows(per_class=100)), globex, name="slow", strategy="lora",
-                 options={"epochs": 40, "batch_size": 4})
+    r = post_csv(
+        c,
+        csv_bytes(toy_rows(per_class=100)),
+        globex,
+        name="slow",
+        strategy="lora",
+        options={"epochs": 40, "batch_size": 4},
+    )
     job = r.json()
     wait_job(c, job["id"], globex, until=("running",), timeout=60)
     cancelled = c.post(f"/v1/jobs/{job['id']}/cancel", headers=globex)
@@ -138,10 +167,20 @@ GOOD = csv_bytes(toy_rows(per_class=5))
         ({"options": {"warmup": 3}}, 422, "validation_error", "warmup"),
         ({"strategy": "magic"}, 422, "validation_error", "strategy 'magic'"),
         ({"name": "Bad Name"}, 400, "invalid_name", "adapter name"),
-        ({"data": GOOD + b"x,4th-label\n"}, 422, "dataset_error", "4 distinct labels; this service takes at most 3"),
+        (
+            {"data": GOOD + b"x,4th-label\n"},
+            422,
+            "dataset_error",
+            "4 distinct labels; this service takes at most 3",
+        ),
         ({"data": csv_bytes(toy_rows(per_class=300))}, 413, "payload_too_large", "limit of 32768 bytes"),
         ({"data": csv_bytes(toy_rows(per_class=134))}, 422, "dataset_error", "at most 400"),
-        ({"data": GOOD.replace(b"label", b"intent", 1)}, 422, "dataset_error", "unknown label column 'label'"),
+        (
+            {"data": GOOD.replace(b"label", b"intent", 1)},
+            422,
+            "dataset_error",
+            "unknown label column 'label'",
+        ),
         ({"data": b"text,label\n\xff\xfe,a\n"}, 422, "dataset_error", "not valid UTF-8"),
         ({"data": b"text,label\nhello,a\nworld,a\n"}, 422, "dataset_error", "a single label"),
         ({"filename": "data.xlsx"}, 422, "dataset_error", "unsupported data file"),

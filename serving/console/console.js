@@ -240,9 +240,14 @@ async function tryIt(event) {
 // -- cache and usage -----------------------------------------------------------------------------
 async function loadCache() {
   try {
-    const [cache, usage] = await Promise.all([api("GET", "/v1/admin/cache"), api("GET", "/v1/admin/usage")]);
-    $("cache").replaceChildren(...Object.entries(cache).map(([k, v]) =>
-      el("tr", {}, el("th", { scope: "row" }, k), el("td", {}, typeof v === "object" ? JSON.stringify(v) : v))));
+    const [cache, residents, usage] = await Promise.all([api("GET", "/v1/admin/cache"),
+      api("GET", "/v1/admin/cache/residents"), api("GET", "/v1/admin/usage")]);
+    $("residents").replaceChildren(...residents.residents.map((r) => el("tr", {},
+      el("td", {}, `${r.tenant}/${r.name}`), el("td", {}, String(r.key).slice(0, 16)), el("td", {}, r.bytes),
+      el("td", {}, r.pinned ? "yes" : "no"), el("td", {}, r.leases))));
+    const counters = Object.entries(cache).filter(([, v]) => typeof v !== "object");
+    $("cache").replaceChildren(...counters.map(([k, v]) =>
+      el("tr", {}, el("th", { scope: "row" }, k), el("td", {}, typeof v === "number" ? +v.toFixed(4) : v))));
     const line = (o) => Object.entries(o).map(([k, v]) => `${k}: ${v}`).join(", ") || "–";
     $("usage").replaceChildren(...Object.entries(usage.tenants).map(([t, u]) =>
       el("tr", {}, el("td", {}, t), el("td", {}, line(u.requests)), el("td", {}, line(u.items)))));

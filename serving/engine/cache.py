@@ -165,6 +165,21 @@ class AdapterCache:
         with self._lock:
             return key in self._entries
 
+    def residents(self) -> list[dict[str, Any]]:
+        """What is loaded, least recently used first (evicted first): owner, key, bytes, pin, leases."""
+        with self._lock:
+            return [
+                {
+                    "tenant": e.owner[0],
+                    "name": e.owner[1],
+                    "key": key,
+                    "bytes": e.nbytes,
+                    "pinned": self._pinned(e.owner),
+                    "leases": e.leases,
+                }
+                for key, e in self._entries.items()
+            ]
+
     def stats(self) -> dict[str, Any]:
         with self._lock:
             c = self.counters

@@ -239,6 +239,10 @@ class Engine:
         stats["full"] = self._full.stats()
         return stats
 
+    def cache_residents(self) -> list[dict[str, Any]]:
+        """The adapters loaded now (both caches), least recently used first."""
+        return self._cache.residents() + self._full.residents()
+
 
 def pin_mmap_threshold(threshold: int = 128 << 10) -> bool:
     """Fix glibc's mmap threshold (process-wide). By default glibc raises it after freeing a large block,
