@@ -23,6 +23,8 @@ JOB_LIMITS = {
     "LORAPLEX_JOB_MAX_LABELS": "3",
     "LORAPLEX_JOB_MAX_DATASET_BYTES": "32768",
     "LORAPLEX_JOB_REPLICA": "replica-a",
+    # Below the dataset limit: a job's dataset takes the upload limit, not the inference body limit.
+    "LORAPLEX_MAX_BODY_BYTES": "16384",
 }
 
 
