@@ -40,6 +40,7 @@ HEARTBEAT_S = 2.0
 LOG_TAIL_BYTES = 64 << 10
 PR_SET_PDEATHSIG = 1
 RESTARTED = "the service restarted while this job was running; nothing was registered"
+STOPPED = "the service stopped while this job was running; nothing was registered"
 
 
 def child_setup(nice: int) -> Callable[[], None]:
@@ -85,6 +86,7 @@ class JobRunner:
         self._queue: queue.Queue[tuple[str, str]] = queue.Queue()
         self._procs: dict[str, subprocess.Popen] = {}
         self._cancel: set[str] = set()
+        self._stopping = False
         self._lock = threading.Lock()
         self._workers = [
             threading.Thread(target=self._work, name=f"loraplex-job-{i}", daemon=True)
@@ -130,6 +132,15 @@ class JobRunner:
         if proc is not None:
             _kill(proc)
         return record
+
+    def stop(self) -> None:
+        """The service is shutting down: end running jobs now (each is recorded failed, with why);
+        queued ones stay queued and run after the restart."""
+        with self._lock:
+            self._stopping = True
+            procs = list(self._procs.values())
+        for proc in procs:
+            _kill(proc)
 
     def local_active(self) -> int:
         with self._lock:
@@ -181,6 +192,8 @@ class JobRunner:
     def _work(self) -> None:
         while True:
             tenant, job_id = self._queue.get()
+            if self._stopping:
+                return
             try:
                 record = self.records.get(tenant, job_id)
                 if record.status == "queued":
@@ -264,6 +277,8 @@ class JobRunner:
             self._procs.pop(record.id, None)
             cancelled = record.id in self._cancel
             self._cancel.discard(record.id)
+        if self._stopping:
+            return {"status": "failed", "reason": STOPPED}
         if cancelled or stopped == "cancelled":
             return {"status": "cancelled", "reason": "cancelled while training; nothing was registered"}
         if stopped:

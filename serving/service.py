@@ -163,6 +163,8 @@ class LoraplexService:
     def _start_draining(self) -> None:
         self.draining = True
         metrics.set_ready(False)
+        if JOBS.runner is not None:
+            JOBS.runner.stop()
 
     def __is_ready__(self) -> bool:
         return self.engine is not None and not self.draining

@@ -7,12 +7,13 @@ import csv
 import io
 import json
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
 from adapters_store.jobs import JobRecords
-from tests.service_support import ADMIN, seeded_store, serve_ready, service_env, tenant_auth
+from tests.service_support import ADMIN, process_tree, seeded_store, serve_ready, service_env, tenant_auth
 from tests.training_support import toy_rows
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -44,9 +45,10 @@ def env(tmp_path_factory, tiny_bert_dir):
         "serving.service:LoraplexService", service_env(str(tmp / "store"), tmp, **JOB_LIMITS), tmp
     )
     client = httpx.Client(base_url=server.url, timeout=60)
-    yield {"server": server, "client": client, "store": store}
+    state = {"server": server, "client": client, "store": store}
+    yield state
     client.close()
-    server.stop()
+    state["server"].stop()
 
 
 def post_csv(
@@ -207,3 +209,46 @@ def test_job_routes_need_the_right_token(env):
     r = c.post("/v1/jobs", headers={**tenant_auth("acme"), "Content-Type": "text/plain"}, content=b"x")
     assert r.status_code == 415 and r.json()["error"] == "unsupported_media_type"
     assert c.get("/v1/jobs/j0000nothere", headers=tenant_auth("acme")).status_code == 404
+
+
+def test_stopping_the_service_fails_the_running_job_and_registers_nothing(env, tmp_path):
+    """Last in this module: it replaces the module's server with a restarted one."""
+    c, globex = env["client"], tenant_auth("globex")
+    r = post_csv(
+        c,
+        csv_bytes(toy_rows(per_class=100)),
+        globex,
+        name="restarted",
+        strategy="lora",
+        alias="production",
+        options={"epochs": 40, "batch_size": 4},
+    )
+    job = r.json()
+    wait_job(c, job["id"], globex, until=("running",), timeout=60)
+    old = env["server"]
+    deadline = time.monotonic() + 30
+    while not (job_pids := [p for p in process_tree(old.proc.pid) if "training.job_runner" in cmdline(p)]):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert job_pids, "the job should run as a subprocess of the service"
+    old.stop()
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{p}").exists() for p in job_pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{p}").exists() for p in job_pids), "the job process outlived the service"
+
+    new = serve_ready("serving.service:LoraplexService", old.env, tmp_path)
+    env["server"] = new  # the module's teardown stops this one
+    with httpx.Client(base_url=new.url, timeout=60) as c2:
+        done = c2.get(f"/v1/jobs/{job['id']}", headers=globex).json()
+    # A graceful stop records why at once; after a kill -9 the restart does (test_jobs_runner.py).
+    assert done["status"] == "failed" and "service stopped" in done["error"], done
+    assert "restarted" not in env["store"].list_adapters("globex")
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
