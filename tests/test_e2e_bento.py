@@ -46,5 +46,7 @@ def test_build_then_serve_the_bento(tmp_path, tiny_bert_dir):
         )
         assert r.status_code == 200, r.text
         assert r.json()[0]["digest"] == store.resolve("acme/intent@production").digest
+        console = httpx.get(f"{server.url}/console/", timeout=30)  # its static files are in the bento
+        assert console.status_code == 200 and "loraplex console" in console.text
     finally:
         assert server.stop() is not None
