@@ -45,7 +45,9 @@ DATASET = REPO / "training" / "data" / "brightwave_telecom_tickets.csv"
 TRAINER = "trainer"
 
 
-async def paced_round(url: str, tokens: dict[str, str], texts: list[str], clients: int, seconds: float, think: float):
+async def paced_round(
+    url: str, tokens: dict[str, str], texts: list[str], clients: int, seconds: float, think: float
+):
     """Closed loop with think time: each client sends, waits for the answer, pauses ``think`` seconds."""
     tenants = list(tokens)
     latencies: list[float] = []
@@ -61,7 +63,9 @@ async def paced_round(url: str, tokens: dict[str, str], texts: list[str], client
                 tenant = tenants[i % len(tenants)]
                 body = {"items": [{"adapter": "intent", "text": texts[i % len(texts)]}]}
                 t0 = time.perf_counter()
-                r = await client.post("/v1/classify", json=body, headers={"Authorization": f"Bearer {tokens[tenant]}"})
+                r = await client.post(
+                    "/v1/classify", json=body, headers={"Authorization": f"Bearer {tokens[tenant]}"}
+                )
                 latencies.append(time.perf_counter() - t0)
                 if r.status_code != 200:
                     errors.append(f"{r.status_code} {r.text[:120]}")
@@ -76,7 +80,11 @@ def start_job(c: httpx.Client, token: str, epochs: int) -> str:
         "/v1/jobs",
         headers={"Authorization": f"Bearer {token}"},
         files={"dataset": (DATASET.name, DATASET.read_bytes(), "text/csv")},
-        data={"name": "tickets", "strategy": "lora", "options": json.dumps({"epochs": epochs, "max_seq_len": 32})},
+        data={
+            "name": "tickets",
+            "strategy": "lora",
+            "options": json.dumps({"epochs": epochs, "max_seq_len": 32}),
+        },
     )
     r.raise_for_status()
     return r.json()["id"]
@@ -146,12 +154,18 @@ def main() -> None:
         try:
             c = httpx.Client(base_url=server.url, timeout=60)
             think = args.think_ms / 1000
-            asyncio.run(paced_round(server.url, tokens, texts, args.clients, 5.0, think))  # warm every adapter
+            asyncio.run(
+                paced_round(server.url, tokens, texts, args.clients, 5.0, think)
+            )  # warm every adapter
             for r in range(args.rounds):
-                base_lat, base_err = asyncio.run(paced_round(server.url, tokens, texts, args.clients, args.seconds, think))
+                base_lat, base_err = asyncio.run(
+                    paced_round(server.url, tokens, texts, args.clients, args.seconds, think)
+                )
                 job_id = start_job(c, trainer_token, epochs=50)
                 before = wait_training(c, trainer_token, job_id)
-                job_lat, job_err = asyncio.run(paced_round(server.url, tokens, texts, args.clients, args.seconds, think))
+                job_lat, job_err = asyncio.run(
+                    paced_round(server.url, tokens, texts, args.clients, args.seconds, think)
+                )
                 after = job(c, trainer_token, job_id)
                 cancel(c, trainer_token, job_id)
                 rounds.append(
