@@ -272,7 +272,8 @@ class ObjectStore(ABC):
             names = ", ".join(sorted(pointing))
             raise Conflict(
                 f"{tenant}/{name}@{version} is what alias(es) {names} point at; move them first "
-                "(promote another version) or delete with force to remove them too"
+                "(promote another version), or force the delete to remove them too "
+                "('?force=true' over HTTP, '--force' in the CLI)"
             )
         for alias in sorted(pointing):
             self._delete(f"{root}aliases/{alias}.json")
