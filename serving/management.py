@@ -424,7 +424,7 @@ def openapi_spec(prefix: str = "/v1") -> dict[str, Any]:
     """OpenAPI 3 description of these routes (``/v1/openapi.json`` adds BentoML's classify and embed)."""
     paths: dict[str, dict[str, Any]] = {}
     for r in ROUTES:
-        params = PAGE_PARAMS if r.name in PAGED else []
+        params = PAGE_PARAMS if r.name in PAGED else QUERY_PARAMS.get(r.name, [])
         status = getattr(r.endpoint, "status_code", 200)
         paths.setdefault(prefix + r.path, {}).update(route_spec(r, status, params))
     return spec_document(paths, "loraplex management API")
@@ -434,6 +434,10 @@ PAGE_PARAMS = [
     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}},
     {"name": "before", "in": "query", "schema": {"type": "integer", "minimum": 1}},
 ]
+QUERY_PARAMS = {
+    "delete_version": [{"name": "force", "in": "query", "schema": {"type": "boolean", "default": False}}],
+    "warm": [{"name": "selector", "in": "query", "schema": {"type": "string"}}],
+}
 
 
 async def openapi_endpoint(request: Request) -> JSONResponse:
