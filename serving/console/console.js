@@ -19,7 +19,11 @@ async function api(method, path, body) {
   const res = await fetch(path, opts);
   const type = res.headers.get("content-type") || "";
   const data = type.includes("application/json") ? await res.json() : await res.blob();
-  if (!res.ok) throw new Error((data && data.message) || res.status + " " + res.statusText);
+  if (!res.ok) {
+    const err = new Error((data && data.message) || res.status + " " + res.statusText);
+    err.status = res.status;
+    throw err;
+  }
   return data;
 }
 
@@ -144,12 +148,20 @@ async function rollback() {
 }
 
 async function removeVersion(version) {
-  if (!confirm(`Delete ${state.tenant}/${state.adapter}@${version}? Aliases pointing at it go too.`)) return;
+  const url = `/v1/admin/tenants/${state.tenant}/adapters/${state.adapter}/versions/${version}`;
+  if (!confirm(`Delete ${state.tenant}/${state.adapter}@${version}?`)) return;
   try {
-    await api("DELETE", `/v1/admin/tenants/${state.tenant}/adapters/${state.adapter}/versions/${version}`);
-    say(`deleted v${version}`);
-    await loadTenants();
-  } catch (e) { say(e.message, true); }
+    await api("DELETE", url);
+  } catch (e) {
+    // Alias protection: the service refuses to delete a version an alias points at (409, naming them).
+    if (e.status !== 409 || !confirm(`${e.message}\n\nDelete it anyway and remove those aliases?`)) {
+      say(e.message, true);
+      return;
+    }
+    try { await api("DELETE", url + "?force=true"); } catch (e2) { say(e2.message, true); return; }
+  }
+  say(`deleted v${version}`);
+  await loadTenants();
 }
 
 // -- jobs ----------------------------------------------------------------------------------------
