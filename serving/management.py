@@ -51,6 +51,7 @@ class ManagementContext:
     store: AdapterStore | None = None
     base: BaseModelEntry | None = None
     engine: Any = None
+    tokens: Any = None  # serving.auth.TokenBook: token changes made here take effect at once
     max_upload_bytes: int = 600 << 20
     max_management: int = 2
     _slots: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
@@ -406,10 +407,17 @@ ROUTES = [
 PAGED = {"show_adapter", "show_own_adapter"}
 
 
+def all_routes() -> list[Route]:
+    """These routes and the tenant token routes (``serving.tokens_api``, which builds on ``route``)."""
+    from serving.tokens_api import TOKEN_ROUTES
+
+    return [*ROUTES, *TOKEN_ROUTES]
+
+
 def openapi_spec(prefix: str = "/v1") -> dict[str, Any]:
     """OpenAPI 3 description of these routes (BentoML's ``/docs.json`` covers classify and embed)."""
     paths: dict[str, dict[str, Any]] = {}
-    for r in ROUTES:
+    for r in all_routes():
         doc = (r.endpoint.__doc__ or r.name).strip()
         params = [
             {"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
@@ -448,4 +456,4 @@ async def openapi_endpoint(request: Request) -> JSONResponse:
 
 def build_app() -> Starlette:
     """The Starlette app the service mounts at ``/v1`` (BentoML's own routes take precedence)."""
-    return Starlette(routes=[*ROUTES, Route("/openapi.json", openapi_endpoint, methods=["GET"])])
+    return Starlette(routes=[*all_routes(), Route("/openapi.json", openapi_endpoint, methods=["GET"])])
