@@ -41,7 +41,12 @@ def validate_name(value: object, what: str = "name") -> str:
 
 def is_valid_name(value: object) -> bool:
     """Whether ``value`` obeys the name rule; for messages that must not echo what they refuse."""
-    return isinstance(value, str) and bool(_NAME_RE.match(value)) and ".." not in value and not value.endswith(".")
+    return (
+        isinstance(value, str)
+        and bool(_NAME_RE.match(value))
+        and ".." not in value
+        and not value.endswith(".")
+    )
 
 
 def parse_version(value: str) -> int | None:

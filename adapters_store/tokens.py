@@ -163,4 +163,3 @@ class TenantTokenRegistry:
             return TenantTokenRecord.model_validate_json(data)
         except Exception:
             raise IntegrityError("a stored tenant token record is damaged") from None
-

@@ -107,7 +107,8 @@ class TokenBook:
         self._lock = threading.Lock()
         if registry is not None:
             self.refresh()
-        if not self._static and not self._dynamic and not insecure_dev:
+        callers = [p for p in self._static.values() if p.role != "metrics"]  # a scraper alone serves nobody
+        if not callers and not self._dynamic and not insecure_dev:
             raise InvalidSettings(
                 "no tokens configured: set LORAPLEX_ADMIN_TOKEN and LORAPLEX_TENANT_TOKENS (or "
                 "LORAPLEX_TOKENS_FILE), or create tenant tokens with 'loraplex tokens create'; for a "
@@ -225,7 +226,9 @@ def configured_tokens(settings) -> list[ConfiguredToken]:
     for tenant, tokens in settings.tenant_tokens.items():
         out += [
             ConfiguredToken(
-                t.get_secret_value(), Principal("tenant", tenant), f"LORAPLEX_TENANT_TOKENS (tenant {tenant!r})"
+                t.get_secret_value(),
+                Principal("tenant", tenant),
+                f"LORAPLEX_TENANT_TOKENS (tenant {tenant!r})",
             )
             for t in tokens
         ]

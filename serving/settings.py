@@ -23,7 +23,6 @@ from adapters_store.errors import InvalidSettings
 from adapters_store.names import NAME_RULE, is_valid_name
 from adapters_store.tokens import entry_digest
 
-
 ENV_PREFIX = "LORAPLEX_"
 CONFIG_ENV = "LORAPLEX_CONFIG"
 
@@ -191,7 +190,9 @@ def settings_error(
     return InvalidSettings("invalid loraplex settings: " + "; ".join(problems[:5]))
 
 
-def parse_tenant_tokens(text: str, variable: str = "LORAPLEX_TENANT_TOKENS") -> dict[str, tuple[SecretStr, ...]]:
+def parse_tenant_tokens(
+    text: str, variable: str = "LORAPLEX_TENANT_TOKENS"
+) -> dict[str, tuple[SecretStr, ...]]:
     """``"acme:tok1,acme:tok2,globex:tok3"`` -> ``{"acme": (tok1, tok2), "globex": (tok3,)}`` as
     ``SecretStr``. Errors name the variable, the entry's position and (when valid) its tenant."""
     out: dict[str, list[SecretStr]] = {}

@@ -64,7 +64,10 @@ def test_settings_from_env_and_file(tmp_path):
             {"LORAPLEX_STORE": "x", "LORAPLEX_TENANT_TOKENS": "globex:tok-globex-1,acme:short"},
             "LORAPLEX_TENANT_TOKENS: entry 2 \\(tenant 'acme'\\): a token needs at least 8 characters",
         ),
-        ({"LORAPLEX_STORE": "x", "LORAPLEX_TENANT_TOKENS": "no-colon"}, "entry 1 must look like 'tenant:token'"),
+        (
+            {"LORAPLEX_STORE": "x", "LORAPLEX_TENANT_TOKENS": "no-colon"},
+            "entry 1 must look like 'tenant:token'",
+        ),
         ({"LORAPLEX_STORE": "x", "LORAPLEX_RUNTIME": "tpu"}, "LORAPLEX_RUNTIME: Input should be"),
         ({"LORAPLEX_STORE": "x", "LORAPLEX_ADMIN_TOKEN": "short"}, "LORAPLEX_ADMIN_TOKEN: a token needs"),
         ({"LORAPLEX_STORE": "x", "LORAPLEX_METRICS_AUTH": "open"}, "LORAPLEX_METRICS_AUTH: Input should be"),
@@ -125,7 +128,11 @@ def test_tokens_file(tmp_path):
     p = tmp_path / "tokens.json"
     p.write_text(json.dumps({"admin": "adm-token-1", "tenants": {"acme": ["t-acme-1"], "b": "t-b-12345"}}))
     entries = {(e.principal.role, e.principal.tenant, e.secret) for e in load_tokens_file(p)}
-    assert entries == {("admin", None, "adm-token-1"), ("tenant", "acme", "t-acme-1"), ("tenant", "b", "t-b-12345")}
+    assert entries == {
+        ("admin", None, "adm-token-1"),
+        ("tenant", "acme", "t-acme-1"),
+        ("tenant", "b", "t-b-12345"),
+    }
     p.write_text("[1, 2]")
     with pytest.raises(InvalidRequest):
         load_tokens_file(p)

@@ -12,8 +12,8 @@ import time
 import click
 
 from adapters_store import open_store
-from adapters_store.tokens import TenantTokenRecord, TenantTokenRegistry
 from adapters_store.registry import DEFAULT_STORE_URL
+from adapters_store.tokens import TenantTokenRecord, TenantTokenRegistry
 
 _store = click.option(
     "--store",
