@@ -150,6 +150,8 @@ class ServiceSettings(BaseModel):
         env = os.environ if environ is None else environ
         config_path = env.get(CONFIG_ENV)
         data: dict[str, Any] = _read_config_file(config_path)
+        if not isinstance(data.get("limits") or {}, dict):
+            raise InvalidSettings(f"{CONFIG_ENV} file {config_path}, key limits: must be a mapping")
         file_fields = {"": set(data), "limits": set(data.get("limits") or {})}
         env_fields = _fields_from_env(env)
         data.update(env_fields)
@@ -178,8 +180,6 @@ def settings_error(
     problems = []
     for err in error.errors(include_url=False, include_context=False, include_input=False):
         loc = [str(p) for p in err["loc"]]
-        if loc and loc[0] == "limits" and not section:  # a limits mapping of the wrong type
-            section, loc = "limits", loc[1:]
         field = loc[0] if loc else ""
         if field and field in from_file.get(section, set()):
             key = ".".join([section, *loc] if section else loc)

@@ -78,6 +78,17 @@ def test_settings_errors_name_the_variable(env, needle):
         ServiceSettings.from_env(env)
 
 
+def test_settings_errors_from_the_config_file_name_the_file_and_key(tmp_path):
+    cfg = tmp_path / "svc.yaml"
+    cfg.write_text("limits:\n  max_inputs: 0\n")
+    with pytest.raises(InvalidRequest, match=r"LORAPLEX_CONFIG file .*svc.yaml, key limits.max_inputs"):
+        ServiceSettings.from_env({"LORAPLEX_CONFIG": str(cfg), "LORAPLEX_STORE": "x"})
+    cfg.write_text("admin_token: tok-secret-value: x\n")  # YAML's own message quotes the line
+    with pytest.raises(InvalidRequest, match="not valid YAML at line 1") as err:
+        ServiceSettings.from_env({"LORAPLEX_CONFIG": str(cfg), "LORAPLEX_STORE": "x"})
+    assert "secret" not in str(err.value)
+
+
 def plain(tokens) -> dict[str, tuple[str, ...]]:
     return {k: tuple(t.get_secret_value() for t in v) for k, v in tokens.items()}
 
