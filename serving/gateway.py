@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +68,9 @@ class GatewayState:
     is_ready: Callable[[], bool] = lambda: False
     cache_stats: Callable[[], dict[str, Any]] = dict
     limiter: InflightLimiter | None = None
+    preload: Callable[[str | None, list], Awaitable[Callable[[], None]]] | None = None
+    """Loads an inference request's cold adapters before it is batched (serving.preload.ColdLoads);
+    returns the function that releases them once the request is answered."""
     metrics_public: bool = False  # /metrics without a token (LORAPLEX_METRICS_AUTH=public, insecure dev)
 
 
@@ -141,7 +144,7 @@ def _foreign_message(data: Any, body: bytes) -> str:
     return (body.decode(errors="replace").strip() or "request failed")[:1000]
 
 
-def validate_inference_body(body: bytes, model: type[BaseModel], limits: LimitSettings) -> None:
+def validate_inference_body(body: bytes, model: type[BaseModel], limits: LimitSettings) -> BaseModel:
     """Parse with the route's schema and apply item limits; raises our errors with clear messages."""
     try:
         parsed = model.model_validate_json(body)
@@ -153,6 +156,7 @@ def validate_inference_body(body: bytes, model: type[BaseModel], limits: LimitSe
         )
         raise ValidationError(f"request body does not match the schema: {details}") from None
     check_items(getattr(parsed, "items", []), limits)
+    return parsed
 
 
 class GatewayMiddleware:
@@ -177,11 +181,17 @@ class GatewayMiddleware:
             principal = self._authenticate(scope)
             if limiter is not None:
                 limiter.acquire()
+            release = None
             try:
-                receive = await self._guard_body(scope, receive, principal)
+                receive, parsed = await self._guard_body(scope, receive, principal)
                 scope.setdefault("state", {})[PRINCIPAL_KEY] = principal
+                if parsed is not None and self.state.preload is not None:
+                    adapters = [getattr(item, "adapter", None) for item in getattr(parsed, "items", [])]
+                    release = await self.state.preload(principal.tenant, adapters)
                 status = await self._call_app(scope, receive, send, path)
             finally:
+                if release is not None:
+                    release()
                 if limiter is not None:
                     limiter.release()
         except LoraplexError as err:
@@ -228,7 +238,7 @@ class GatewayMiddleware:
         check_content_length(headers, limit)
         model = self.state.validators.get(path)
         if model is None or method != "POST":
-            return limited_receive(receive, limit)
+            return limited_receive(receive, limit), None
         principal.require_tenant()
         ctype = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
         if ctype != "application/json":
@@ -236,8 +246,8 @@ class GatewayMiddleware:
                 f"send JSON with 'Content-Type: application/json' (got {ctype or 'none'!r})"
             )
         body = await read_body(receive, limit)
-        validate_inference_body(body, model, self.state.limits)
-        return _replay(body)
+        parsed = validate_inference_body(body, model, self.state.limits)
+        return _replay(body), parsed
 
     async def _call_app(self, scope, receive, send, path: str) -> int:
         rewriter = _ErrorRewriter(send, path, self.state.is_ready())

@@ -30,6 +30,7 @@ from serving.inference import run_batch
 from serving.limits import InflightLimiter, TokenCounter
 from serving.management import CONTEXT, build_app
 from serving.preflight import check_startup
+from serving.preload import ColdLoads
 from serving.schemas import ClassifyItem, EmbedItem, ItemResult
 from serving.settings import ServiceSettings
 from serving.shutdown import install_drain_handler
@@ -124,6 +125,7 @@ class LoraplexService:
         STATE.limiter = InflightLimiter(settings.limits.max_inflight)
         STATE.is_ready = self.__is_ready__
         STATE.cache_stats = lambda: self.engine.cache_stats() if self.engine is not None else {}
+        STATE.preload = ColdLoads(lambda: self.engine)
         CONTEXT.store, CONTEXT.base = self.store, self.base
         CONTEXT.max_upload_bytes = settings.limits.max_upload_bytes
         CONTEXT.max_management = settings.limits.max_management
@@ -153,10 +155,11 @@ class LoraplexService:
         self.engine = CONTEXT.engine = engine
         metrics.set_ready(True)
         logger.info(
-            "loraplex ready: base %s (%s...), runtime %s",
+            "loraplex ready: base %s (%s...), runtime %s: %s",
             self.base.name,
             self.base.fingerprint[:12],
             engine.runtime,
+            engine.runtime_note,
         )
 
     def _start_draining(self) -> None:

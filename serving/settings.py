@@ -102,7 +102,9 @@ class ServiceSettings(BaseModel):
         default=2.0, ge=0.0, le=3600.0, description="Max age of a cached alias resolution (replica lag)."
     )
     runtime: Literal["torch", "onnx", "onnx-int8", "auto"] = Field(
-        default="torch", description="Backbone runtime."
+        default="auto",
+        description="Backbone runtime; 'auto' serves on onnxruntime when the base's validated export is "
+        "stored (base register builds it) and says in the log why it falls back to torch otherwise.",
     )
     threads: int = Field(default=2, ge=1, le=256, description="Intra-op threads of the backbone.")
     max_batch_size: int = Field(default=64, ge=2, le=4096, description="Rows per adaptive batch.")
