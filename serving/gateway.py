@@ -30,6 +30,7 @@ from adapters_store.errors import (
 from serving import metrics
 from serving.auth import DEV_TENANT_HEADER, Principal, TokenBook
 from serving.limits import InflightLimiter, check_content_length, check_items, limited_receive, read_body
+from serving.openai_errors import is_openai_error, is_openai_path, openai_error_bytes
 from serving.settings import LimitSettings
 
 logger = logging.getLogger("loraplex.gateway")
@@ -66,6 +67,8 @@ class GatewayState:
     is_ready: Callable[[], bool] = lambda: False
     cache_stats: Callable[[], dict[str, Any]] = dict
     limiter: InflightLimiter | None = None
+    # Per-tenant quotas: admit(tenant, rows) raises 429 (see serving.quotas); release(tenant, rows).
+    quotas: Any = None
 
 
 STATE = GatewayState()
@@ -84,7 +87,10 @@ def required_role(path: str) -> str:
     return "admin" if path == "/v1/admin" or path.startswith("/v1/admin/") else "tenant"
 
 
-def json_error(err: LoraplexError) -> tuple[int, bytes]:
+def json_error(err: LoraplexError, path: str = "") -> tuple[int, bytes]:
+    """The one rendering of our errors: ``{"error", "message"}``, or OpenAI's shape on its routes."""
+    if is_openai_path(path):
+        return err.status, openai_error_bytes(err.status, err.code, err.message)
     return err.status, json.dumps(err.to_dict()).encode()
 
 
@@ -94,12 +100,19 @@ def normalise_error_body(status: int, body: bytes, path: str, ready: bool) -> tu
         data = json.loads(body) if body else None
     except ValueError:
         data = None
-    if isinstance(data, dict) and set(data) == {"error", "message"}:
+    if is_openai_path(path):
+        if is_openai_error(data):
+            return status, body
+        if isinstance(data, dict) and set(data) == {"error", "message"}:
+            return status, openai_error_bytes(status, str(data["error"]), str(data["message"]))
+    elif isinstance(data, dict) and set(data) == {"error", "message"}:
         return status, body
     if status == 503 and ready and path in INFERENCE_PATHS:
         # BentoML's batch dispatcher sheds load with 503; to clients that is overload: 429.
         status, data = 429, {"error": "server is overloaded; retry shortly"}
     message = _foreign_message(data, body)
+    if is_openai_path(path):
+        return status, openai_error_bytes(status, _CODES.get(status, "internal_error"), message)
     return status, json.dumps({"error": _CODES.get(status, "internal_error"), "message": message}).encode()
 
 
@@ -114,8 +127,9 @@ def _foreign_message(data: Any, body: bytes) -> str:
     return (body.decode(errors="replace").strip() or "request failed")[:1000]
 
 
-def validate_inference_body(body: bytes, model: type[BaseModel], limits: LimitSettings) -> None:
-    """Parse with the route's schema and apply item limits; raises our errors with clear messages."""
+def validate_inference_body(body: bytes, model: type[BaseModel], limits: LimitSettings) -> int:
+    """Parse with the route's schema and apply item limits; raises our errors with clear messages.
+    Returns the request's engine rows (items times fanned-out adapters), which quotas count."""
     try:
         parsed = model.model_validate_json(body)
     except PydanticValidationError as e:
@@ -125,7 +139,12 @@ def validate_inference_body(body: bytes, model: type[BaseModel], limits: LimitSe
             f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors()[:5]
         )
         raise ValidationError(f"request body does not match the schema: {details}") from None
-    check_items(getattr(parsed, "items", []), limits)
+    if hasattr(parsed, "row_count"):  # the OpenAI-style bodies check and count their own inputs
+        parsed.check(limits)
+        return parsed.row_count()
+    items = getattr(parsed, "items", [])
+    check_items(items, limits)
+    return sum(len(getattr(item, "targets", None) or [None]) for item in items)
 
 
 class GatewayMiddleware:
@@ -150,14 +169,21 @@ class GatewayMiddleware:
             if limiter is not None:
                 limiter.acquire()
             try:
-                receive = await self._guard_body(scope, receive, principal)
+                receive, rows = await self._guard_body(scope, receive, principal)
                 scope.setdefault("state", {})[PRINCIPAL_KEY] = principal
-                status = await self._call_app(scope, receive, send, path)
+                quotas = self.state.quotas if rows else None
+                if quotas is not None:
+                    quotas.admit(principal.tenant, rows)
+                try:
+                    status = await self._call_app(scope, receive, send, path)
+                finally:
+                    if quotas is not None:
+                        quotas.release(principal.tenant, rows)
             finally:
                 if limiter is not None:
                     limiter.release()
         except LoraplexError as err:
-            status = await _send_json(send, *json_error(err))
+            status = await _send_json(send, *json_error(err, path), err.headers())
         metrics.observe_request(
             principal.tenant if principal else None, path, status, time.perf_counter() - start
         )
@@ -185,7 +211,7 @@ class GatewayMiddleware:
         check_content_length(headers, limit)
         model = self.state.validators.get(path)
         if model is None or method != "POST":
-            return limited_receive(receive, limit)
+            return limited_receive(receive, limit), 0
         principal.require_tenant()
         ctype = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
         if ctype != "application/json":
@@ -193,8 +219,8 @@ class GatewayMiddleware:
                 f"send JSON with 'Content-Type: application/json' (got {ctype or 'none'!r})"
             )
         body = await read_body(receive, limit)
-        validate_inference_body(body, model, self.state.limits)
-        return _replay(body)
+        rows = validate_inference_body(body, model, self.state.limits)
+        return _replay(body), rows
 
     async def _call_app(self, scope, receive, send, path: str) -> int:
         rewriter = _ErrorRewriter(send, path, self.state.is_ready())
@@ -203,7 +229,7 @@ class GatewayMiddleware:
         except LoraplexError as err:  # e.g. PayloadTooLarge raised from the limited receive
             if rewriter.started:
                 raise
-            return await _send_json(send, *json_error(err))
+            return await _send_json(send, *json_error(err, path), err.headers())
         return rewriter.status
 
     def _publish_cache_stats(self) -> None:
@@ -226,14 +252,10 @@ def _replay(body: bytes):
     return receive
 
 
-async def _send_json(send, status: int, body: bytes) -> int:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
+async def _send_json(send, status: int, body: bytes, extra: dict[str, str] | None = None) -> int:
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in (extra or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
     return status
 

@@ -404,12 +404,22 @@ ROUTES = [
 
 
 PAGED = {"show_adapter", "show_own_adapter"}
+# Routes other modules add (OpenAI-style inference, quotas and usage), with their OpenAPI entries.
+EXTRA_ROUTES: list[Route] = []
+EXTRA_PATHS: dict[str, dict[str, Any]] = {}
+
+
+def add_routes(routes: list[Route], paths: dict[str, dict[str, Any]] | None = None) -> None:
+    """Mount more routes in the /v1 app (call before ``build_app``); ``paths``: their OpenAPI entries
+    (keyed like ``/v1/embeddings``), replacing the generic ones built from docstrings."""
+    EXTRA_ROUTES.extend(r for r in routes if r not in EXTRA_ROUTES)
+    EXTRA_PATHS.update(paths or {})
 
 
 def openapi_spec(prefix: str = "/v1") -> dict[str, Any]:
     """OpenAPI 3 description of these routes (BentoML's ``/docs.json`` covers classify and embed)."""
     paths: dict[str, dict[str, Any]] = {}
-    for r in ROUTES:
+    for r in [*ROUTES, *EXTRA_ROUTES]:
         doc = (r.endpoint.__doc__ or r.name).strip()
         params = [
             {"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
@@ -434,6 +444,7 @@ def openapi_spec(prefix: str = "/v1") -> dict[str, Any]:
                 "security": security,
                 "responses": {"200": {"description": "JSON"}, "4XX": {"description": '{"error", "message"}'}},
             }
+    paths.update(EXTRA_PATHS)
     return {
         "openapi": "3.0.2",
         "info": {"title": "loraplex management API", "version": "1"},
@@ -448,4 +459,6 @@ async def openapi_endpoint(request: Request) -> JSONResponse:
 
 def build_app() -> Starlette:
     """The Starlette app the service mounts at ``/v1`` (BentoML's own routes take precedence)."""
-    return Starlette(routes=[*ROUTES, Route("/openapi.json", openapi_endpoint, methods=["GET"])])
+    return Starlette(
+        routes=[*ROUTES, *EXTRA_ROUTES, Route("/openapi.json", openapi_endpoint, methods=["GET"])]
+    )

@@ -384,11 +384,11 @@ def test_engine_settings_follow_service_settings_and_pass_the_runtime():
 
 
 def test_management_openapi_lists_every_route_with_its_methods():
-    from serving.management import ROUTES, openapi_spec
+    from serving.management import EXTRA_ROUTES, ROUTES, openapi_spec
 
     spec = openapi_spec()
     ops = {(path, m) for path, item in spec["paths"].items() for m in item}
-    assert len(ops) == sum(len(r.methods - {"HEAD"}) for r in ROUTES)
+    assert len(ops) == sum(len(r.methods - {"HEAD"}) for r in [*ROUTES, *EXTRA_ROUTES])
     assert ("/v1/admin/tenants/{tenant}/adapters/{name}/versions", "post") in ops
     assert ("/v1/admin/tenants/{tenant}/adapters/{name}/pin", "delete") in ops
 
