@@ -107,12 +107,17 @@ def main() -> None:
     texts = sentences(args.rounds + 1, seed=3)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-fanout-") as tmp:
+        t0 = time.perf_counter()
         store = build_store(Path(tmp), Path(get_model_path()))
+        print(f"store built in {time.perf_counter() - t0:.1f} s", flush=True)
         engine = Engine(store, base="minilm", settings=EngineSettings(threads=args.threads))
         warm = engine.infer(rows(texts[-1], [f"head{i}" for i in range(N)] + [f"lora{i}" for i in range(N)]))
         assert all(isinstance(r, InferenceResult) for r in warm), warm
         started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        rounds = [round_times(engine, texts[r], args.repeats) for r in range(args.rounds)]
+        rounds = []
+        for r in range(args.rounds):
+            rounds.append(round_times(engine, texts[r], args.repeats))
+            print(f"round {r}: " + ", ".join(f"{k} {1000 * v:.1f} ms" for k, v in rounds[-1].items()), flush=True)
     load_after = os.getloadavg()
     result = {
         "started": started,

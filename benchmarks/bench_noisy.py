@@ -81,7 +81,9 @@ class Connection:
 
 
 async def client(url, tenant, token, rate, seconds, texts, offset, out) -> None:
-    """Open loop: one request every 1/rate s from a common start; latency from the scheduled time."""
+    """Open loop: one request every 1/rate s from a common start, shifted by ``offset`` intervals (a
+    tenant's clients are spread over the interval, so the tenant sends evenly, not in bursts); latency
+    counts from the scheduled time."""
     conn, interval = Connection(url), 1.0 / rate
     start = time.perf_counter() + offset * interval
     n = 0
@@ -98,7 +100,7 @@ async def phase(url, tokens, args, texts, flood: bool) -> list[tuple[str, int, f
     out: list[tuple[str, int, float]] = []
     per_client = args.rate / 4
     jobs = [
-        client(url, t, tokens[t], per_client, args.seconds, texts, (i * 4 + k) / 40, out)
+        client(url, t, tokens[t], per_client, args.seconds, texts, k / 4 + i / 40, out)
         for i, t in enumerate(NORMAL)
         for k in range(4)
     ]

@@ -168,14 +168,25 @@ def _run_sharing(
     for pos, p in enumerate(plan.order):
         position[p] = pos
     out: list[InferenceResult | None] = [None] * len(rows)
+    counts = None if mask is None else [int(t) for t in mask.sum(dim=1).tolist()]
+    features: dict[str, torch.Tensor] = {}  # pooling -> [pass rows, H], pooled once for every head
     groups = group_rows([r.adapter.digest if r.adapter else "" for r in rows])
     for idx in groups.values():
-        at = torch.tensor([position[pass_of[i]] for i in idx])
-        h = hidden.index_select(0, at)
-        m = None if mask is None else mask.index_select(0, at)
-        p = None if pooled is None else pooled.index_select(0, at)
-        seg = Segment(0, 0, len(idx))
-        answers = finish_segment(seg, [rows[i] for i in idx], rows[idx[0]].adapter, h, m, p, settings)
+        adapter, where = rows[idx[0]].adapter, [position[pass_of[i]] for i in idx]
+        at = torch.tensor(where)
+        if leaves_backbone_untouched(adapter) and (adapter is None or adapter.pooler is None):
+            how = settings.base_pooling if adapter is None else adapter.pooling
+            if how not in features:
+                features[how] = pool(hidden, mask, pooled, how)
+            tokens = [None] * len(idx) if counts is None else [counts[w] for w in where]
+            feats = features[how].index_select(0, at)
+            answers = answer_rows([rows[i] for i in idx], adapter, feats, tokens, settings)
+        else:
+            h = hidden.index_select(0, at)
+            m = None if mask is None else mask.index_select(0, at)
+            p = None if pooled is None else pooled.index_select(0, at)
+            seg = Segment(0, 0, len(idx))
+            answers = finish_segment(seg, [rows[i] for i in idx], adapter, h, m, p, settings)
         for i, answer in zip(idx, answers, strict=True):
             out[i] = answer
     return out  # type: ignore[return-value]
@@ -223,22 +234,29 @@ def finish_segment(
     m = None if mask is None else mask[seg.start : seg.end]
     tokens = [None] * seg.rows if m is None else [int(t) for t in m.sum(dim=1).tolist()]
     p = None if pooled is None else pooled[seg.start : seg.end]
-    if adapter is None:
-        feats = pool(h, m, p, settings.base_pooling)
-        feats = F.normalize(feats, dim=-1) if settings.base_normalize else feats
-        return [
-            _result(r, embedding=feats[i], tokens=tokens[i])
-            for i, r in enumerate(ordered[seg.start : seg.end])
-        ]
-    if adapter.pooler is not None and adapter.pooling == "pooler":
+    if adapter is not None and adapter.pooler is not None and adapter.pooling == "pooler":
         p = adapter.pooler(h[:, 0])
-    feats = pool(h, m, p, adapter.pooling)
+    feats = pool(h, m, p, settings.base_pooling if adapter is None else adapter.pooling)
+    return answer_rows(ordered[seg.start : seg.end], adapter, feats, tokens, settings)
+
+
+def answer_rows(
+    rows: Sequence[PreparedRow],
+    adapter: LoadedAdapter | None,
+    feats: torch.Tensor,
+    tokens: Sequence[int | None],
+    settings: EngineSettings,
+) -> list[InferenceResult]:
+    """Pooled features [rows, H] of one adapter's rows -> head, normalisation, one result per row."""
+    if adapter is None:
+        feats = F.normalize(feats, dim=-1) if settings.base_normalize else feats
+        return [_result(r, embedding=feats[i], tokens=tokens[i]) for i, r in enumerate(rows)]
     manifest = adapter.manifest
     head_out = adapter.head(feats) if adapter.head is not None else None
     embeds = head_out if manifest.task == "feature-extraction" and head_out is not None else feats
     embeds = F.normalize(embeds, dim=-1) if manifest.normalize else embeds
     answers = []
-    for i, row in enumerate(ordered[seg.start : seg.end]):
+    for i, row in enumerate(rows):
         if row.item.task == "classify":
             answers.append(_classified(row, head_out[i], manifest.labels, tokens[i]))
         else:
