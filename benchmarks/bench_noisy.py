@@ -54,6 +54,15 @@ class Connection:
         self.reader = self.writer = None
 
     async def post(self, path: str, token: str, body: bytes) -> int:
+        # A connection idle longer than the server's keep-alive timeout (5 s) is closed by the server:
+        # like any HTTP client, send again once on a fresh connection when a reused one fails.
+        for fresh in (self.writer is None, True):
+            status = await self._exchange(path, token, body)
+            if status >= 0 or fresh:
+                return status
+        return -1
+
+    async def _exchange(self, path: str, token: str, body: bytes) -> int:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         head = (
