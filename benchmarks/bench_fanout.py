@@ -117,7 +117,10 @@ def main() -> None:
         rounds = []
         for r in range(args.rounds):
             rounds.append(round_times(engine, texts[r], args.repeats))
-            print(f"round {r}: " + ", ".join(f"{k} {1000 * v:.1f} ms" for k, v in rounds[-1].items()), flush=True)
+            print(
+                f"round {r}: " + ", ".join(f"{k} {1000 * v:.1f} ms" for k, v in rounds[-1].items()),
+                flush=True,
+            )
     load_after = os.getloadavg()
     result = {
         "started": started,

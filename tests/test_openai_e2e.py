@@ -229,7 +229,7 @@ def test_quota_override_gives_429_with_retry_after_and_usage_counts_it(env):
         usage["initech"]["rejected"] >= 3 and usage["initech"]["rows"] >= 2 and usage["initech"]["tokens"] > 0
     )
     assert usage["initech"]["quota"]["rps"] == 0.5
-    text = c.get("/metrics").text
+    text = c.get("/metrics", headers=ADMIN).text
     assert _metric(text, "loraplex_tenant_rejected_total", "initech") >= 3
     assert _metric(text, "loraplex_tenant_rows_total", "initech") >= 2
     assert _metric(text, "loraplex_tenant_tokens_total", "acme") > 0
