@@ -6,6 +6,8 @@ response by hand (see serving/). Training and the CLI raise the same classes.
 
 from __future__ import annotations
 
+import math
+
 
 class LoraplexError(Exception):
     """Base of every error loraplex raises on purpose."""
@@ -20,6 +22,10 @@ class LoraplexError(Exception):
     def to_dict(self) -> dict[str, str]:
         return {"error": self.code, "message": self.message}
 
+    def headers(self) -> dict[str, str]:
+        """Extra HTTP response headers this error asks for (e.g. ``Retry-After``)."""
+        return {}
+
 
 class InvalidRequest(LoraplexError):
     status, code = 400, "invalid_request"
@@ -27,6 +33,12 @@ class InvalidRequest(LoraplexError):
 
 class InvalidName(InvalidRequest):
     status, code = 400, "invalid_name"
+
+
+class InvalidSettings(InvalidRequest):
+    """A setting the service or CLI cannot start with; the message names the variable, never a secret."""
+
+    code = "invalid_settings"
 
 
 class Unauthorized(LoraplexError):
@@ -80,7 +92,18 @@ class UnsupportedAdapter(ValidationError):
 
 
 class TooManyRequests(LoraplexError):
+    """Overload or a tenant over its quota; ``retry_after`` (seconds) becomes the ``Retry-After`` header."""
+
     status, code = 429, "too_many_requests"
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
 
 
 class IntegrityError(LoraplexError):
@@ -91,3 +114,9 @@ class IntegrityError(LoraplexError):
 
 class ServiceUnavailable(LoraplexError):
     status, code = 503, "unavailable"
+
+
+class StoreUnavailable(ServiceUnavailable):
+    """The store cannot be reached or refused our credentials (wrong endpoint, missing keys...)."""
+
+    code = "store_unavailable"

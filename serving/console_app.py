@@ -4,13 +4,12 @@
 data, so they need no token. The page asks for the admin token and sends it as a bearer token to the
 ``/v1/admin/...`` routes, like any client. Two admin routes exist for it:
 ``POST /v1/admin/tenants/{tenant}/classify`` (the try-it box: any adapter version of any tenant) and
-``GET /v1/admin/usage`` (this replica's per-tenant request and item counters).
+``GET /v1/admin/cache/residents`` (what the engine holds now). Usage comes from ``/v1/admin/usage``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.applications import Starlette
@@ -21,7 +20,6 @@ from starlette.staticfiles import StaticFiles
 
 from adapters_store.errors import InvalidRequest, LoraplexError
 from adapters_store.names import AdapterRef, validate_name
-from serving import metrics
 from serving.management import ManagementContext, json_body, route
 
 STATIC_DIR = Path(__file__).resolve().parent / "console"
@@ -64,25 +62,7 @@ async def cache_residents(request: Request, ctx: ManagementContext):
     return {"residents": await run_in_threadpool(ctx.need_engine().cache_residents)}
 
 
-@route("/admin/usage", ["GET"], "admin")
-async def usage(request: Request, ctx: ManagementContext):
-    """Per-tenant requests (by route) and inference items (by outcome) counted by this replica."""
-    return {"tenants": usage_counts()}
-
-
-def usage_counts() -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for metric, key, label in ((metrics.REQUESTS, "requests", "route"), (metrics.ITEMS, "items", "outcome")):
-        for family in metric.collect():
-            for s in family.samples:
-                if not s.name.endswith("_total") or s.labels.get("tenant") in (None, "-"):
-                    continue
-                per = out.setdefault(s.labels["tenant"], {"requests": {}, "items": {}})[key]
-                per[s.labels[label]] = per.get(s.labels[label], 0) + int(s.value)
-    return out
-
-
-CONSOLE_ROUTES = [try_classify, cache_residents, usage]
+CONSOLE_ROUTES = [try_classify, cache_residents]
 
 
 def console_app() -> Starlette:

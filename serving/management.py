@@ -52,6 +52,7 @@ class ManagementContext:
     store: AdapterStore | None = None
     base: BaseModelEntry | None = None
     engine: Any = None
+    tokens: Any = None  # serving.auth.TokenBook: token changes made here take effect at once
     max_upload_bytes: int = 600 << 20
     max_management: int = 2
     _slots: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
@@ -420,16 +421,34 @@ ROUTES = [
 
 
 PAGED = {"show_adapter", "show_own_adapter"}
-EXTRA_ROUTES: list[Route] = []  # other modules' routes (training jobs, console helpers), set by build_app
+# Routes other modules add (OpenAI-style inference, quotas and usage), with their OpenAPI entries.
+EXTRA_ROUTES: list[Route] = []
+EXTRA_PATHS: dict[str, dict[str, Any]] = {}
+
+
+def add_routes(routes: list[Route], paths: dict[str, dict[str, Any]] | None = None) -> None:
+    """Mount more routes in the /v1 app (call before ``build_app``); ``paths``: their OpenAPI entries
+    (keyed like ``/v1/embeddings``), replacing the generic ones built from docstrings."""
+    EXTRA_ROUTES.extend(r for r in routes if r not in EXTRA_ROUTES)
+    EXTRA_PATHS.update(paths or {})
+
+
+def all_routes() -> list[Route]:
+    """These routes, the tenant token routes (``serving.tokens_api``, which builds on ``route``) and
+    those added with ``add_routes``."""
+    from serving.tokens_api import TOKEN_ROUTES
+
+    return [*ROUTES, *TOKEN_ROUTES, *EXTRA_ROUTES]
 
 
 def openapi_spec(prefix: str = "/v1") -> dict[str, Any]:
     """OpenAPI 3 description of these routes (``/v1/openapi.json`` adds BentoML's classify and embed)."""
     paths: dict[str, dict[str, Any]] = {}
-    for r in [*ROUTES, *EXTRA_ROUTES]:
+    for r in all_routes():
         params = PAGE_PARAMS if r.name in PAGED else QUERY_PARAMS.get(r.name, [])
         status = getattr(r.endpoint, "status_code", 200)
         paths.setdefault(prefix + r.path, {}).update(route_spec(r, status, params))
+    paths.update(EXTRA_PATHS)
     return spec_document(paths, "loraplex management API")
 
 
@@ -448,14 +467,12 @@ async def openapi_endpoint(request: Request) -> JSONResponse:
     return JSONResponse(with_service_routes(spec, await run_in_threadpool(bentoml_service_spec)))
 
 
-def build_app(extra: list[Route] | tuple[Route, ...] = ()) -> Starlette:
-    """The Starlette app the service mounts at ``/v1`` (BentoML's own routes take precedence);
-    ``extra`` routes (made with :func:`route`) are served and described in the OpenAPI too."""
-    EXTRA_ROUTES[:] = list(extra)
+def build_app() -> Starlette:
+    """The Starlette app the service mounts at ``/v1`` (BentoML's own routes take precedence)."""
     docs = [
         Route("/openapi.json", openapi_endpoint, methods=["GET"]),
         Route("/docs", docs_page, methods=["GET"]),
     ]
-    app = Starlette(routes=[*ROUTES, *EXTRA_ROUTES, *docs])
+    app = Starlette(routes=[*all_routes(), *docs])
     app.router.redirect_slashes = False  # never a 307: see serving.gateway.check_path
     return app

@@ -159,5 +159,5 @@ def test_console_signs_in_trains_promotes_and_classifies(server, browser, tmp_pa
     d.find_element("css selector", "nav button[data-view='cache']").click()
     wait_for(d, lambda d: "acme/console-demo" in by_id("residents").text, 30, "the resident adapters")
     assert "loads" in by_id("cache").text
-    assert "classify: 1" in by_id("usage").text
+    assert by_id("usage").find_element("xpath", ".//tr[td[1]='acme']/td[3]").text == "1"  # rows answered
     shot(d, "cache", tmp_path)

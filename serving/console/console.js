@@ -260,9 +260,9 @@ async function loadCache() {
     const counters = Object.entries(cache).filter(([, v]) => typeof v !== "object");
     $("cache").replaceChildren(...counters.map(([k, v]) =>
       el("tr", {}, el("th", { scope: "row" }, k), el("td", {}, typeof v === "number" ? +v.toFixed(4) : v))));
-    const line = (o) => Object.entries(o).map(([k, v]) => `${k}: ${v}`).join(", ") || "–";
-    $("usage").replaceChildren(...Object.entries(usage.tenants).map(([t, u]) =>
-      el("tr", {}, el("td", {}, t), el("td", {}, line(u.requests)), el("td", {}, line(u.items)))));
+    $("usage").replaceChildren(...Object.entries(usage.tenants).map(([t, u]) => el("tr", {},
+      el("td", {}, t), el("td", {}, u.requests), el("td", {}, u.rows), el("td", {}, u.tokens),
+      el("td", {}, u.rejected), el("td", {}, u.inflight_rows ?? "–"))));
   } catch (e) { say(e.message, true); }
 }
 
