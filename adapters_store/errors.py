@@ -85,3 +85,9 @@ class IntegrityError(LoraplexError):
 
 class ServiceUnavailable(LoraplexError):
     status, code = 503, "unavailable"
+
+
+class StoreUnavailable(ServiceUnavailable):
+    """The store cannot be reached or refused our credentials (wrong endpoint, missing keys...)."""
+
+    code = "store_unavailable"

@@ -7,12 +7,37 @@ on the version's manifest: two replicas can never take the same version number.
 
 from __future__ import annotations
 
+import functools
 import os
 from urllib.parse import parse_qs, urlparse
 
-from adapters_store.errors import InvalidRequest, NotFound
+from adapters_store.errors import InvalidRequest, NotFound, StoreUnavailable
 from adapters_store.store import ObjectStore
 from adapters_store.validation import StoreLimits
+
+
+def _unreachable_is_503(method):
+    """Connection failures, timeouts and 5xx answers of the S3 server become ``StoreUnavailable``
+    (503 + Retry-After to clients) instead of a botocore traceback and a 500."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+
+        try:
+            return method(self, *args, **kwargs)
+        except (ConnectionError, HTTPClientError) as e:
+            raise StoreUnavailable(
+                f"the adapter store is unreachable ({type(e).__name__}); retry later"
+            ) from None
+        except ClientError as e:
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            if status >= 500:
+                code = e.response.get("Error", {}).get("Code", status)
+                raise StoreUnavailable(f"the adapter store answered {code}; retry later") from None
+            raise
+
+    return wrapper
 
 
 class S3Store(ObjectStore):
@@ -37,21 +62,31 @@ class S3Store(ObjectStore):
             "s3",
             endpoint_url=endpoint,
             region_name=query.get("region") or os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-            config=Config(retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"}),
+            # Few, short retries: while the store is down a cold request should get its 503 in about a
+            # second or two, not hold a worker for the ~15 s five attempts take.
+            config=Config(
+                retries={"max_attempts": 3, "mode": "standard"},
+                connect_timeout=5,
+                read_timeout=30,
+                s3={"addressing_style": "path"},
+            ),
         )
 
     def _k(self, key: str) -> str:
         return self.prefix + key
 
+    @_unreachable_is_503
     def _read(self, key: str) -> bytes:
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
         except self.client.exceptions.NoSuchKey:
             raise NotFound(key) from None
 
+    @_unreachable_is_503
     def _write(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data)
 
+    @_unreachable_is_503
     def _create(self, key: str, data: bytes) -> bool:
         from botocore.exceptions import ClientError
 
@@ -67,9 +102,11 @@ class S3Store(ObjectStore):
                 return False
             raise
 
+    @_unreachable_is_503
     def _delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._k(key))
 
+    @_unreachable_is_503
     def _list(self, prefix: str) -> list[tuple[str, float]]:
         out = []
         paginator = self.client.get_paginator("list_objects_v2")
@@ -78,6 +115,7 @@ class S3Store(ObjectStore):
                 out.append((obj["Key"][len(self.prefix) :], obj["LastModified"].timestamp()))
         return out
 
+    @_unreachable_is_503
     def _names(self, prefix: str) -> list[str]:
         # Delimiter '/': the server leaves out everything in sub-folders.
         out, start = [], len(self._k(prefix))

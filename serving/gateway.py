@@ -40,6 +40,8 @@ PUBLIC_PATHS = frozenset(
 )
 PUBLIC_PREFIXES = ("/static_content/", "/assets/")
 INFERENCE_PATHS = frozenset({"/v1/classify", "/v1/embed"})
+# Every 503 (starting, draining, adapter store unreachable) tells clients when to come back.
+RETRY_AFTER_S = 5
 _CODES = {
     400: "invalid_request",
     401: "unauthorized",
@@ -226,12 +228,17 @@ def _replay(body: bytes):
     return receive
 
 
+def retry_after(status: int) -> list[tuple[bytes, bytes]]:
+    return [(b"retry-after", str(RETRY_AFTER_S).encode())] if status == 503 else []
+
+
 async def _send_json(send, status: int, body: bytes) -> int:
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            + retry_after(status),
         }
     )
     await send({"type": "http.response.body", "body": body})
@@ -269,9 +276,11 @@ class _ErrorRewriter:
             for k, v in self._start.get("headers", [])
             if k.lower() not in (b"content-length", b"content-type")
         ]
-        headers = keep + [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-        ]
+        has_retry = any(k.lower() == b"retry-after" for k, _ in keep)
+        headers = (
+            keep
+            + [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            + ([] if has_retry else retry_after(status))
+        )
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
         await self.send({"type": "http.response.body", "body": body})

@@ -12,7 +12,7 @@ import time
 from typing import NamedTuple
 
 from adapters_store.bundle import AdapterManifest
-from adapters_store.errors import InvalidName, NotFound
+from adapters_store.errors import InvalidName, NotFound, StoreUnavailable
 from adapters_store.names import LATEST, AdapterRef, validate_name
 
 PRODUCTION = "production"
@@ -58,7 +58,14 @@ class AliasResolver:
             generation = self._generation
         if hit is not None and hit[1] > now:
             return hit[0]
-        manifest = self._lookup(*parse_tenant_ref(tenant, adapter))
+        try:
+            manifest = self._lookup(*parse_tenant_ref(tenant, adapter))
+        except StoreUnavailable:
+            # Stale-if-error: while the store is unreachable a tenant served before keeps its last
+            # known version (nothing can have been promoted meanwhile: promotes go through the store).
+            if hit is not None:
+                return hit[0]
+            raise
         resolved = Resolved(manifest, manifest.digest)
         if self._ttl > 0:
             with self._lock:
