@@ -67,6 +67,8 @@ class GatewayState:
     validators: dict[str, type[BaseModel]] = field(default_factory=dict)
     is_ready: Callable[[], bool] = lambda: False
     cache_stats: Callable[[], dict[str, Any]] = dict
+    resident: Callable[[], list[dict[str, Any]]] = list
+    metrics_protected: bool = False  # /metrics needs a token: per-adapter residency may be exported
     limiter: InflightLimiter | None = None
 
 
@@ -211,6 +213,7 @@ class GatewayMiddleware:
     def _publish_cache_stats(self) -> None:
         try:
             metrics.publish_cache_stats(self.state.cache_stats())
+            metrics.publish_residency(self.state.resident(), self.state.metrics_protected)
         except Exception:  # metrics must never break the scrape
             logger.exception("cache stats unavailable")
 

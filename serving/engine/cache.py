@@ -165,6 +165,11 @@ class AdapterCache:
         with self._lock:
             return key in self._entries
 
+    def resident(self) -> list[tuple[Owner, Any, int]]:
+        """``(owner, value, nbytes)`` of every loaded entry, least recently used first."""
+        with self._lock:
+            return [(e.owner, e.value, e.nbytes) for e in self._entries.values()]
+
     def stats(self) -> dict[str, Any]:
         with self._lock:
             c = self.counters
