@@ -38,17 +38,26 @@ class _Manifest:
 
 def test_resolver_keeps_an_expired_answer_while_the_store_is_down():
     store = FlakyStore()
-    resolver = AliasResolver(store, ttl_s=0.01)
+    resolver = AliasResolver(store, ttl_s=0.01, store_retry_s=0.2)
     first = resolver.resolve("acme", "intent")
     time.sleep(0.03)
     store.down = True
     again = resolver.resolve("acme", "intent")  # expired, store down: the last known answer
     assert again == first and store.calls == 2  # it did ask the store first
-    with pytest.raises(StoreUnavailable):  # never resolved before: nothing to fall back on
+    # For store_retry_s nobody waits on the store again: warm answers stale, cold fails at once.
+    assert resolver.resolve("acme", "intent") == first
+    with pytest.raises(StoreUnavailable):
         resolver.resolve("globex", "intent")
+    assert store.calls == 2
+    time.sleep(0.25)
+    with pytest.raises(StoreUnavailable):  # asks again after store_retry_s; nothing to fall back on
+        resolver.resolve("globex", "intent")
+    assert store.calls == 3
     store.down = False
+    time.sleep(0.25)
     store.resolve = lambda ref: _Manifest(ref.tenant, ref.name, 8)  # promoted meanwhile
     assert resolver.resolve("acme", "intent").manifest.version == 8  # back: fresh answers again
+    assert resolver.resolve("globex", "intent").manifest.version == 8
 
 
 def test_resolver_not_found_is_not_hidden_by_an_old_answer():
