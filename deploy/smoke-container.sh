@@ -123,7 +123,7 @@ trap 'podman rm -f -t 2 "$NAME" >/dev/null 2>&1 || true' EXIT
 log "starting the container (non-root, read-only root filesystem, no capabilities)"
 t0=$(now)
 CID=$("${PODMAN[@]}" run -d --name "$NAME" -p "127.0.0.1:$port:3000" \
-  --read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges \
+  --read-only --tmpfs /tmp -e BENTOML_HOME=/tmp/bentoml --cap-drop ALL --security-opt no-new-privileges \
   -v "$store:/store" -e LORAPLEX_STORE=/store -e LORAPLEX_RUNTIME=onnx -e LORAPLEX_DRAIN_S=3 \
   -e LORAPLEX_ADMIN_TOKEN=$ADMIN_TOKEN -e "LORAPLEX_TENANT_TOKENS=acme:$TENANT_TOKEN" "$IMAGE")
 until [ "$(curl -s -o /dev/null -w '%{http_code}' "$url/readyz")" = 200 ]; do

@@ -61,6 +61,7 @@ def test_every_object_validates_against_the_kubernetes_schema(overlay):
         "HorizontalPodAutoscaler",
         "Ingress",
         "ServiceAccount",
+        "NetworkPolicy",
     }
     for obj in objs:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
@@ -98,34 +99,38 @@ def test_yaml_lint():
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_settings_are_ones_the_service_accepts(overlay):
+def test_settings_and_secret_files_are_ones_the_service_accepts(overlay, tmp_path):
+    import configparser
+
+    from serving.auth import token_book_from_settings
     from serving.settings import LimitSettings, ServiceSettings
 
     objs = _objects(overlay)
+    container = _container(objs)
     env = dict(objs["ConfigMap"]["data"])
     known = {f"LORAPLEX_{f.upper()}" for f in [*ServiceSettings.model_fields, *LimitSettings.model_fields]}
+    known |= {"LORAPLEX_S3_ENDPOINT"}  # read by the S3 store itself
     assert {k for k in env if k.startswith("LORAPLEX_")} <= known, "a misspelt setting is silently ignored"
+    # Secrets come as files from the Secret volume; the example's files must be what the service reads.
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "secrets"]
     secret = yaml.safe_load((K8S / "secrets.example.yaml").read_text())["stringData"]
-    for var in _container(objs)["env"]:
-        ref = var.get("valueFrom", {}).get("secretKeyRef")
-        if ref:
-            assert ref["key"] in secret, ref
-            env[var["name"]] = secret[ref["key"]]
+    for var in container["env"]:
+        assert "secretKeyRef" not in var.get("valueFrom", {}), "secrets belong in files, not env"
+        name, _, key = var["value"].rpartition("/")
+        if name == mount["mountPath"]:
+            assert key in secret, var
+            (tmp_path / key).write_text(secret[key])
+            env[var["name"]] = str(tmp_path / key)
     settings = ServiceSettings.from_env(env)  # raises on any value the service would refuse at start
-    assert settings.admin_token is not None and settings.tenant_tokens
+    assert token_book_from_settings(settings).tenants == ["acme"]
+    credentials = configparser.ConfigParser()
+    credentials.read(env["AWS_SHARED_CREDENTIALS_FILE"])
+    assert {"aws_access_key_id", "aws_secret_access_key"} <= set(credentials["default"])
 
 
-def test_secret_references_name_the_example_secret():
-    secret = yaml.safe_load((K8S / "secrets.example.yaml").read_text())
-    refs = [
-        v["valueFrom"]["secretKeyRef"]
-        for v in _container(_objects("production"))["env"]
-        if "secretKeyRef" in v.get("valueFrom", {})
-    ]
-    assert {r["name"] for r in refs} == {secret["metadata"]["name"]}
-    assert {r["key"] for r in refs} == set(secret["stringData"])
+def test_no_secret_in_the_configmap():
     config = _objects("production")["ConfigMap"]["data"]
-    assert not any("TOKEN" in k or "SECRET" in k for k in config), "secrets belong in the Secret"
+    assert not any(word in k for k in config for word in ("TOKEN", "SECRET", "KEY")), config
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
