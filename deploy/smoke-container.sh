@@ -153,7 +153,8 @@ echo "$answer" | "$PY" -c "
 import json, sys
 a = json.load(sys.stdin)[0]
 assert a['digest'] == '$digest' and a['labels'] and len(a['scores']) == 2, a" || fail "classify answer: $answer"
-podman logs "$NAME" 2>&1 | grep -q "runtime onnx" || fail "the server did not start on the onnx runtime"
+podman logs "$NAME" > "$WORK/container.log" 2>&1
+grep -q "runtime onnx" "$WORK/container.log" || fail "the server did not start on the onnx runtime"
 mem=$(podman stats --no-stream --format '{{.MemUsage}}' "$NAME" | cut -d/ -f1 | tr -d ' ')
 log "classified on onnxruntime; container memory $mem"
 
@@ -173,7 +174,8 @@ wait
 codes=$(cat "$WORK"/inflight-*.txt | sort | uniq -c | tr -s ' ' | paste -sd, -)
 [ "$saw503" = yes ] || fail "/readyz never answered 503 while draining"
 [ "$rc" = 0 ] || fail "container exit status $rc after SIGTERM"
-podman logs "$NAME" 2>&1 | grep -q "draining" || fail "no drain in the log"
+podman logs "$NAME" > "$WORK/container.log" 2>&1
+grep -q "draining" "$WORK/container.log" || fail "no drain in the log"
 # Requests sent after the listener closed get no answer (000): that is the load balancer's job
 # (readiness 503 took the replica out); none may have failed with an HTTP error status.
 bad=$(cat "$WORK"/inflight-*.txt | grep -v -e '^200$' -e '^000$' || true)
