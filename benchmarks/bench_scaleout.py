@@ -232,6 +232,9 @@ class Load:
                     elif name == b"retry-after":
                         retry = value.strip().decode()
                 await reader.readexactly(length)
+                if not self.keepalive:
+                    writer.close()
+                    reader = writer = None
             except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
                 status = 0  # no HTTP answer at all
                 if writer is not None:
@@ -420,8 +423,9 @@ def phase_rolling(args, fronts, replicas, tokens, pick, texts, work, nginx) -> d
     """A Kubernetes rolling update, one replica at a time: SIGTERM (the pod starts its drain: readiness
     503, still serving), the endpoint leaves the ingress's upstreams 1 s later (propagation delay,
     shorter than the drain), the process exits, a new one starts on the same port and joins the
-    upstreams once /readyz is 200."""
-    load = Load(fronts["affinity"], tokens, pick, texts, args.clients)
+    upstreams once /readyz is 200. nginx applies each endpoint change by a graceful reload, so the
+    clients open a connection per request here (a reload closes idle keep-alive connections)."""
+    load = Load(fronts["affinity"], tokens, pick, texts, args.clients, keepalive=False)
     restarts = []
     ports = [r.port for r in replicas]
 

@@ -114,7 +114,9 @@ class LoraplexService:
         STATE.cache_stats = lambda: self.engine.cache_stats() if self.engine is not None else {}
         STATE.resident = lambda: self.engine.resident() if self.engine is not None else []
         # Per-adapter residency names tenants: only behind a token-protected /metrics.
-        STATE.metrics_protected = getattr(settings, "metrics_auth", "public") == "token"
+        STATE.metrics_protected = (
+            getattr(settings, "metrics_auth", "public") != "public" and not settings.insecure_dev
+        )
         CONTEXT.store, CONTEXT.base = self.store, self.base
         CONTEXT.max_upload_bytes = settings.limits.max_upload_bytes
         CONTEXT.max_management = settings.limits.max_management

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from adapters_store.errors import StoreUnavailable
+from serving.engine.resolver import STORE_RETRY_S
 from tests.helpers.bundles import save_peft_lora
 from tests.service_support import ADMIN, seeded_store, serve_ready, service_env, tenant_auth
 
@@ -91,8 +92,12 @@ def test_outage_warm_served_cold_503_then_recovers(own_seaweed, tmp_path, tiny_b
         assert httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200  # the replica stays in
 
         own_seaweed.restart()
-        recovered = classify(server.url, "globex", "sentiment")
-        assert recovered.status_code == 200, recovered.text
+        back = time.monotonic()
+        # The replica asks the store again at most STORE_RETRY_S after its last failure.
+        while (recovered := classify(server.url, "globex", "sentiment")).status_code != 200:
+            assert recovered.status_code == 503, recovered.text
+            assert time.monotonic() - back < STORE_RETRY_S + 10, "did not recover"
+            time.sleep(0.5)
         # Nothing the outage refused was half-done: production still points at version 1.
         assert store.resolve("acme/intent@production").version == 1
         assert store.version_numbers("acme", "intent") == before
