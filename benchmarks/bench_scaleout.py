@@ -191,10 +191,20 @@ class Load:
     """Closed-loop clients against one front end; records (t_end, status, tenant, retry_after)."""
 
     def __init__(
-        self, port: int, tokens: dict[str, str], pick, texts: list[str], clients: int, pace: float = 0.0
+        self,
+        port: int,
+        tokens: dict[str, str],
+        pick,
+        texts: list[str],
+        clients: int,
+        pace: float = 0.0,
+        keepalive: bool = True,
     ):
         self.port, self.tokens, self.pick, self.texts, self.clients = port, tokens, pick, texts, clients
         self.pace = pace  # seconds between one client's requests (0: closed loop)
+        # keepalive=False: a new connection per request, for phases that reload nginx (a reload closes
+        # idle client connections, which a real ingress-nginx endpoint update does not do)
+        self.keepalive = keepalive
         self.records: list[tuple[float, int, str, str | None]] = []
         self.stop = asyncio.Event()
 
