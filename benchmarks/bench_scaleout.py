@@ -550,10 +550,7 @@ def median(values):
 def markdown(args, result: dict) -> str:
     aff = [r for r in result["affinity"]["rounds"] if r["mode"] == "affinity"]
     rr = [r for r in result["affinity"]["rounds"] if r["mode"] == "round-robin"]
-    kill, roll, s3, promote = result["kill"], result["rolling"], result["s3"], result["promote"]
     rng = lambda rows, k: f"{min(r[k] for r in rows):.3f}-{max(r[k] for r in rows):.3f}"  # noqa: E731
-    window = kill["failed_window_s"]
-    kill_window = "none" if window is None else f"all within {window[0]:.2f}-{window[1]:.2f} s of the kill"
     lines = [
         f"# Scale-out: 3 replicas, one SeaweedFS store, nginx hashing on the bearer token ({result['when']})",
         "",
@@ -574,6 +571,13 @@ def markdown(args, result: dict) -> str:
         f"| failed requests | {sum(r['errors'] for r in aff)} of {sum(r['requests'] for r in aff)} "
         f"| {sum(r['errors'] for r in rr)} of {sum(r['requests'] for r in rr)} |",
         "",
+    ]
+    if "kill" not in result:  # --affinity-only
+        return "\n".join(lines + [""])
+    kill, roll, s3, promote = result["kill"], result["rolling"], result["s3"], result["promote"]
+    window = kill["failed_window_s"]
+    kill_window = "none" if window is None else f"all within {window[0]:.2f}-{window[1]:.2f} s of the kill"
+    lines += [
         "| check | result |",
         "|---|---|",
         f"| alias promote on replica 0 seen by replicas 0/1/2 after (s) | "
@@ -614,6 +618,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=12.0)
     ap.add_argument("--outage", type=float, default=20.0)
     ap.add_argument("--out", default="scaleout")
+    ap.add_argument("--affinity-only", action="store_true", help="only phase 1 (hit rate and throughput)")
     args = ap.parse_args()
 
     started = time.monotonic()
@@ -660,17 +665,18 @@ def main() -> None:
         pick = zipf_picker(tenants, args.zipf)
         print("phase 1: affinity vs round-robin", flush=True)
         result: dict = {"affinity": phase_affinity(args, fronts, replicas, tokens, pick, texts)}
-        print("phase 2: alias promote", flush=True)
-        result["promote"] = phase_promote(replicas, tokens, tenants[0])
-        print("phase 3: kill -9 one replica under load", flush=True)
-        result["kill"] = phase_kill(args, fronts, replicas, tokens, pick, texts, url, base_dir, work)
-        replicas[-1] = start_replica(replicas[-1].port, env, work)
-        wait_ready(replicas[-1], 300)
-        print("phase 4: rolling restart", flush=True)
-        result["rolling"] = phase_rolling(args, fronts, replicas, tokens, pick, texts, work, nginx)
-        print("phase 5: S3 outage", flush=True)
-        result["s3"] = phase_s3_outage(args, fronts, replicas, tokens, texts, seaweed, tenants[:30], cold)
-        result["store"] = verify_store(url, tenants + cold)
+        if not args.affinity_only:
+            print("phase 2: alias promote", flush=True)
+            result["promote"] = phase_promote(replicas, tokens, tenants[0])
+            print("phase 3: kill -9 one replica under load", flush=True)
+            result["kill"] = phase_kill(args, fronts, replicas, tokens, pick, texts, url, base_dir, work)
+            replicas[-1] = start_replica(replicas[-1].port, env, work)
+            wait_ready(replicas[-1], 300)
+            print("phase 4: rolling restart", flush=True)
+            result["rolling"] = phase_rolling(args, fronts, replicas, tokens, pick, texts, work, nginx)
+            print("phase 5: S3 outage", flush=True)
+            result["s3"] = phase_s3_outage(args, fronts, replicas, tokens, texts, seaweed, tenants[:30], cold)
+            result["store"] = verify_store(url, tenants + cold)
         result.update(
             {
                 "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
