@@ -29,6 +29,12 @@ class InvalidName(InvalidRequest):
     status, code = 400, "invalid_name"
 
 
+class InvalidSettings(InvalidRequest):
+    """A setting the service or CLI cannot start with; the message names the variable, never a secret."""
+
+    code = "invalid_settings"
+
+
 class Unauthorized(LoraplexError):
     status, code = 401, "unauthorized"
 

@@ -21,8 +21,10 @@ from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
 
 from adapters_store.errors import (
+    InvalidName,
     InvalidRequest,
     LoraplexError,
+    NotFound,
     ServiceUnavailable,
     UnsupportedMediaType,
     ValidationError,
@@ -36,7 +38,7 @@ logger = logging.getLogger("loraplex.gateway")
 
 PRINCIPAL_KEY = "loraplex_principal"
 PUBLIC_PATHS = frozenset(
-    {"/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schema.json", "/", "/v1/openapi.json"}
+    {"/livez", "/readyz", "/healthz", "/docs.json", "/schema.json", "/", "/v1/openapi.json", "/v1/docs"}
 )
 PUBLIC_PREFIXES = ("/static_content/", "/assets/")
 INFERENCE_PATHS = frozenset({"/v1/classify", "/v1/embed"})
@@ -68,8 +70,8 @@ class GatewayState:
     is_ready: Callable[[], bool] = lambda: False
     cache_stats: Callable[[], dict[str, Any]] = dict
     resident: Callable[[], list[dict[str, Any]]] = list
-    metrics_protected: bool = False  # /metrics needs a token: per-adapter residency may be exported
     limiter: InflightLimiter | None = None
+    metrics_public: bool = False  # /metrics without a token (LORAPLEX_METRICS_AUTH=public, insecure dev)
 
 
 STATE = GatewayState()
@@ -81,6 +83,30 @@ def is_public(path: str) -> bool:
 
 def is_upload(method: str, path: str) -> bool:
     return method == "POST" and path.startswith("/v1/admin/") and path.endswith("/versions")
+
+
+# Percent-encoded '/', '\\' and NUL: no name may hold them, and decoded they would move a request
+# into another route (``acme%2Fadapters%2Fvictim``).
+_ENCODED_SEPARATORS = (b"%2f", b"%5c", b"%00")
+
+
+def check_path(path: str, raw_path: bytes | None) -> None:
+    """Refuse a path that is not plain names between single slashes, before any route sees it.
+
+    ``.../versions/..%2F`` decodes to ``.../versions/../``: a router would redirect it (307) to
+    ``.../versions/..``, which a client following redirects resolves to the adapter itself (and a
+    DELETE there deletes every version). So dot segments and encoded separators are a 400, empty
+    segments (a trailing or doubled '/') a 404; nothing here is ever redirected.
+    """
+    raw = (raw_path or path.encode()).split(b"?", 1)[0].lower()
+    if any(sep in raw for sep in _ENCODED_SEPARATORS):
+        raise InvalidName("a percent-encoded '/', '\\' or NUL is never part of a name in a URL path")
+    segments = path.split("/")[1:]
+    for segment in segments:
+        if segment in (".", "..") or "\\" in segment or "\x00" in segment:
+            raise InvalidName(f"path segment {segment!r} is not a name: names are a-z, 0-9, '.', '_', '-'")
+    if "" in segments:
+        raise NotFound(f"no route {path[:200]!r}: paths have no empty segments or trailing '/'")
 
 
 def required_role(path: str) -> str:
@@ -143,13 +169,14 @@ class GatewayMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
+        if path == "/metrics":
+            return await self._metrics(scope, receive, send)
         if is_public(path):
-            if path == "/metrics":
-                self._publish_cache_stats()
             return await self.app(scope, receive, send)
         start, principal, status = time.perf_counter(), None, 500
         limiter = self.state.limiter
         try:
+            check_path(path, scope.get("raw_path"))
             principal = self._authenticate(scope)
             if limiter is not None:
                 limiter.acquire()
@@ -165,6 +192,21 @@ class GatewayMiddleware:
         metrics.observe_request(
             principal.tenant if principal else None, path, status, time.perf_counter() - start
         )
+
+    async def _metrics(self, scope, receive, send) -> None:
+        """``/metrics`` lists tenant names: it needs the admin or metrics token unless made public."""
+        if not self.state.metrics_public:
+            try:
+                tokens = self.state.tokens
+                if tokens is None:
+                    raise ServiceUnavailable("service is starting")
+                headers = dict(scope["headers"])
+                tokens.authenticate(headers.get(b"authorization", b"").decode("latin-1")).require_metrics()
+            except LoraplexError as err:
+                await _send_json(send, *json_error(err))
+                return
+        self._publish_cache_stats()
+        await self.app(scope, receive, send)
 
     def _authenticate(self, scope) -> Principal:
         tokens = self.state.tokens
@@ -213,7 +255,7 @@ class GatewayMiddleware:
     def _publish_cache_stats(self) -> None:
         try:
             metrics.publish_cache_stats(self.state.cache_stats())
-            metrics.publish_residency(self.state.resident(), self.state.metrics_protected)
+            metrics.publish_residency(self.state.resident(), protected=not self.state.metrics_public)
         except Exception:  # metrics must never break the scrape
             logger.exception("cache stats unavailable")
 
@@ -249,7 +291,9 @@ async def _send_json(send, status: int, body: bytes) -> int:
 
 
 class _ErrorRewriter:
-    """Wraps ``send``: passes 2xx/3xx through, buffers error bodies and rewrites them (they are small)."""
+    """Wraps ``send``: passes 2xx and 304 through, buffers error bodies and rewrites them (they are
+    small). A redirect from an inner router becomes a 404: no route of ours redirects, and following
+    one could carry a DELETE onto another resource."""
 
     def __init__(self, send, path: str, ready: bool):
         self.send, self.path, self.ready = send, path, ready
@@ -260,7 +304,7 @@ class _ErrorRewriter:
     async def __call__(self, message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
             self.status, self.started = message["status"], True
-            if self.status < 400:
+            if self.status < 300 or self.status == 304:
                 return await self.send(message)
             self._start = message
             return None
@@ -272,6 +316,10 @@ class _ErrorRewriter:
         return await self.send(message)
 
     async def _flush(self) -> None:
+        if self.status < 400:  # a redirect (see the class docstring)
+            self.status, body = json_error(NotFound(f"no route {self.path[:200]!r}"))
+            await _send_json(self.send, self.status, body)
+            return
         status, body = normalise_error_body(self.status, b"".join(self._chunks), self.path, self.ready)
         self.status = status
         keep = [

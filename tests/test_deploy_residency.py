@@ -11,6 +11,7 @@ import asyncio
 from prometheus_client import REGISTRY
 
 from serving import metrics
+from serving.auth import TokenBook
 from serving.engine import Engine, EngineSettings, InferenceItem
 from serving.engine.cache import AdapterCache
 from serving.gateway import GatewayMiddleware, GatewayState
@@ -56,15 +57,18 @@ def test_metrics_scrape_publishes_residency_through_the_gateway():
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
+    async def noop(msg):
+        return None
+
     resident = [{"tenant": "t-scrape", "name": "x", "version": 2, "digest": "d", "bytes": 7}]
-    for protected in (False, True):
-        state = GatewayState(resident=lambda: resident, metrics_protected=protected)
-
-        async def noop(msg):
-            return None
-
-        asyncio.run(GatewayMiddleware(app, state)({"type": "http", "path": "/metrics"}, None, noop))
-        assert _value("t-scrape", "x", 2) == (7.0 if protected else None)
+    books = TokenBook(["admin-secret-123"], {})
+    scope = {"type": "http", "path": "/metrics", "headers": [(b"authorization", b"Bearer admin-secret-123")]}
+    public = GatewayState(tokens=books, resident=lambda: resident, metrics_public=True)
+    asyncio.run(GatewayMiddleware(app, public)(scope, None, noop))
+    assert _value("t-scrape", "x", 2) is None  # a public /metrics never names tenants
+    protected = GatewayState(tokens=books, resident=lambda: resident, metrics_public=False)
+    asyncio.run(GatewayMiddleware(app, protected)(scope, None, noop))
+    assert _value("t-scrape", "x", 2) == 7.0
 
 
 def test_cache_lists_resident_entries_least_recently_used_first():
