@@ -6,6 +6,8 @@ response by hand (see serving/). Training and the CLI raise the same classes.
 
 from __future__ import annotations
 
+import math
+
 
 class LoraplexError(Exception):
     """Base of every error loraplex raises on purpose."""
@@ -19,6 +21,10 @@ class LoraplexError(Exception):
 
     def to_dict(self) -> dict[str, str]:
         return {"error": self.code, "message": self.message}
+
+    def headers(self) -> dict[str, str]:
+        """Extra HTTP response headers this error asks for (e.g. ``Retry-After``)."""
+        return {}
 
 
 class InvalidRequest(LoraplexError):
@@ -80,7 +86,18 @@ class UnsupportedAdapter(ValidationError):
 
 
 class TooManyRequests(LoraplexError):
+    """Overload or a tenant over its quota; ``retry_after`` (seconds) becomes the ``Retry-After`` header."""
+
     status, code = 429, "too_many_requests"
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
 
 
 class IntegrityError(LoraplexError):

@@ -36,6 +36,7 @@ from adapters_store.errors import (
     ValidationError,
 )
 from adapters_store.names import LATEST, AdapterRef, validate_alias, validate_name, validate_settable_alias
+from adapters_store.quotas import QUOTA_PREFIX, TenantQuota, quota_key
 from adapters_store.validation import StoreLimits, validate_bundle
 
 _PUT_RETRIES = 64
@@ -71,6 +72,9 @@ class AdapterStore(Protocol):
     def put_artifact(self, base: str, fingerprint: str, filename: str, data: bytes) -> None: ...
     def get_artifact(self, base: str, fingerprint: str, filename: str) -> bytes: ...
     def has_artifact(self, base: str, fingerprint: str, filename: str) -> bool: ...
+    def quotas(self) -> dict[str, TenantQuota]: ...
+    def set_quota(self, tenant: str, quota: TenantQuota) -> None: ...
+    def delete_quota(self, tenant: str) -> None: ...
 
 
 class ObjectStore(ABC):
@@ -358,6 +362,24 @@ class ObjectStore(ABC):
             return True
         except NotFound:
             return False
+
+    # -- per-tenant quota overrides (see adapters_store.quotas) ------------------------------------
+    def quotas(self) -> dict[str, TenantQuota]:
+        """Every stored override by tenant (one listing, one small read each); damaged ones are skipped."""
+        out = {}
+        for file_name in self._names(QUOTA_PREFIX):
+            tenant = file_name.removesuffix(".json")
+            try:
+                out[tenant] = TenantQuota.model_validate_json(self._read(quota_key(tenant)))
+            except (LoraplexError, ValueError):
+                continue  # deleted meanwhile, an odd name, or damaged: no override
+        return out
+
+    def set_quota(self, tenant: str, quota: TenantQuota) -> None:
+        self._write(quota_key(tenant), quota.model_dump_json(exclude_none=True).encode())
+
+    def delete_quota(self, tenant: str) -> None:
+        self._delete(quota_key(tenant))
 
     # -- helpers ----------------------------------------------------------------------------------
     def _adapter_root(self, tenant: str, name: str) -> str:

@@ -224,12 +224,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def adaptive_batch_mean(metrics_text: str) -> float | None:
-    sums = re.findall(
-        r'bentoml_service_adaptive_batch_size_sum\{[^}]*method_name="classify"[^}]*\} (\S+)', metrics_text
-    )
-    counts = re.findall(
-        r'bentoml_service_adaptive_batch_size_count\{[^}]*method_name="classify"[^}]*\} (\S+)', metrics_text
-    )
+    """Mean rows per engine call of classify (the fair queue's batches)."""
+    sums = re.findall(r'loraplex_engine_batch_rows_sum\{task="classify"\} (\S+)', metrics_text)
+    counts = re.findall(r'loraplex_engine_batch_rows_count\{task="classify"\} (\S+)', metrics_text)
     if not sums or not float(counts[0]):
         return None
     return float(sums[0]) / float(counts[0])

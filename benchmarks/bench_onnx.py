@@ -141,6 +141,41 @@ def ratio(times: dict[str, list[float]], ref: str, path: str) -> dict[str, float
     return {"median": statistics.median(per_round), "min": min(per_round), "max": max(per_round)}
 
 
+def cpu_model() -> str:
+    """``lscpu``'s model name (the figures depend on it: the same code ran ORT at half speed on another host)."""
+    import subprocess
+
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    return next((x.split(":", 1)[1].strip() for x in out.splitlines() if x.startswith("Model name")), "?")
+
+
+def gemm_roof(threads: int, n: int = 1024, reps: int = 20) -> float:
+    """The host's fp32 matmul roof: GFLOP/s of a large square fp32 GEMM with ``threads`` threads (best of
+    ``reps``; the best is the roof, the rest is other processes' noise)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(reps))
+    torch.set_num_threads(before)
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def encoder_flops(config, batch: int, seq: int) -> float:
+    """FLOPs of one BERT-family encoder pass over a padded [batch, seq] input (a multiply-add is 2):
+    Q, K, V, O projections and the feed-forward per token, plus the attention scores and weighted sum."""
+    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    tokens = batch * seq
+    per_layer = 2 * tokens * (4 * h * h + 2 * h * inter) + 2 * 2 * batch * seq * seq * h
+    return float(layers * per_layer)
+
+
 def build(tmp: Path) -> dict:
     from tests.helpers.models import minilm_dir
 
@@ -238,7 +273,10 @@ def run_workload(setup: dict, feed: dict[str, np.ndarray], rounds: int, reps: in
     quality.update(lora_quality(lora_bb, stack, idx, ids, mask, entry))
     resident_diff = np.abs(run_lora_resident().mean - lora_bb.features(ids, mask, stack, idx).mean).max()
     quality["ort_lora_mixed_resident_vs_fresh_stack"] = float(resident_diff)
+    config = torch_mod.model.config
     return {
+        "flops_per_call": encoder_flops(config, batch, int(ids.shape[1])),
+        "roof_gflops": gemm_roof(threads),
         "batch": batch,
         "seq": int(ids.shape[1]),
         "tokens": int(mask.sum()),
@@ -276,6 +314,8 @@ def summarize(results: dict) -> list[dict]:
                     "path": path,
                     "ms_per_batch": ms,
                     "rows_per_s": res["batch"] / ms * 1000,
+                    "gflops": res["flops_per_call"] / ms / 1e6,
+                    "roof_fraction": res["flops_per_call"] / ms / 1e6 / res["roof_gflops"],
                     "ratio_vs": ref,
                     "ratio": r,
                     "cpu_ratio": ratio(res["cpu_times"], ref, path) if res["threads"] == 1 else None,
@@ -320,6 +360,18 @@ def markdown(rows: list[dict], setup: dict, results: dict, args) -> str:
             f"| {r['workload']} | {r['path']} | {r['ms_per_batch']:.1f} | {r['rows_per_s']:.0f} | {rat} | {cpu} "
             f"| {tgt} | {cos} |"
         )
+    roofs = {wl: res["roof_gflops"] for wl, res in results.items()}
+    out += [
+        "",
+        f"CPU: {cpu_model()}. fp32 GEMM roof (1024^3 torch.mm, best of 20): "
+        + ", ".join(f"{wl} {g:.0f} GFLOP/s" for wl, g in roofs.items()),
+    ]
+    for r in rows:
+        if r["path"] in ("ort_fp32", "torch_eager", "ort_int8"):
+            out.append(
+                f"- {r['workload']} {r['path']}: {r['gflops']:.0f} GFLOP/s (fp32-equivalent encoder FLOPs "
+                f"on the padded batch) = **{r['roof_fraction']:.2f}** of the roof"
+            )
     q = setup["reports"]["int8"].quantization
     out += [
         "",

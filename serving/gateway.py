@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,7 @@ from adapters_store.errors import (
 from serving import metrics
 from serving.auth import DEV_TENANT_HEADER, Principal, TokenBook
 from serving.limits import InflightLimiter, check_content_length, check_items, limited_receive, read_body
+from serving.openai_errors import is_openai_error, is_openai_path, openai_error_bytes
 from serving.settings import LimitSettings
 
 logger = logging.getLogger("loraplex.gateway")
@@ -71,6 +72,11 @@ class GatewayState:
     cache_stats: Callable[[], dict[str, Any]] = dict
     resident: Callable[[], list[dict[str, Any]]] = list
     limiter: InflightLimiter | None = None
+    preload: Callable[[str | None, list], Awaitable[Callable[[], None]]] | None = None
+    """Loads an inference request's cold adapters before it is batched (serving.preload.ColdLoads);
+    returns the function that releases them once the request is answered."""
+    # Per-tenant quotas: admit(tenant, rows) raises 429 (see serving.quotas); release(tenant, rows).
+    quotas: Any = None
     metrics_public: bool = False  # /metrics without a token (LORAPLEX_METRICS_AUTH=public, insecure dev)
 
 
@@ -114,7 +120,10 @@ def required_role(path: str) -> str:
     return "admin" if path == "/v1/admin" or path.startswith("/v1/admin/") else "tenant"
 
 
-def json_error(err: LoraplexError) -> tuple[int, bytes]:
+def json_error(err: LoraplexError, path: str = "") -> tuple[int, bytes]:
+    """The one rendering of our errors: ``{"error", "message"}``, or OpenAI's shape on its routes."""
+    if is_openai_path(path):
+        return err.status, openai_error_bytes(err.status, err.code, err.message)
     return err.status, json.dumps(err.to_dict()).encode()
 
 
@@ -124,12 +133,19 @@ def normalise_error_body(status: int, body: bytes, path: str, ready: bool) -> tu
         data = json.loads(body) if body else None
     except ValueError:
         data = None
-    if isinstance(data, dict) and set(data) == {"error", "message"}:
+    if is_openai_path(path):
+        if is_openai_error(data):
+            return status, body
+        if isinstance(data, dict) and set(data) == {"error", "message"}:
+            return status, openai_error_bytes(status, str(data["error"]), str(data["message"]))
+    elif isinstance(data, dict) and set(data) == {"error", "message"}:
         return status, body
     if status == 503 and ready and path in INFERENCE_PATHS:
         # BentoML's batch dispatcher sheds load with 503; to clients that is overload: 429.
         status, data = 429, {"error": "server is overloaded; retry shortly"}
     message = _foreign_message(data, body)
+    if is_openai_path(path):
+        return status, openai_error_bytes(status, _CODES.get(status, "internal_error"), message)
     return status, json.dumps({"error": _CODES.get(status, "internal_error"), "message": message}).encode()
 
 
@@ -144,7 +160,7 @@ def _foreign_message(data: Any, body: bytes) -> str:
     return (body.decode(errors="replace").strip() or "request failed")[:1000]
 
 
-def validate_inference_body(body: bytes, model: type[BaseModel], limits: LimitSettings) -> None:
+def validate_inference_body(body: bytes, model: type[BaseModel], limits: LimitSettings) -> BaseModel:
     """Parse with the route's schema and apply item limits; raises our errors with clear messages."""
     try:
         parsed = model.model_validate_json(body)
@@ -155,7 +171,25 @@ def validate_inference_body(body: bytes, model: type[BaseModel], limits: LimitSe
             f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors()[:5]
         )
         raise ValidationError(f"request body does not match the schema: {details}") from None
-    check_items(getattr(parsed, "items", []), limits)
+    if hasattr(parsed, "row_count"):  # the OpenAI-style bodies check and count their own inputs
+        parsed.check(limits)
+    else:
+        check_items(getattr(parsed, "items", []), limits)
+    return parsed
+
+
+def request_rows(parsed: BaseModel | None) -> int:
+    """The request's engine rows (items times fanned-out adapters), which quotas count."""
+    if parsed is None:
+        return 0
+    if hasattr(parsed, "row_count"):
+        return parsed.row_count()
+    return sum(len(getattr(item, "targets", None) or [None]) for item in getattr(parsed, "items", []))
+
+
+def request_adapters(parsed: BaseModel) -> list[str | None]:
+    """The adapter references a loraplex-shaped body names (fan-out included), for cold preloading."""
+    return [t for item in getattr(parsed, "items", []) for t in (getattr(item, "targets", None) or [None])]
 
 
 class GatewayMiddleware:
@@ -180,15 +214,28 @@ class GatewayMiddleware:
             principal = self._authenticate(scope)
             if limiter is not None:
                 limiter.acquire()
+            release = None
             try:
-                receive = await self._guard_body(scope, receive, principal)
+                receive, parsed = await self._guard_body(scope, receive, principal)
                 scope.setdefault("state", {})[PRINCIPAL_KEY] = principal
-                status = await self._call_app(scope, receive, send, path)
+                rows = request_rows(parsed)
+                quotas = self.state.quotas if rows else None
+                if quotas is not None:
+                    quotas.admit(principal.tenant, rows)
+                try:
+                    if parsed is not None and self.state.preload is not None:
+                        release = await self.state.preload(principal.tenant, request_adapters(parsed))
+                    status = await self._call_app(scope, receive, send, path)
+                finally:
+                    if quotas is not None:
+                        quotas.release(principal.tenant, rows)
             finally:
+                if release is not None:
+                    release()
                 if limiter is not None:
                     limiter.release()
         except LoraplexError as err:
-            status = await _send_json(send, *json_error(err))
+            status = await _send_json(send, *json_error(err, path), err.headers())
         metrics.observe_request(
             principal.tenant if principal else None, path, status, time.perf_counter() - start
         )
@@ -231,7 +278,7 @@ class GatewayMiddleware:
         check_content_length(headers, limit)
         model = self.state.validators.get(path)
         if model is None or method != "POST":
-            return limited_receive(receive, limit)
+            return limited_receive(receive, limit), None
         principal.require_tenant()
         ctype = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
         if ctype != "application/json":
@@ -239,8 +286,8 @@ class GatewayMiddleware:
                 f"send JSON with 'Content-Type: application/json' (got {ctype or 'none'!r})"
             )
         body = await read_body(receive, limit)
-        validate_inference_body(body, model, self.state.limits)
-        return _replay(body)
+        parsed = validate_inference_body(body, model, self.state.limits)
+        return _replay(body), parsed
 
     async def _call_app(self, scope, receive, send, path: str) -> int:
         rewriter = _ErrorRewriter(send, path, self.state.is_ready())
@@ -249,7 +296,7 @@ class GatewayMiddleware:
         except LoraplexError as err:  # e.g. PayloadTooLarge raised from the limited receive
             if rewriter.started:
                 raise
-            return await _send_json(send, *json_error(err))
+            return await _send_json(send, *json_error(err, path), err.headers())
         return rewriter.status
 
     def _publish_cache_stats(self) -> None:
@@ -277,15 +324,12 @@ def retry_after(status: int) -> list[tuple[bytes, bytes]]:
     return [(b"retry-after", str(RETRY_AFTER_S).encode())] if status == 503 else []
 
 
-async def _send_json(send, status: int, body: bytes) -> int:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-            + retry_after(status),
-        }
-    )
+async def _send_json(send, status: int, body: bytes, extra: dict[str, str] | None = None) -> int:
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in (extra or {}).items()]
+    if not any(k == b"retry-after" for k, _ in headers):
+        headers += retry_after(status)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
     return status
 

@@ -58,6 +58,11 @@ class ResultsOutput(IORootModel[list[ItemResult]]):
         for i, result in enumerate(results):
             if result.error is not None:
                 body = {"error": result.error.error, "message": f"items[{i}]: {result.error.message}"}
-                return Response(json.dumps(body), status_code=result._status, media_type="application/json")
+                return Response(
+                    json.dumps(body),
+                    status_code=result._status,
+                    media_type="application/json",
+                    headers=result._headers,
+                )
         payload = [r.model_dump(exclude_none=True) for r in results]
         return Response(json.dumps(payload), media_type="application/json")

@@ -70,6 +70,11 @@ def check_items(items: Sequence[Any], limits: LimitSettings) -> None:
     if len(items) > limits.max_inputs:
         raise ValidationError(f"{len(items)} items in one request; the limit is {limits.max_inputs}")
     for i, item in enumerate(items):
+        fanout = getattr(item, "adapters", None)
+        if fanout is not None and len(fanout) > limits.max_fanout:
+            raise ValidationError(
+                f"items[{i}].adapters names {len(fanout)} adapters; the limit is {limits.max_fanout}"
+            )
         text = getattr(item, "text", None)
         if text is not None and len(text) > limits.max_chars:
             raise ValidationError(

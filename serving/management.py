@@ -419,13 +419,24 @@ ROUTES = [
 
 
 PAGED = {"show_adapter", "show_own_adapter"}
+# Routes other modules add (OpenAI-style inference, quotas and usage), with their OpenAPI entries.
+EXTRA_ROUTES: list[Route] = []
+EXTRA_PATHS: dict[str, dict[str, Any]] = {}
+
+
+def add_routes(routes: list[Route], paths: dict[str, dict[str, Any]] | None = None) -> None:
+    """Mount more routes in the /v1 app (call before ``build_app``); ``paths``: their OpenAPI entries
+    (keyed like ``/v1/embeddings``), replacing the generic ones built from docstrings."""
+    EXTRA_ROUTES.extend(r for r in routes if r not in EXTRA_ROUTES)
+    EXTRA_PATHS.update(paths or {})
 
 
 def all_routes() -> list[Route]:
-    """These routes and the tenant token routes (``serving.tokens_api``, which builds on ``route``)."""
+    """These routes, the tenant token routes (``serving.tokens_api``, which builds on ``route``) and
+    those added with ``add_routes``."""
     from serving.tokens_api import TOKEN_ROUTES
 
-    return [*ROUTES, *TOKEN_ROUTES]
+    return [*ROUTES, *TOKEN_ROUTES, *EXTRA_ROUTES]
 
 
 def openapi_spec(prefix: str = "/v1") -> dict[str, Any]:
@@ -435,6 +446,7 @@ def openapi_spec(prefix: str = "/v1") -> dict[str, Any]:
         params = PAGE_PARAMS if r.name in PAGED else QUERY_PARAMS.get(r.name, [])
         status = getattr(r.endpoint, "status_code", 200)
         paths.setdefault(prefix + r.path, {}).update(route_spec(r, status, params))
+    paths.update(EXTRA_PATHS)
     return spec_document(paths, "loraplex management API")
 
 

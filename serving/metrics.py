@@ -146,6 +146,33 @@ def set_ready(ready: bool) -> None:
     READY.set(1.0 if ready else 0.0)
 
 
+TENANT_ROWS = Counter(
+    name="loraplex_tenant_rows_total",
+    documentation="Inference rows answered per tenant (items x fanned-out adapters), for billing",
+    labelnames=["tenant"],
+)
+TENANT_TOKENS = Counter(
+    name="loraplex_tenant_tokens_total",
+    documentation="Tokens the backbone read for each tenant's text rows",
+    labelnames=["tenant"],
+)
+TENANT_REJECTED = Counter(
+    name="loraplex_tenant_rejected_total",
+    documentation="Requests refused with 429 per tenant: rate (token bucket), rows (in flight), queue (waited too long)",
+    labelnames=["tenant", "reason"],
+)
+
+
+def observe_usage(tenant: str, rows: int, tokens: int) -> None:
+    TENANT_ROWS.labels(tenant=tenant).inc(rows)
+    if tokens:
+        TENANT_TOKENS.labels(tenant=tenant).inc(tokens)
+
+
+def observe_rejected(tenant: str, reason: str) -> None:
+    TENANT_REJECTED.labels(tenant=tenant, reason=reason).inc()
+
+
 RESIDENT = Gauge(
     name="loraplex_adapter_resident_bytes",
     documentation="Adapter versions loaded on this replica, in bytes (0 once evicted): input for "

@@ -7,7 +7,7 @@ item from its token (a private attribute, so no body field can set it).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, model_validator
 
@@ -39,11 +39,29 @@ class _Item(BaseModel):
 
 
 class ClassifyItem(_Item):
-    adapter: str = Field(
+    adapter: str | None = Field(
+        default=None,
         min_length=1,
         max_length=ADAPTER_REF_MAX,
         description="'name', 'name@3' or 'name@alias' within your tenant; no '@' -> production, else latest.",
     )
+    adapters: list[Annotated[str, Field(min_length=1, max_length=ADAPTER_REF_MAX)]] | None = Field(
+        default=None,
+        min_length=1,
+        description="Fan-out: send this one input to several adapters (instead of 'adapter'); the answer "
+        "holds one result per adapter in 'results', computed in one engine call.",
+    )
+
+    @model_validator(mode="after")
+    def _one_adapter_field(self):
+        if (self.adapter is None) == (self.adapters is None):
+            raise ValueError("give exactly one of 'adapter' or 'adapters'")
+        return self
+
+    @property
+    def targets(self) -> list[str | None]:
+        """The adapters this item goes to (one, or the fan-out list)."""
+        return [self.adapter] if self.adapters is None else list(self.adapters)
 
 
 class EmbedItem(_Item):
@@ -53,6 +71,22 @@ class EmbedItem(_Item):
         max_length=ADAPTER_REF_MAX,
         description="As for classify; null embeds with the bare shared backbone.",
     )
+    adapters: list[Annotated[str, Field(min_length=1, max_length=ADAPTER_REF_MAX)] | None] | None = Field(
+        default=None,
+        min_length=1,
+        description="Fan-out: embed this one input with several adapters (null: the bare backbone) "
+        "instead of 'adapter'; one result per adapter in 'results'.",
+    )
+
+    @model_validator(mode="after")
+    def _not_both(self):
+        if self.adapter is not None and self.adapters is not None:
+            raise ValueError("give 'adapter' or 'adapters', not both")
+        return self
+
+    @property
+    def targets(self) -> list[str | None]:
+        return [self.adapter] if self.adapters is None else list(self.adapters)
 
 
 class ErrorBody(BaseModel):
@@ -69,8 +103,13 @@ class ItemResult(BaseModel):
     labels: list[str] | None = Field(default=None, description="classify: labels, most probable first.")
     scores: list[float] | None = Field(default=None, description="classify: softmax scores, same order.")
     embedding: list[float] | None = Field(default=None, description="embed: the vector.")
+    results: list[ItemResult] | None = Field(
+        default=None, description="Fan-out items: one result per adapter, in the order of 'adapters'."
+    )
     error: ErrorBody | None = Field(default=None, description="Set when this item failed.")
     _status: int = PrivateAttr(default=200)
+    _tokens: int = PrivateAttr(default=0)  # tokens the backbone read, for usage accounting
+    _headers: dict[str, str] = PrivateAttr(default_factory=dict)  # e.g. Retry-After on a 429
 
 
 class AliasRequest(BaseModel):

@@ -6,39 +6,44 @@ Start it with environment variables only (see serving/settings.py)::
     LORAPLEX_TENANT_TOKENS="acme:tok-a,globex:tok-g" \\
     bentoml serve serving.service:LoraplexService --host 127.0.0.1 --port 3000
 
-Routes: ``POST /v1/classify`` and ``POST /v1/embed`` (batchable: concurrent requests of any tenants
-merge into one engine call), ``/v1/adapters`` (tenant listing), ``/v1/admin/...`` (management), and
-BentoML's ``/livez``, ``/readyz`` (503 until the backbone is loaded) and ``/metrics``.
+Routes: ``POST /v1/classify`` and ``POST /v1/embed`` (concurrent requests of any tenants merge into
+one engine call through the fair queue, :mod:`serving.fairness`), the OpenAI-style ``/v1/embeddings``,
+``/v1/classifications`` and ``/v1/models`` (:mod:`serving.openai_api`), ``/v1/adapters`` (tenant
+listing), ``/v1/admin/...`` (management, quotas and usage), and BentoML's ``/livez``, ``/readyz``
+(503 until the backbone is loaded) and ``/metrics``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
+import time
 
 import bentoml
 
 from adapters_store.base_models import BaseModelEntry, resolve_source
 from adapters_store.errors import InvalidRequest, LoraplexError
+from adapters_store.quotas import TenantQuota
 from serving import metrics
 from serving.auth import TokenRefresher
+from serving.fairness import FairBatcher
 from serving.gateway import STATE, GatewayMiddleware
 from serving.http_io import ClassifyInput, EmbedInput, ResultsOutput
-from serving.inference import run_batch
+from serving.inference import error_result, row_count, run_jobs
 from serving.limits import InflightLimiter, TokenCounter
-from serving.management import CONTEXT, build_app
+from serving.management import CONTEXT, add_routes, build_app
+from serving.openai_api import OPENAI, OPENAI_ROUTES, ClassificationsRequest, EmbeddingsRequest, openapi_paths
 from serving.preflight import check_startup
+from serving.preload import ColdLoads
+from serving.quota_routes import QUOTA_ROUTES, QUOTAS
+from serving.quotas import USAGE, QuotaBook
 from serving.schemas import ClassifyItem, EmbedItem, ItemResult
 from serving.settings import ServiceSettings
 from serving.shutdown import install_drain_handler
 
 logger = logging.getLogger("loraplex.service")
-
-# Decorator arguments are fixed when the class is defined, so these two are read at import.
-MAX_BATCH_SIZE = int(os.environ.get("LORAPLEX_MAX_BATCH_SIZE", "64"))
-MAX_QUEUE_MS = int(os.environ.get("LORAPLEX_MAX_QUEUE_MS", "10000"))
+add_routes([*OPENAI_ROUTES, *QUOTA_ROUTES], openapi_paths())
 
 
 def enable_logging() -> None:
@@ -120,18 +125,56 @@ class LoraplexService:
         STATE.metrics_public = settings.metrics_auth == "public" or settings.insecure_dev
         TokenRefresher(checked.tokens, settings.token_refresh_s).start()
         STATE.limits = settings.limits
-        STATE.validators = {"/v1/classify": ClassifyInput, "/v1/embed": EmbedInput}
+        STATE.validators = {
+            "/v1/classify": ClassifyInput,
+            "/v1/embed": EmbedInput,
+            "/v1/embeddings": EmbeddingsRequest,
+            "/v1/classifications": ClassificationsRequest,
+        }
         STATE.limiter = InflightLimiter(settings.limits.max_inflight)
         STATE.is_ready = self.__is_ready__
         STATE.cache_stats = lambda: self.engine.cache_stats() if self.engine is not None else {}
         STATE.resident = lambda: self.engine.resident() if self.engine is not None else []
+        STATE.preload = ColdLoads(lambda: self.engine)
         CONTEXT.store, CONTEXT.base = self.store, self.base
         CONTEXT.max_upload_bytes = settings.limits.max_upload_bytes
         CONTEXT.max_management = settings.limits.max_management
         self.tokens = self._token_counter()
+        self._setup_fairness(settings)
         metrics.set_ready(False)
         # Load the backbone off the startup path: /livez answers at once, /readyz once it is loaded.
         threading.Thread(target=self._load_engine, name="loraplex-engine-load", daemon=True).start()
+
+    def _setup_fairness(self, settings: ServiceSettings) -> None:
+        """Per-tenant quotas in the gateway; one fair queue in front of the engine for every route."""
+        limits = settings.limits
+        defaults = TenantQuota(
+            rps=limits.tenant_rps,
+            burst=limits.tenant_burst,
+            max_inflight_rows=limits.tenant_max_inflight_rows,
+        )
+        book = QuotaBook(defaults, self.store.quotas, limits.quota_refresh_s, usage=USAGE)
+        book.refresh(force=True)
+        threading.Thread(target=_refresh_forever, args=(book, limits.quota_refresh_s), daemon=True).start()
+        STATE.quotas = QUOTAS.book = book
+        self.batcher = FairBatcher(
+            lambda jobs: run_jobs(self.engine, jobs, self.limits, self.tokens),
+            max_rows=settings.max_batch_size,
+            max_wait_s=limits.max_queue_ms / 1000,
+            on_expired=lambda job: USAGE.rejected(job.tenant, "queue"),
+        )
+        OPENAI.batcher, OPENAI.store, OPENAI.base, OPENAI.limits = (
+            self.batcher,
+            self.store,
+            self.base,
+            self.limits,
+        )
+
+    async def _answer(self, task: str, items: list) -> list[ItemResult]:
+        try:
+            return await self.batcher.submit(items[0].tenant, row_count(items), (task, items))
+        except LoraplexError as err:  # e.g. 429: waited longer than max_queue_ms
+            return [error_result(err) for _ in items]
 
     def _token_counter(self) -> TokenCounter | None:
         """Only for ``token_policy='reject'``; the base's own tokenizer counts (a missing one fails the start)."""
@@ -154,10 +197,11 @@ class LoraplexService:
         self.engine = CONTEXT.engine = engine
         metrics.set_ready(True)
         logger.info(
-            "loraplex ready: base %s (%s...), runtime %s",
+            "loraplex ready: base %s (%s...), runtime %s: %s",
             self.base.name,
             self.base.fingerprint[:12],
             engine.runtime,
+            engine.runtime_note,
         )
 
     def _start_draining(self) -> None:
@@ -167,29 +211,24 @@ class LoraplexService:
     def __is_ready__(self) -> bool:
         return self.engine is not None and not self.draining
 
-    @bentoml.api(
-        route="/v1/classify",
-        batchable=True,
-        input_spec=ClassifyInput,
-        output_spec=ResultsOutput,
-        max_batch_size=MAX_BATCH_SIZE,
-        max_latency_ms=MAX_QUEUE_MS,
-    )
-    def classify(self, items: list[ClassifyItem]) -> list[ItemResult]:
-        """Classify texts or images with your adapters: labels (most probable first) and scores."""
-        return run_batch(self.engine, "classify", items, self.limits, self.tokens)
+    @bentoml.api(route="/v1/classify", input_spec=ClassifyInput, output_spec=ResultsOutput)
+    async def classify(self, items: list[ClassifyItem]) -> list[ItemResult]:
+        """Classify texts or images with your adapters: labels (most probable first) and scores.
+        ``adapters: [...]`` instead of ``adapter`` fans one input out to several adapters."""
+        return await self._answer("classify", items)
 
-    @bentoml.api(
-        route="/v1/embed",
-        batchable=True,
-        input_spec=EmbedInput,
-        output_spec=ResultsOutput,
-        max_batch_size=MAX_BATCH_SIZE,
-        max_latency_ms=MAX_QUEUE_MS,
-    )
-    def embed(self, items: list[EmbedItem]) -> list[ItemResult]:
-        """Embed texts with your adapter (or the bare shared backbone when ``adapter`` is null)."""
-        return run_batch(self.engine, "embed", items, self.limits, self.tokens)
+    @bentoml.api(route="/v1/embed", input_spec=EmbedInput, output_spec=ResultsOutput)
+    async def embed(self, items: list[EmbedItem]) -> list[ItemResult]:
+        """Embed texts with your adapter (or the bare shared backbone when ``adapter`` is null).
+        ``adapters: [...]`` instead of ``adapter`` fans one input out to several adapters."""
+        return await self._answer("embed", items)
+
+
+def _refresh_forever(book: QuotaBook, every_s: float) -> None:
+    """Quota overrides changed on another replica (or in the store) apply here within ``every_s``."""
+    while every_s > 0:
+        time.sleep(every_s)
+        book.refresh()
 
 
 LoraplexService.add_asgi_middleware(GatewayMiddleware)

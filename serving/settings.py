@@ -58,6 +58,36 @@ class LimitSettings(BaseModel):
     max_queue_ms: int = Field(
         default=10_000, ge=10, le=600_000, description="Longest an inference item may wait to be batched."
     )
+    max_fanout: int = Field(
+        default=32,
+        ge=1,
+        le=256,
+        description="Adapters one item (or OpenAI-style request) may fan out to (422).",
+    )
+    tenant_rps: float = Field(
+        default=1000.0,
+        gt=0,
+        le=1e6,
+        description="Default per-tenant requests/s (token bucket; 429 + Retry-After).",
+    )
+    tenant_burst: int = Field(
+        default=1000,
+        ge=1,
+        le=1_000_000,
+        description="Default per-tenant burst: requests above the rate at once.",
+    )
+    tenant_max_inflight_rows: int = Field(
+        default=4096,
+        ge=1,
+        le=1_000_000,
+        description="Default per-tenant rows queued or running at once (429 + Retry-After; more in one request: 422).",
+    )
+    quota_refresh_s: float = Field(
+        default=2.0,
+        ge=0.0,
+        le=3600.0,
+        description="How often per-tenant quota overrides are re-read from the store.",
+    )
 
 
 class ServiceSettings(BaseModel):
@@ -102,7 +132,9 @@ class ServiceSettings(BaseModel):
         default=2.0, ge=0.0, le=3600.0, description="Max age of a cached alias resolution (replica lag)."
     )
     runtime: Literal["torch", "onnx", "onnx-int8", "auto"] = Field(
-        default="torch", description="Backbone runtime."
+        default="auto",
+        description="Backbone runtime; 'auto' serves on onnxruntime when the base's validated export is "
+        "stored (base register builds it) and says in the log why it falls back to torch otherwise.",
     )
     threads: int = Field(default=2, ge=1, le=256, description="Intra-op threads of the backbone.")
     max_batch_size: int = Field(default=64, ge=2, le=4096, description="Rows per adaptive batch.")

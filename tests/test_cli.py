@@ -43,7 +43,7 @@ def test_help_on_every_level():
 
 
 def test_register_push_list_show_promote_rm(run, tiny_bert_dir, tmp_path):
-    out = run("base", "register", "tiny", "--path", str(tiny_bert_dir), "--json")
+    out = run("base", "register", "tiny", "--path", str(tiny_bert_dir), "--json", "--no-onnx")
     fingerprint = json.loads(out.output)[0]["fingerprint"]
     assert len(fingerprint) == 64
     peft = save_peft_lora(tiny_bert_dir, tmp_path / "peft", r=4)
@@ -78,7 +78,7 @@ def test_register_push_list_show_promote_rm(run, tiny_bert_dir, tmp_path):
 def test_push_bundle_folder_and_verify_failure(run, tiny_bert_dir, tmp_path):
     from adapters_store import describe_base, open_store
 
-    run("base", "register", "tiny", "--path", str(tiny_bert_dir))
+    run("base", "register", "tiny", "--path", str(tiny_bert_dir), "--no-onnx")
     folder = head_bundle(describe_base("tiny", tiny_bert_dir)).write_dir(tmp_path / "bundle")
     run("adapters", "push", str(folder))
     store = open_store(run.store)

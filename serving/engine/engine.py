@@ -49,20 +49,33 @@ class Engine:
         self.store = store
         self.base = store.get_base(base)
         self.backbone = load_backbone(self.base)
+        self.runtime_note = ""  # why the runtime in use was chosen (logged at start, shown by the service)
         self.ort = self._load_ort(store)
         self.runtime = (
             "torch"
             if self.ort is None
             else ("onnx" if self.settings.runtime == "auto" else self.settings.runtime)
         )
+        if self.ort is not None:
+            self.runtime_note = self.ort.describe()
         self._cache = AdapterCache(self.settings.cache_bytes, pins=self.settings.pins)
         self._full = AdapterCache(_UNLIMITED, max_entries=self.settings.full_cache_size)
         self._resolver = AliasResolver(store, self.settings.alias_ttl_s)
         self._forward_lock = threading.Lock()  # the wrappers' batch context is shared state
+        self._batch_loads = 0  # cold loads that ran inside infer(), i.e. on a batch's path
+        self._count_lock = threading.Lock()
 
     def _load_ort(self, store: Any) -> OrtRuntime | None:
         runtime = self.settings.runtime
-        if runtime == "torch" or (runtime == "auto" and not OrtRuntime.exported(store, self.base)):
+        if runtime == "torch":
+            self.runtime_note = "runtime torch was asked for"
+            return None
+        if runtime == "auto" and not OrtRuntime.exported(store, self.base):
+            self.runtime_note = (
+                f"runtime auto: base {self.base.name!r} has no stored ONNX export (`loraplex base register` "
+                f"builds it; or run `loraplex onnx export --base {self.base.name}`); serving on torch"
+            )
+            log.warning("%s", self.runtime_note)
             return None
         try:
             return OrtRuntime.load(
@@ -75,9 +88,10 @@ class Engine:
         except Exception as e:  # a damaged or unloadable export
             if runtime != "auto":
                 raise  # asked for explicitly: a broken export stops the start
-            log.warning(
-                "runtime auto: the ONNX export of %s is not usable (%s); serving on torch", self.base.name, e
+            self.runtime_note = (
+                f"runtime auto: the ONNX export of {self.base.name} is not usable ({e}); serving on torch"
             )
+            log.warning("%s", self.runtime_note)
             return None
 
     # -- inference --------------------------------------------------------------------------------
@@ -105,7 +119,7 @@ class Engine:
                 raise ValidationError(
                     f"{manifest.tenant}/{manifest.name} is an embedding adapter; use task 'embed'"
                 )
-            lease = self._lease(manifest, digest)
+            lease = self._lease(manifest, digest, in_batch=True)
             leases.append(lease)
             return PreparedRow(item, lease.value, manifest.version, digest)
         except LoraplexError as e:
@@ -141,7 +155,7 @@ class Engine:
             if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
                 raise ValidationError("this base reads images: give 'image' as an HxWx3 uint8 array")
 
-    def _lease(self, manifest: AdapterManifest, digest: str) -> Lease:
+    def _lease(self, manifest: AdapterManifest, digest: str, in_batch: bool = False) -> Lease:
         if manifest.base.fingerprint != self.base.fingerprint:
             raise IncompatibleBase(
                 f"{manifest.tenant}/{manifest.name} v{manifest.version} was trained on base "
@@ -149,9 +163,36 @@ class Engine:
             )
         cache = self._full if manifest.kind == "full" else self._cache
         owner = (manifest.tenant, manifest.name)
-        return cache.acquire(digest, owner, lambda: self._load(manifest, digest))
+        return cache.acquire(digest, owner, lambda: self._load(manifest, digest, in_batch))
 
-    def _load(self, manifest: AdapterManifest, digest: str) -> tuple[LoadedAdapter, int]:
+    # -- cold loads off the batch path ------------------------------------------------------------
+    def is_resident(self, tenant: str, adapter: str) -> bool:
+        """True when ``adapter`` resolves from the alias cache to a loaded adapter; never reads the store."""
+        hit = self._resolver.peek(tenant, adapter)
+        return hit is not None and (hit.digest in self._cache or hit.digest in self._full)
+
+    def hold(self, tenant: str, adapters: Sequence[str]) -> list[Lease]:
+        """Resolve and load ``tenant``'s ``adapters`` now, outside any batch, and lease them so they stay
+        resident until the caller releases the leases (after its rows were answered). A request does this
+        before joining a batch, so a cold load (a full fine-tune is ~90 MB) never holds up the other
+        tenants' rows of that batch. Failures are left for ``infer`` to report on the row."""
+        leases = []
+        for adapter in dict.fromkeys(adapters):
+            try:
+                manifest, digest = self._resolver.resolve(tenant, adapter)
+                leases.append(self._lease(manifest, digest))
+            except LoraplexError:
+                continue
+            except Exception:  # a loader bug: infer reports it on the row
+                log.exception("preloading %s/%s failed", tenant, adapter)
+        return leases
+
+    def _load(
+        self, manifest: AdapterManifest, digest: str, in_batch: bool = False
+    ) -> tuple[LoadedAdapter, int]:
+        if in_batch:
+            with self._count_lock:
+                self._batch_loads += 1
         read_bundle = getattr(self.store, "read_bundle", None)  # skips a second resolve when offered
         if read_bundle is not None:
             bundle = read_bundle(manifest)
@@ -249,9 +290,18 @@ class Engine:
 
     def cache_stats(self) -> dict[str, Any]:
         """Adapter cache counters (hits, misses, loads, evictions, load_time_s, bytes_used, entries,
-        pinned, ...) plus ``full``: the same for the dedicated full-model LRU."""
+        pinned, ...) plus ``full``: the same for the dedicated full-model LRU; ``batch_path_loads``:
+        cold loads that ran inside a batch (the service loads before batching, so normally 0); and
+        ``runtime``: which backbone runtime serves and how many passes ran on onnxruntime."""
         stats = self._cache.stats()
         stats["full"] = self._full.stats()
+        stats["batch_path_loads"] = self._batch_loads
+        stats["runtime"] = {
+            "name": self.runtime,
+            "note": self.runtime_note,
+            "onnx_passes": self.ort.calls if self.ort is not None else 0,
+            "torch_fallbacks": dict(self.ort.fallbacks) if self.ort is not None else {},
+        }
         return stats
 
 

@@ -6,7 +6,7 @@ Callers hold the engine's forward lock: the wrappers' context is shared state of
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from serving.engine.items import InferenceItem, InferenceResult
 from serving.engine.loader import LoadedAdapter
 from serving.engine.lora_layers import gather_rows
 from serving.engine.ort_runtime import OrtRuntime
-from serving.engine.plan import MixedBatchPlan, Segment, assign_slots, plan_batch
+from serving.engine.plan import MixedBatchPlan, Segment, assign_slots, group_rows, plan_batch, share_rows
 from serving.engine.settings import EngineSettings
 
 
@@ -114,7 +114,27 @@ def run_shared(
     backbone: Backbone, rows: Sequence[PreparedRow], settings: EngineSettings, ort: OrtRuntime | None = None
 ) -> list[InferenceResult]:
     """Answer ``rows`` (none of kind 'full') with ONE pass of the shared backbone; results in row order.
-    With ``ort`` (runtime 'onnx') that pass runs on onnxruntime when the batch's adapters allow it."""
+    With ``ort`` (runtime 'onnx') that pass runs on onnxruntime when the batch's adapters allow it.
+
+    Fan-out: rows with the same input whose adapters leave the backbone untouched (heads on frozen
+    features, the bare base) share one pass row; only their pooling and heads run per row."""
+    leaders, pass_of = share_rows([shared_input_key(backbone, r) for r in rows])
+    if len(leaders) == len(rows):
+        plan, adapters, ordered, hidden, pooled, mask = _forward(backbone, rows, settings, ort)
+        out: list[InferenceResult | None] = [None] * len(rows)
+        for seg in plan.segments:
+            adapter = adapters[seg.slot] if seg.slot >= 0 else None
+            answers = finish_segment(seg, ordered, adapter, hidden, mask, pooled, settings)
+            for pos, answer in zip(range(seg.start, seg.end), answers, strict=True):
+                out[plan.order[pos]] = answer
+        return out  # type: ignore[return-value]
+    return _run_sharing(backbone, rows, leaders, pass_of, settings, ort)
+
+
+def _forward(
+    backbone: Backbone, rows: Sequence[PreparedRow], settings: EngineSettings, ort: OrtRuntime | None
+):
+    """Plan and run one pass; hidden/pooled/mask are in planned order (``plan.order``)."""
     plan, adapters = plan_rows(rows, backbone.num_layers)
     ordered = [rows[i] for i in plan.order]
     inputs = encode_rows(backbone, ordered, settings)
@@ -127,14 +147,67 @@ def run_shared(
             hidden, pooled = run_model(backbone.model, inputs)
         finally:
             clear_context(backbone)
-    mask = inputs.get("attention_mask")
+    return plan, adapters, ordered, hidden, pooled, inputs.get("attention_mask")
+
+
+def _run_sharing(
+    backbone: Backbone,
+    rows: Sequence[PreparedRow],
+    leaders: list[int],
+    pass_of: list[int],
+    settings: EngineSettings,
+    ort: OrtRuntime | None,
+) -> list[InferenceResult]:
+    # A shared pass row runs on the plain base (its adapters are heads only), so plan it as a base row.
+    keys = [shared_input_key(backbone, rows[i]) for i in leaders]
+    pass_rows = [
+        rows[i] if k is None else replace(rows[i], adapter=None) for i, k in zip(leaders, keys, strict=True)
+    ]
+    plan, _, _, hidden, pooled, mask = _forward(backbone, pass_rows, settings, ort)
+    position = [0] * len(pass_rows)  # pass row -> planned position
+    for pos, p in enumerate(plan.order):
+        position[p] = pos
     out: list[InferenceResult | None] = [None] * len(rows)
-    for seg in plan.segments:
-        adapter = adapters[seg.slot] if seg.slot >= 0 else None
-        answers = finish_segment(seg, ordered, adapter, hidden, mask, pooled, settings)
-        for pos, answer in zip(range(seg.start, seg.end), answers, strict=True):
-            out[plan.order[pos]] = answer
+    counts = None if mask is None else [int(t) for t in mask.sum(dim=1).tolist()]
+    features: dict[str, torch.Tensor] = {}  # pooling -> [pass rows, H], pooled once for every head
+    groups = group_rows([r.adapter.digest if r.adapter else "" for r in rows])
+    for idx in groups.values():
+        adapter, where = rows[idx[0]].adapter, [position[pass_of[i]] for i in idx]
+        at = torch.tensor(where)
+        if leaves_backbone_untouched(adapter) and (adapter is None or adapter.pooler is None):
+            how = settings.base_pooling if adapter is None else adapter.pooling
+            if how not in features:
+                features[how] = pool(hidden, mask, pooled, how)
+            tokens = [None] * len(idx) if counts is None else [counts[w] for w in where]
+            feats = features[how].index_select(0, at)
+            answers = answer_rows([rows[i] for i in idx], adapter, feats, tokens, settings)
+        else:
+            h = hidden.index_select(0, at)
+            m = None if mask is None else mask.index_select(0, at)
+            p = None if pooled is None else pooled.index_select(0, at)
+            seg = Segment(0, 0, len(idx))
+            answers = finish_segment(seg, [rows[i] for i in idx], adapter, h, m, p, settings)
+        for i, answer in zip(idx, answers, strict=True):
+            out[i] = answer
     return out  # type: ignore[return-value]
+
+
+def leaves_backbone_untouched(adapter: LoadedAdapter | None) -> bool:
+    """Heads on frozen features and the bare base: the backbone pass is the same as the base's."""
+    if adapter is None:
+        return True
+    return not (adapter.lora or adapter.ia3_in or adapter.ia3_out or adapter.blocks or adapter.full_model)
+
+
+def shared_input_key(backbone: Backbone, row: PreparedRow) -> tuple | None:
+    """Rows with equal keys can share a backbone pass row; ``None``: this row needs its own."""
+    if not leaves_backbone_untouched(row.adapter):
+        return None
+    item = row.item
+    if backbone.modality == "text":
+        return ("text", item.text)
+    media = item.image if backbone.modality == "image" else item.audio
+    return ("object", id(media))  # one fanned-out item hands the engine one array object
 
 
 def run_full(
@@ -159,24 +232,35 @@ def finish_segment(
     """Pool rows [start, end) and apply the adapter's head; one result per row."""
     h = hidden[seg.start : seg.end]
     m = None if mask is None else mask[seg.start : seg.end]
+    tokens = [None] * seg.rows if m is None else [int(t) for t in m.sum(dim=1).tolist()]
     p = None if pooled is None else pooled[seg.start : seg.end]
-    if adapter is None:
-        feats = pool(h, m, p, settings.base_pooling)
-        feats = F.normalize(feats, dim=-1) if settings.base_normalize else feats
-        return [_result(r, embedding=feats[i]) for i, r in enumerate(ordered[seg.start : seg.end])]
-    if adapter.pooler is not None and adapter.pooling == "pooler":
+    if adapter is not None and adapter.pooler is not None and adapter.pooling == "pooler":
         p = adapter.pooler(h[:, 0])
-    feats = pool(h, m, p, adapter.pooling)
+    feats = pool(h, m, p, settings.base_pooling if adapter is None else adapter.pooling)
+    return answer_rows(ordered[seg.start : seg.end], adapter, feats, tokens, settings)
+
+
+def answer_rows(
+    rows: Sequence[PreparedRow],
+    adapter: LoadedAdapter | None,
+    feats: torch.Tensor,
+    tokens: Sequence[int | None],
+    settings: EngineSettings,
+) -> list[InferenceResult]:
+    """Pooled features [rows, H] of one adapter's rows -> head, normalisation, one result per row."""
+    if adapter is None:
+        feats = F.normalize(feats, dim=-1) if settings.base_normalize else feats
+        return [_result(r, embedding=feats[i], tokens=tokens[i]) for i, r in enumerate(rows)]
     manifest = adapter.manifest
     head_out = adapter.head(feats) if adapter.head is not None else None
     embeds = head_out if manifest.task == "feature-extraction" and head_out is not None else feats
     embeds = F.normalize(embeds, dim=-1) if manifest.normalize else embeds
     answers = []
-    for i, row in enumerate(ordered[seg.start : seg.end]):
+    for i, row in enumerate(rows):
         if row.item.task == "classify":
-            answers.append(_classified(row, head_out[i], manifest.labels))
+            answers.append(_classified(row, head_out[i], manifest.labels, tokens[i]))
         else:
-            answers.append(_result(row, embedding=embeds[i]))
+            answers.append(_result(row, embedding=embeds[i], tokens=tokens[i]))
     return answers
 
 
@@ -192,7 +276,9 @@ def _result(row: PreparedRow, **fields) -> InferenceResult:
     )
 
 
-def _classified(row: PreparedRow, logits: torch.Tensor, labels: Sequence[str]) -> InferenceResult:
+def _classified(
+    row: PreparedRow, logits: torch.Tensor, labels: Sequence[str], tokens: int | None = None
+) -> InferenceResult:
     if logits.numel() != len(labels):
         raise ValidationError(f"head gives {logits.numel()} outputs for {len(labels)} labels")
     probs = torch.softmax(logits, dim=-1).tolist()
@@ -202,4 +288,5 @@ def _classified(row: PreparedRow, logits: torch.Tensor, labels: Sequence[str]) -
         labels=[labels[i] for i in order],
         scores=[probs[i] for i in order],
         logits=logits.tolist(),
+        tokens=tokens,
     )

@@ -36,6 +36,7 @@ class InferenceResult:
     ``labels``/``scores``: classify only, every label sorted by probability (softmax), highest first.
     ``logits``: classify only, raw head outputs in the manifest's label order.
     ``embedding``: embed only.
+    ``tokens``: text rows only, the tokens the backbone read (after truncation; for usage accounting).
     """
 
     adapter: str | None
@@ -45,3 +46,4 @@ class InferenceResult:
     scores: list[float] | None = None
     embedding: list[float] | None = None
     logits: list[float] | None = None
+    tokens: int | None = None

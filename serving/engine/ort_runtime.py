@@ -8,7 +8,7 @@ take, images with LoRA) runs on the torch backbone, so every row is still answer
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,19 @@ class OrtRuntime:
     lora: Any | None = None  # OrtLoraBackbone over the lora-fp32 export, when one is stored
     slots: Any | None = None  # serving.onnx_backbone.LoraSlots: resident LoRA inputs of that graph
     calls: int = 0  # backbone passes served by ORT (the rest ran on torch)
+    fallbacks: dict[str, int] = field(default_factory=dict)  # passes sent to torch, by reason
+
+    def describe(self) -> str:
+        """What runs where, for the start log."""
+        text = f"onnxruntime ({self.plain.record.variant} graph) for head and bare-base rows"
+        if self.lora is None:
+            return text + "; no LoRA graph stored, so batches with LoRA rows run on torch"
+        return (
+            text + f" and LoRA on {', '.join(self.lora.record.lora.targets)}; IA3, partial and full on torch"
+        )
+
+    def _fallback(self, reason: str) -> None:
+        self.fallbacks[reason] = self.fallbacks.get(reason, 0) + 1
 
     @staticmethod
     def exported(store: Any, base: Any) -> bool:
@@ -50,12 +63,15 @@ class OrtRuntime:
         if kinds <= {"head"}:
             self.calls += 1
             return self.plain.hidden_and_pooler(inputs)
-        if self.lora is None or not kinds <= {"head", "lora"} or "input_ids" not in inputs:
+        other = sorted(kinds - {"head", "lora"})
+        if other or self.lora is None or "input_ids" not in inputs:
+            self._fallback(f"kind {other[0]}" if other else "no LoRA graph")
             return None
         try:
             out = self._lora_pass(plan, adapters, inputs)
         except UnsupportedAdapter:
-            return None  # e.g. a LoRA on a module the graph does not take
+            self._fallback("LoRA outside the graph")  # e.g. a LoRA on a module the graph does not take
+            return None
         self.calls += 1
         return out
 

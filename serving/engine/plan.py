@@ -106,3 +106,28 @@ def assign_slots(keys: Sequence[Hashable | None]) -> tuple[list[int], list[Hasha
     index: dict[Hashable, int] = {}
     slots = [BASE_SLOT if k is None else index.setdefault(k, len(index)) for k in keys]
     return slots, list(index)
+
+
+def share_rows(keys: Sequence[Hashable | None]) -> tuple[list[int], list[int]]:
+    """Fan-out planning: rows with the same non-``None`` key need the same backbone pass (same input,
+    adapters that leave the backbone untouched: heads on frozen features, the bare base), so they share
+    ONE pass row. ``None`` rows always get a pass row of their own.
+
+    Returns ``(leaders, pass_of)``: ``leaders[p]`` is the first row that pass row ``p`` stands for
+    (len = pass rows); ``pass_of[i]`` is the pass row of row ``i`` (len = rows).
+
+    >>> share_rows([("t", "hi"), None, ("t", "hi"), ("t", "yo")])
+    ([0, 1, 3], [0, 1, 0, 2])
+    """
+    leaders: list[int] = []
+    first: dict[Hashable, int] = {}
+    pass_of: list[int] = []
+    for i, key in enumerate(keys):
+        if key is None or key not in first:
+            if key is not None:
+                first[key] = len(leaders)
+            pass_of.append(len(leaders))
+            leaders.append(i)
+        else:
+            pass_of.append(first[key])
+    return leaders, pass_of

@@ -87,6 +87,12 @@ class AliasResolver:
                 self._cache[key] = (resolved, now + self._ttl)
         return resolved
 
+    def peek(self, tenant: str, adapter: str) -> Resolved | None:
+        """The cached, unexpired resolution, or None; never reads the store."""
+        with self._lock:
+            hit = self._cache.get((tenant, adapter))
+        return hit[0] if hit is not None and hit[1] > time.monotonic() else None
+
     def _prune(self, now: float) -> None:
         for key in [k for k, (_, expiry) in self._cache.items() if expiry <= now]:
             del self._cache[key]

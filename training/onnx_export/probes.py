@@ -59,9 +59,8 @@ def shape_probes(spec: ArchitectureSpec, config: Any) -> list[Feed]:
     if spec.modality == "image":
         return [_image_feed(rng, config, b) for b in spec.probe_batches]
     max_len = int(getattr(config, "max_position_embeddings", 512))
-    return [
-        _text_feed(rng, config, b, min(s, max_len)) for b in spec.probe_batches for s in spec.probe_seq_lens
-    ]
+    pairs = [(b, min(s, max_len)) for b in spec.probe_batches for s in spec.probe_seq_lens]
+    return [_text_feed(rng, config, b, s) for b, s in pairs if b * s <= spec.probe_max_tokens]
 
 
 def _text_feed(rng: np.random.Generator, config: Any, batch: int, seq: int) -> Feed:

@@ -1,0 +1,195 @@
+"""Fair batching across tenants: one queue of requests, batches formed by deficit round-robin by rows.
+
+Every inference request (``/v1/classify``, ``/v1/embed`` and the OpenAI-style routes) becomes one
+:class:`Job`. A single worker thread takes a batch whenever the engine is free: when more rows wait
+than one batch holds, :class:`FairQueue` visits the tenants in turn and gives each a quantum of rows
+per visit, so a tenant with 1,000 queued rows cannot make a tenant with 1 row wait behind all of them.
+While one batch runs the next one accumulates (no fixed wait), so a lone request is served at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from adapters_store.errors import LoraplexError, ServiceUnavailable, TooManyRequests
+
+logger = logging.getLogger("loraplex.fairness")
+
+
+@dataclass
+class Job:
+    """One request's rows. ``payload`` is what the batch function gets; ``rows`` is its cost."""
+
+    tenant: str
+    rows: int
+    payload: Any
+    enqueued: float = 0.0
+    future: Any = field(default=None, repr=False)
+    loop: Any = field(default=None, repr=False)
+
+
+class FairQueue:
+    """Per-tenant FIFO queues served by deficit round-robin by rows (not thread-safe on its own).
+
+    A tenant gets ``quantum`` rows of credit per visit (the batch size over the tenants waiting, at
+    least 1) and its jobs are taken while their rows fit its credit; an emptied tenant's credit is
+    dropped, so nobody saves up. A request is never split: one larger than a batch goes alone.
+
+    >>> q = FairQueue()
+    >>> for i in range(3): q.push(Job("flood", 4, f"f{i}"))
+    >>> q.push(Job("quiet", 1, "q0"))
+    >>> [j.payload for j in q.take(5)]
+    ['f0', 'q0']
+    """
+
+    def __init__(self) -> None:
+        self._queues: OrderedDict[str, deque[Job]] = OrderedDict()  # tenants waiting, in visiting order
+        self._deficit: dict[str, int] = {}
+        self.rows = 0
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def push(self, job: Job) -> None:
+        if job.tenant not in self._queues:
+            self._queues[job.tenant] = deque()
+            self._deficit[job.tenant] = 0
+        self._queues[job.tenant].append(job)
+        self.rows += job.rows
+
+    def take(self, max_rows: int) -> list[Job]:
+        """Jobs for one batch of at most ``max_rows`` rows (or one bigger job alone), fairly."""
+        batch: list[Job] = []
+        total = 0
+        while self._queues:
+            quantum = max(1, max_rows // len(self._queues))
+            tenant, queue = next(iter(self._queues.items()))
+            self._deficit[tenant] += quantum
+            while queue and queue[0].rows <= self._deficit[tenant]:
+                if batch and total + queue[0].rows > max_rows:
+                    self._queues.move_to_end(tenant)  # keeps its credit for its next visit
+                    return batch
+                job = queue.popleft()
+                self._deficit[tenant] -= job.rows
+                self.rows -= job.rows
+                total += job.rows
+                batch.append(job)
+            if queue:
+                self._queues.move_to_end(tenant)
+            else:
+                del self._queues[tenant], self._deficit[tenant]
+            if total >= max_rows:
+                break
+        return batch
+
+    def expire(self, older_than: float) -> list[Job]:
+        """Remove and return jobs enqueued before ``older_than`` (they waited too long)."""
+        out: list[Job] = []
+        for tenant in list(self._queues):
+            queue = self._queues[tenant]
+            while queue and queue[0].enqueued < older_than:
+                job = queue.popleft()
+                self.rows -= job.rows
+                out.append(job)
+            if not queue:
+                del self._queues[tenant], self._deficit[tenant]
+        return out
+
+
+BatchFn = Callable[[Sequence[Any]], Sequence[Any]]
+
+
+class FairBatcher:
+    """Async front (``await submit(...)``) over one worker thread that runs ``process`` per batch.
+
+    ``process`` gets the payloads of one batch and returns one result per payload, in order.
+    """
+
+    def __init__(
+        self,
+        process: BatchFn,
+        max_rows: int,
+        max_wait_s: float,
+        on_expired: Callable[[Job], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self._process, self.max_rows, self.max_wait_s = process, max_rows, max_wait_s
+        self._on_expired, self._clock = on_expired, clock
+        self._queue = FairQueue()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="loraplex-batcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queue.rows
+
+    async def submit(self, tenant: str, rows: int, payload: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        job = Job(tenant, rows, payload, self._clock(), loop.create_future(), loop)
+        with self._cond:
+            if self._closed:
+                raise ServiceUnavailable("the service is shutting down")
+            self._queue.push(job)
+            self._cond.notify()
+        return await job.future
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not len(self._queue) and not self._closed:
+                    self._cond.wait()
+                if self._closed and not len(self._queue):
+                    return
+                expired = self._queue.expire(self._clock() - self.max_wait_s)
+                batch = self._queue.take(self.max_rows)
+            for job in expired:
+                if self._on_expired is not None:
+                    self._on_expired(job)
+                message = f"request waited over {self.max_wait_s:g} s for the engine; retry shortly"
+                _settle(job, error=TooManyRequests(message, retry_after=1.0))
+            if batch:
+                self._run_batch(batch)
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        try:
+            results = self._process([job.payload for job in batch])
+        except LoraplexError as err:
+            for job in batch:
+                _settle(job, error=err)
+            return
+        except Exception as err:  # a bug must fail these requests, not the worker
+            logger.exception("batch failed")
+            for job in batch:
+                _settle(job, error=LoraplexError(f"inference failed: {type(err).__name__}"))
+            return
+        for job, result in zip(batch, results, strict=True):
+            _settle(job, result=result)
+
+
+def _settle(job: Job, result: Any = None, error: BaseException | None = None) -> None:
+    def deliver() -> None:
+        if job.future.done():  # the client went away and the request was cancelled
+            return
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(result)
+
+    try:
+        job.loop.call_soon_threadsafe(deliver)
+    except RuntimeError:  # the loop is closed (shutdown)
+        pass

@@ -1,0 +1,146 @@
+"""Cold loads off the batch path: a request's adapters are loaded (and leased) before it is batched,
+so another tenant's cold load never runs inside the forward of a batch holding warm rows."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import anyio
+import httpx
+import pytest
+import torch
+
+from adapters_store import describe_base, open_store
+from serving.engine import Engine, EngineSettings, InferenceItem
+from serving.preload import ColdLoads
+from tests.helpers.bundles import lora_bundle
+from tests.service_support import ADMIN, serve_ready, service_env, tenant_auth
+from tests.test_engine_kinds import _full_bundle
+
+torch.set_num_threads(1)
+
+
+class SlowStore:
+    """A real store whose reads of one adapter's bundle wait until ``gate`` is set."""
+
+    def __init__(self, store, slow_name: str):
+        self._store, self._slow, self.gate = store, slow_name, threading.Event()
+        self.reads: list[str] = []
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    def read_bundle(self, manifest):
+        self.reads.append(manifest.name)
+        if manifest.name == self._slow:
+            assert self.gate.wait(30)
+        return self._store.read_bundle(manifest)
+
+
+@pytest.fixture
+def store(tmp_path, tiny_bert_dir):
+    store = open_store(str(tmp_path / "store"))
+    base = store.register_base(describe_base("tiny", tiny_bert_dir))
+    for i, name in enumerate(("warm", "cold")):
+        store.put(lora_bundle(tiny_bert_dir, base, tmp_path, tenant="acme", name=name, seed=i))
+    store.put(_full_bundle(tiny_bert_dir, base, "acme", seed=5)[0])
+    return store
+
+
+def test_a_slow_cold_load_runs_while_warm_rows_are_answered(store):
+    slow = SlowStore(store, "cold")
+    engine = Engine(slow, base="tiny", settings=EngineSettings(threads=1))
+    warm = [InferenceItem("acme", "warm", "classify", text="hi")]
+    engine.infer(warm)  # now resident (loaded inside that batch: there was no gateway in front)
+    in_batch = engine.cache_stats()["batch_path_loads"]
+    loads = ColdLoads(lambda: engine)
+
+    async def scenario() -> float:
+        async with anyio.create_task_group() as tg:
+            released = {}
+
+            async def cold_request():
+                released["fn"] = await loads("acme", ["cold", "warm"])
+
+            tg.start_soon(cold_request)
+            await anyio.sleep(0.2)  # the cold load is now blocked in its worker thread
+            assert "cold" in slow.reads and "fn" not in released
+            started = time.perf_counter()
+            answer = await anyio.to_thread.run_sync(engine.infer, warm)  # a batch of warm rows
+            took = time.perf_counter() - started
+            assert not isinstance(answer[0], Exception)
+            slow.gate.set()
+        assert engine.is_resident("acme", "cold")
+        stats = engine.cache_stats()
+        assert stats["leased"] == 1  # held until the cold request is answered
+        released["fn"]()
+        assert engine.cache_stats()["leased"] == 0
+        return took
+
+    assert anyio.run(scenario) < 5  # not blocked by the 30 s gate
+    cold = [InferenceItem("acme", "cold", "classify", text="hi")]
+    assert not isinstance(engine.infer(cold)[0], Exception)
+    assert engine.cache_stats()["batch_path_loads"] == in_batch == 1
+
+
+def test_resident_adapters_cost_no_thread_and_bad_names_are_left_to_the_batch(store):
+    engine = Engine(store, base="tiny", settings=EngineSettings(threads=1))
+    loads = ColdLoads(lambda: engine)
+    engine.infer([InferenceItem("acme", "warm", "classify", text="hi")])
+    before = engine.cache_stats()["hits"]
+    release = anyio.run(loads, "acme", ["warm", None])
+    release()
+    assert engine.cache_stats()["hits"] == before  # answered from the resident check alone
+    release = anyio.run(loads, "acme", ["missing", "../x"])  # errors are reported on the row later
+    release()
+    answer = engine.infer([InferenceItem("acme", "missing", "classify", text="hi")])[0]
+    assert isinstance(answer, Exception) and answer.status == 404
+
+
+def test_a_full_fine_tune_stays_leased_until_its_request_is_answered(store):
+    """With one full-model slot, a second full load must not evict the first before its batch runs."""
+    engine = Engine(store, base="tiny", settings=EngineSettings(threads=1, full_cache_size=1))
+    release = anyio.run(ColdLoads(lambda: engine), "acme", ["ft"])
+    assert engine.cache_stats()["full"]["leased"] == 1
+    engine.invalidate("acme", "warm")  # unrelated change: the held full model stays
+    assert engine.is_resident("acme", "ft")
+    assert not isinstance(engine.infer([InferenceItem("acme", "ft", "classify", text="a")])[0], Exception)
+    release()
+    assert engine.cache_stats()["batch_path_loads"] == 0
+
+
+@pytest.mark.e2e
+def test_over_http_cold_loads_never_run_inside_a_batch(tmp_path, tiny_bert_dir):
+    """A real bentoml serve: concurrent warm and cold requests of many tenants; every cold adapter is
+    loaded before its request is batched (the cache counts loads that ran inside a batch)."""
+    store = open_store(str(tmp_path / "store"))
+    base = store.register_base(describe_base("tiny", tiny_bert_dir))
+    names = [f"t{i}" for i in range(12)]
+    for i, name in enumerate(names):
+        store.put(lora_bundle(tiny_bert_dir, base, tmp_path, tenant="acme", name=name, seed=10 + i))
+    store.put(_full_bundle(tiny_bert_dir, base, "acme", seed=5)[0])
+    env = service_env(str(tmp_path / "store"), tmp_path)
+    server = serve_ready("serving.service:LoraplexService", env, tmp_path / "serve")
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+
+            def ask(name: str) -> int:
+                r = client.post(
+                    "/v1/classify",
+                    json={"items": [{"adapter": name, "text": f"hello {name}"}]},
+                    headers=tenant_auth("acme"),
+                )
+                return r.status_code
+
+            assert ask("t0") == 200  # one warm tenant
+            with ThreadPoolExecutor(8) as pool:
+                statuses = list(pool.map(ask, ["t0", *names[1:], "ft", "t0", "ft"] * 2))
+            assert statuses == [200] * len(statuses)
+            stats = client.get("/v1/admin/cache", headers=ADMIN).json()
+        assert stats["loads"] == len(names) and stats["full"]["loads"] >= 1, stats
+        assert stats["batch_path_loads"] == 0, stats
+        assert stats["runtime"]["name"] == "torch" and "no stored ONNX export" in stats["runtime"]["note"]
+    finally:
+        server.stop()

@@ -1,0 +1,187 @@
+"""Quotas and fair batching as units: token bucket, rows in flight, overrides from the store, the
+deficit round-robin queue and the batcher thread in front of the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from adapters_store.errors import TooManyRequests, ValidationError
+from adapters_store.quotas import TenantQuota
+from serving.fairness import FairBatcher, FairQueue, Job
+from serving.quotas import QuotaBook, TokenBucket, UsageLedger
+
+DEFAULTS = TenantQuota(rps=2.0, burst=2, max_inflight_rows=10)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_token_bucket_refills_at_its_rate():
+    bucket = TokenBucket(rate=2.0, capacity=2.0, tokens=2.0, stamp=0.0)
+    assert bucket.take(0.0) == 0.0 and bucket.take(0.0) == 0.0
+    assert bucket.take(0.0) == pytest.approx(0.5)  # the next token in half a second
+    assert bucket.take(0.5) == 0.0
+    assert bucket.take(10.0) == 0.0 and bucket.take(10.0) == 0.0 and bucket.take(10.0) > 0  # capped at 2
+
+
+def test_rate_limit_answers_429_with_retry_after_and_counts_rejections():
+    clock, usage = Clock(), UsageLedger()
+    book = QuotaBook(DEFAULTS, clock=clock, usage=usage)
+    for _ in range(2):
+        book.admit("acme", 1)
+        book.release("acme", 1)
+    with pytest.raises(TooManyRequests) as e:
+        book.admit("acme", 1)
+    assert e.value.headers() == {"Retry-After": "1"} and "2 requests/s" in e.value.message
+    book.admit("globex", 1)  # another tenant has its own bucket
+    clock.now += 0.5
+    book.admit("acme", 1)
+    snap = usage.snapshot()["tenants"]
+    assert snap["acme"]["rejected"] == 1 and snap["acme"]["requests"] == 3 and snap["globex"]["requests"] == 1
+
+
+def test_rows_in_flight_are_limited_and_released():
+    book = QuotaBook(TenantQuota(rps=1000, burst=1000, max_inflight_rows=10))
+    book.admit("acme", 6)
+    with pytest.raises(TooManyRequests, match="6 rows in flight"):
+        book.admit("acme", 5)
+    book.admit("acme", 4)
+    assert book.inflight_rows("acme") == 10
+    book.release("acme", 6)
+    book.admit("acme", 5)
+    with pytest.raises(ValidationError, match="at most 10 rows"):  # can never fit: 422, not 429
+        book.admit("acme", 11)
+
+
+def test_overrides_from_the_store_replace_defaults_without_a_restart(local_store):
+    clock = Clock()
+    book = QuotaBook(DEFAULTS, local_store.quotas, refresh_s=5.0, clock=clock)
+    book.refresh(force=True)
+    assert book.quota("acme") == DEFAULTS
+    local_store.set_quota("acme", TenantQuota(rps=50.0))
+    clock.now += 1
+    book.refresh()
+    assert book.quota("acme").rps == 2.0  # not re-read before refresh_s
+    clock.now += 5
+    book.refresh()
+    assert book.quota("acme") == TenantQuota(rps=50.0, burst=2, max_inflight_rows=10)
+    assert book.quota("globex") == DEFAULTS
+    local_store.delete_quota("acme")
+    book.refresh(force=True)
+    assert book.quota("acme") == DEFAULTS
+
+
+def test_store_keeps_quotas_per_tenant_and_skips_damaged_ones(local_store):
+    local_store.set_quota("acme", TenantQuota(burst=7))
+    local_store.set_quota("globex", TenantQuota(max_inflight_rows=3))
+    local_store._write("quotas/broken.json", b"{nope")
+    assert local_store.quotas() == {
+        "acme": TenantQuota(burst=7),
+        "globex": TenantQuota(max_inflight_rows=3),
+    }
+    with pytest.raises(Exception, match="invalid tenant"):
+        local_store.set_quota("../x", TenantQuota())
+
+
+def _jobs(queue: FairQueue, tenant: str, n: int, rows: int) -> None:
+    for i in range(n):
+        queue.push(Job(tenant, rows, f"{tenant}{i}"))
+
+
+def test_fair_queue_does_not_make_a_small_tenant_wait_behind_a_flood():
+    q = FairQueue()
+    _jobs(q, "flood", 1000, 1)  # 1,000 queued rows first
+    _jobs(q, "quiet", 1, 1)
+    first = [j.payload for j in q.take(64)]
+    assert "quiet0" in first and len(first) == 64
+    assert q.rows == 1000 + 1 - 64
+
+
+@pytest.mark.parametrize(
+    ("jobs", "max_rows", "expected"),
+    [
+        # equal shares of a batch across three tenants (quantum: 6 rows / 3 tenants)
+        ([("a", 6, 1), ("b", 6, 1), ("c", 6, 1)], 6, ["a0", "a1", "b0", "b1", "c0", "c1"]),
+        # rows, not requests, are counted: one 4-row request of a = four 1-row requests of b
+        ([("a", 3, 4), ("b", 6, 1)], 8, ["a0", "b0", "b1", "b2", "b3"]),
+        # a request bigger than a batch goes alone rather than never
+        ([("a", 1, 100), ("b", 1, 1)], 8, ["b0"]),
+    ],
+)
+def test_fair_queue_table(jobs, max_rows, expected):
+    q = FairQueue()
+    for tenant, n, rows in jobs:
+        _jobs(q, tenant, n, rows)
+    assert [j.payload for j in q.take(max_rows)] == expected
+
+
+def test_fair_queue_oversized_request_is_taken_alone_eventually():
+    q = FairQueue()
+    _jobs(q, "a", 1, 100)
+    assert [j.payload for j in q.take(8)] == ["a0"] and len(q) == 0 and q.rows == 0
+
+
+def test_fair_queue_expires_old_jobs():
+    q = FairQueue()
+    q.push(Job("a", 1, "old", enqueued=1.0))
+    q.push(Job("a", 1, "new", enqueued=5.0))
+    assert [j.payload for j in q.expire(older_than=2.0)] == ["old"]
+    assert [j.payload for j in q.take(8)] == ["new"]
+
+
+def test_batcher_merges_waiting_requests_fairly_into_one_call():
+    calls: list[list[str]] = []
+    gate = threading.Event()
+
+    def process(payloads):
+        gate.wait(5)
+        calls.append(list(payloads))
+        return [p.upper() for p in payloads]
+
+    async def main():
+        batcher = FairBatcher(process, max_rows=4, max_wait_s=30)
+        first = asyncio.ensure_future(batcher.submit("a", 1, "a-first"))
+        await asyncio.sleep(0.05)  # the worker is now busy with a-first
+        rest = [batcher.submit("a", 1, f"a{i}") for i in range(5)] + [batcher.submit("b", 1, "b0")]
+        tasks = [asyncio.ensure_future(t) for t in rest]
+        await asyncio.sleep(0.05)
+        gate.set()
+        out = await asyncio.gather(first, *tasks)
+        batcher.close()
+        return out
+
+    out = asyncio.run(main())
+    assert out[0] == "A-FIRST" and out[-1] == "B0"
+    assert calls[0] == ["a-first"]
+    assert "b0" in calls[1] and len(calls[1]) == 4  # b is not left behind a's five
+
+
+def test_batcher_answers_429_when_a_request_waited_too_long():
+    clock = Clock()
+    expired: list[str] = []
+
+    def process(payloads):
+        clock.now += 10  # this batch took 10 s
+        return payloads
+
+    async def main():
+        batcher = FairBatcher(
+            process, 1, max_wait_s=5, on_expired=lambda j: expired.append(j.tenant), clock=clock
+        )
+        tasks = [asyncio.ensure_future(batcher.submit("a", 1, i)) for i in range(2)]
+        out = await asyncio.gather(*tasks, return_exceptions=True)
+        batcher.close()
+        return out
+
+    first, second = asyncio.run(main())
+    assert first == 0
+    assert isinstance(second, TooManyRequests) and second.headers() == {"Retry-After": "1"}
+    assert expired == ["a"]
