@@ -1,8 +1,8 @@
 """Import a folder written by PEFT's ``save_pretrained`` as a bundle, weights byte-for-byte unchanged.
 
-The PEFT config is narrowed to what loraplex serves at this boundary (STYLE principle 3): plain
-LoRA (any rank/alpha/targets, ``rank_pattern``/``alpha_pattern``) or IA3, with ``modules_to_save``
-heads; anything else is refused with a message that says how to fix it.
+The PEFT config is narrowed to what loraplex serves at this boundary (STYLE principle 3) by
+:mod:`adapters_store.peft_spec` (every option served exactly or refused, docs/peft_options.md); the
+spec it computes goes into the manifest.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from adapters_store import peft_spec
 from adapters_store.base_models import BaseModelEntry
 from adapters_store.bundle import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, Bundle, check_file_name
 from adapters_store.errors import UnsafeFormat, UnsupportedAdapter, ValidationError
@@ -34,14 +35,6 @@ def peft_kind_and_task(cfg: dict[str, Any], task: str | None) -> tuple[str, str]
             )
         task = _TASK_TYPES[cfg.get("task_type")]
     return kind, task
-
-
-def _classifier_outputs(weights: bytes, model_type: str) -> int | None:
-    header = parse_safetensors(weights, PEFT_WEIGHTS_FILE, StoreLimits())
-    for key, meta in header.items():
-        if key.endswith(("classifier.weight", "classifier.out_proj.weight", "score.weight")):
-            return meta["shape"][0]
-    return None
 
 
 def import_peft_dir(
@@ -103,11 +96,12 @@ def bundle_from_peft_files(
     """The same as :func:`import_peft_dir` from the two files' bytes (HTTP uploads use this)."""
     cfg = parse_peft_config(config)
     kind, task = peft_kind_and_task(cfg, task)
+    header = parse_safetensors(weights, PEFT_WEIGHTS_FILE, StoreLimits())
+    spec = peft_spec.build(cfg, header, base, labels)  # the store recomputes it at put and must agree
     if task != "feature-extraction" and not labels:
-        n = _classifier_outputs(weights, base.model_type)
-        if n is None:
+        if spec.head is None:
             raise ValidationError(f"task {task!r} needs a classifier in modules_to_save, or pass labels")
-        labels = [f"LABEL_{i}" for i in range(n)]
+        labels = [f"LABEL_{i}" for i in range(spec.head.out_features)]
     pooling = pooling or ("pooler" if task == "text-classification" else "mean")
     return Bundle.build(
         {PEFT_CONFIG_FILE: config, PEFT_WEIGHTS_FILE: weights},
@@ -118,5 +112,6 @@ def bundle_from_peft_files(
         labels=list(labels or []),
         base=base.ref,
         pooling=pooling,
+        peft=spec,
         **manifest_fields,
     )

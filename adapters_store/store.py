@@ -25,7 +25,7 @@ from abc import ABC, abstractmethod
 from typing import Protocol, runtime_checkable
 
 from adapters_store.base_models import BaseModelEntry
-from adapters_store.bundle import AdapterManifest, Bundle
+from adapters_store.bundle import SCHEMA_VERSION, AdapterManifest, Bundle
 from adapters_store.errors import (
     Conflict,
     IncompatibleBase,
@@ -152,9 +152,11 @@ class ObjectStore(ABC):
 
     # -- adapters ---------------------------------------------------------------------------------
     def put(self, bundle: Bundle) -> AdapterManifest:
+        base = self._base_for(bundle.manifest.base.fingerprint, bundle.manifest.base.name)
+        spec = validate_bundle(bundle, base, self.limits)
+        if spec is not None:  # the stored manifest carries the spec, so readers never re-derive it
+            bundle = bundle.with_manifest(peft=spec, schema_version=SCHEMA_VERSION)
         m = bundle.manifest
-        base = self._base_for(m.base.fingerprint, m.base.name)
-        validate_bundle(bundle, base, self.limits)
         root = self._adapter_root(m.tenant, m.name)
         for entry_name, data in bundle.files.items():
             # Rewritten on every put: refreshes the blob's age so a concurrent sweep keeps it.

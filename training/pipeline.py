@@ -18,6 +18,7 @@ import torch
 from adapters_store.base_models import BaseModelEntry, fingerprint_folder, resolve_source
 from adapters_store.bundle import TRAINING_CURVE_FILE, AdapterManifest, Bundle
 from adapters_store.errors import IncompatibleBase, ValidationError
+from adapters_store.validation import StoreLimits, peft_spec_of
 from training.backbone import default_pooling, load_backbone, make_preprocess, modality_of
 from training.config import TrainConfig
 from training.datasets import DataSplit, load_split
@@ -140,7 +141,7 @@ def _bundle(
         }
     files = dict(exported.files)
     files[TRAINING_CURVE_FILE] = curve_png(result.history, cfg.monitor)
-    return Bundle.build(
+    bundle = Bundle.build(
         files,
         tenant=cfg.tenant,
         name=cfg.name,
@@ -151,6 +152,9 @@ def _bundle(
         metadata={"train_config": _config_record(cfg)},
         **exported.manifest_fields,
     )
+    if bundle.manifest.kind in ("lora", "ia3"):  # the adapter spec the store would compute at put
+        bundle = bundle.with_manifest(peft=peft_spec_of(bundle, entry, StoreLimits()))
+    return bundle
 
 
 def _config_record(cfg: TrainConfig) -> dict[str, Any]:
