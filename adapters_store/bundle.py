@@ -214,6 +214,8 @@ class Bundle:
 
     manifest: AdapterManifest
     files: Mapping[str, bytes] = field(repr=False)
+    # Set by verify(): a cold load reads, checks and validates one bundle, and hashes each byte once.
+    _verified: bool = field(default=False, init=False, repr=False, compare=False)
 
     @classmethod
     def build(cls, files: Mapping[str, bytes], **manifest_fields: Any) -> Bundle:
@@ -234,6 +236,9 @@ class Bundle:
         """Every listed file present with its recorded size and sha256, and nothing unlisted."""
         from adapters_store.errors import IntegrityError
 
+        if self._verified:
+            return
+
         extra = set(self.files) - set(self.manifest.files)
         if extra:
             raise ValidationError(f"files not listed in the manifest: {', '.join(sorted(extra))}")
@@ -245,6 +250,7 @@ class Bundle:
                 raise IntegrityError(
                     f"{self.manifest.tenant}/{self.manifest.name}: file {name!r} does not match its sha256/size"
                 )
+        object.__setattr__(self, "_verified", True)
 
     def with_manifest(self, **changes: Any) -> Bundle:
         return Bundle(self.manifest.model_copy(update=changes), self.files)

@@ -14,6 +14,7 @@ from adapters_store import peft_spec
 from adapters_store.base_models import BaseModelEntry
 from adapters_store.bundle import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, Bundle, check_file_name
 from adapters_store.errors import UnsafeFormat, UnsupportedAdapter, ValidationError
+from adapters_store.model_families import default_pooling
 from adapters_store.validation import StoreLimits, parse_peft_config, parse_safetensors
 
 _TASK_TYPES = {
@@ -51,8 +52,8 @@ def import_peft_dir(
     """Make a bundle from a PEFT ``save_pretrained`` folder (the bytes of both files are kept as they are).
 
     ``task`` defaults from the config's ``task_type`` (SEQ_CLS -> text-classification); ``labels``
-    default to ``LABEL_0..N-1`` from the classifier's shape; ``pooling`` defaults to ``pooler`` for
-    classification (what BERT's sequence classification uses) and ``mean`` for embeddings.
+    default to ``LABEL_0..N-1`` from the classifier's shape; ``pooling`` defaults to what the base
+    family's task model classifies (BERT: ``pooler``; ViT: ``cls``) and ``mean`` for embeddings.
     """
     folder = Path(path)
     for p in folder.iterdir():
@@ -102,7 +103,7 @@ def bundle_from_peft_files(
         if spec.head is None:
             raise ValidationError(f"task {task!r} needs a classifier in modules_to_save, or pass labels")
         labels = [f"LABEL_{i}" for i in range(spec.head.out_features)]
-    pooling = pooling or ("pooler" if task == "text-classification" else "mean")
+    pooling = pooling or default_pooling({"model_type": base.model_type}, task)
     return Bundle.build(
         {PEFT_CONFIG_FILE: config, PEFT_WEIGHTS_FILE: weights},
         tenant=tenant,

@@ -324,3 +324,35 @@ def test_a_schema_1_manifest_without_a_spec_still_loads_and_answers_the_same(ser
     a, b = fresh.infer([InferenceItem(tenant, f"x@{v}", "embed", text=TEXTS[0]) for v in (1, 2)])
     assert (a.version, b.version) == (1, 2) and a.digest != b.digest
     assert max(abs(x - y) for x, y in zip(a.embedding, b.embedding, strict=True)) < 1e-6
+
+
+def test_a_cold_load_hashes_each_byte_once_and_parses_the_config_once(served, monkeypatch):
+    import types
+
+    from adapters_store import bundle as bundle_module
+    from adapters_store import peft_options
+
+    store, _, refs = served
+    tenant = refs["modules-to-save-pooler"][0]
+    files = store.get(f"{tenant}/x").files
+    hashed, parsed = [], []
+    real_hash, real_json = bundle_module.sha256_hex, peft_options.json
+
+    def counting_hash(data):
+        hashed.extend(n for n, b in files.items() if b == data)
+        return real_hash(data)
+
+    def counting_loads(data, **kw):
+        parsed.append(1)
+        return real_json.loads(data, **kw)
+
+    monkeypatch.setattr(bundle_module, "sha256_hex", counting_hash)
+    monkeypatch.setattr(
+        peft_options,
+        "json",
+        types.SimpleNamespace(loads=counting_loads, JSONDecodeError=real_json.JSONDecodeError),
+    )
+    fresh = Engine(store, base="tiny", settings=EngineSettings(threads=1))
+    [res] = fresh.infer([InferenceItem(tenant, "x", "classify", text=TEXTS[0])])
+    assert res.logits is not None
+    assert sorted(hashed) == sorted(files) and len(parsed) == 1
