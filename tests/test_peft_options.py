@@ -356,3 +356,16 @@ def test_a_cold_load_hashes_each_byte_once_and_parses_the_config_once(served, mo
     [res] = fresh.infer([InferenceItem(tenant, "x", "classify", text=TEXTS[0])])
     assert res.logits is not None
     assert sorted(hashed) == sorted(files) and len(parsed) == 1
+
+
+def test_onnx_lora_graph_targets_follow_peft_names(tiny_bert_dir):
+    from training.onnx_export.errors import OnnxExportError
+    from training.onnx_export.lora_graph import canonical_targets
+
+    entry = describe_base("tiny", tiny_bert_dir)
+    assert canonical_targets(entry, ["query", "value"]) == ["attention.self.query", "attention.self.value"]
+    # PEFT's dotted-suffix rule: 'output.dense' names both outputs, as a LoraConfig with it would adapt
+    assert set(canonical_targets(entry, ["output.dense"])) == {"attention.output.dense", "output.dense"}
+    assert canonical_targets(entry, ["attention.self.key"]) == ["attention.self.key"]
+    with pytest.raises(OnnxExportError, match="unknown LoRA target 'bogus'"):
+        canonical_targets(entry, ["bogus"])
