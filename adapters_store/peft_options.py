@@ -201,9 +201,14 @@ def parse_peft_config(data: bytes) -> dict[str, Any]:
         raise ValidationError(f"{PEFT_CONFIG_FILE} is nested too deeply") from None
     if not isinstance(cfg, dict):
         raise ValidationError(f"{PEFT_CONFIG_FILE} must be a JSON object")
-    _check_types(cfg)
-    check_options(cfg)
+    check_config(cfg)
     return cfg
+
+
+def check_config(cfg: dict[str, Any]) -> str:
+    """Types of the fields loraplex reads (regexes compile as PEFT uses them), then :func:`check_options`."""
+    _check_types(cfg)
+    return check_options(cfg)
 
 
 def _str_list(value: Any) -> bool:
@@ -218,10 +223,13 @@ def _check_types(cfg: dict[str, Any]) -> None:
     if cfg.get("modules_to_save") is not None and not _str_list(cfg["modules_to_save"]):
         raise ValidationError(f"{PEFT_CONFIG_FILE}: 'modules_to_save' must be a list of strings")
     for m in cfg.get("modules_to_save") or []:
-        _regex(m, "modules_to_save")
+        _regex(m, "modules_to_save", rf"(^|.*\.){m}($|\..*)")
     for key in ("target_modules", "exclude_modules", "feedforward_modules"):
         if isinstance(cfg.get(key), str):
             _regex(cfg[key], key)
+    patterns = cfg.get("layers_pattern")
+    for p in [patterns] if isinstance(patterns, str) else patterns or []:
+        _regex(p, "layers_pattern", rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.")
     layers = cfg.get("layers_to_transform")
     if layers is not None and not (
         _int(layers) or (isinstance(layers, list) and all(_int(x) for x in layers))
@@ -234,7 +242,7 @@ def _check_types(cfg: dict[str, Any]) -> None:
         if not isinstance(pattern, dict) or not all(_positive(v) for v in pattern.values()):
             raise ValidationError(f"{PEFT_CONFIG_FILE}: {key!r} must map module patterns to positive numbers")
         for k in pattern:
-            _regex(k, key)
+            _regex(k, key, rf"(.*\.)?({k})$")
 
 
 def _int(v: Any) -> bool:
@@ -245,9 +253,10 @@ def _positive(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
-def _regex(pattern: str, where: str) -> re.Pattern[str]:
+def _regex(pattern: str, where: str, used_as: str | None = None) -> None:
+    """The pattern must compile in the form PEFT's matching builds around it (checked before any use)."""
     try:
-        return re.compile(pattern)
+        re.compile(used_as or pattern)
     except re.error as e:
         raise ValidationError(f"{PEFT_CONFIG_FILE}: {where} {pattern!r} is not a valid regex ({e})") from None
 

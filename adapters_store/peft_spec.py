@@ -31,7 +31,7 @@ from adapters_store.peft_options import (
     PEFT_CONFIG_FILE,
     PEFT_OPTIONS,
     PEFT_WEIGHTS_FILE,
-    check_options,
+    check_config,
     parse_peft_config,
 )
 
@@ -175,7 +175,7 @@ def resolve(
     max_rank: int = MAX_LORA_RANK,
 ) -> AdapterSpec:
     """Config + {tensor: (dtype, shape)} -> spec, by PEFT's rules alone (the base is checked by :func:`build`)."""
-    peft_type = check_options(cfg)
+    peft_type = check_config(dict(cfg))
     if peft_type == "LORA":
         _check_lora_numbers(cfg, max_rank)
     saved_keys = cfg.get("modules_to_save")

@@ -309,6 +309,9 @@ def test_an_unknown_option_with_a_value_is_refused_not_ignored(plain, tmp_path, 
         bundle_from_peft_files(
             json.dumps({**cfg, "rank_pattern": {"(": 2}}).encode(), weights, "acme", "y", base
         )
+    for bad in ({"layers_to_transform": [0], "layers_pattern": "la(yer"}, {"modules_to_save": ["cls)"]}):
+        with pytest.raises(ValidationError, match="not a valid regex"):
+            bundle_from_peft_files(json.dumps({**cfg, **bad}).encode(), weights, "acme", "y", base)
     assert store.list_adapters("acme") == ["x"]
 
 
