@@ -6,6 +6,7 @@ fails before that (bad data, a non-finite loss, an invalid bundle), nothing is r
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import dataclass
@@ -15,10 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from adapters_store import model_families
 from adapters_store.base_models import BaseModelEntry, fingerprint_folder, resolve_source
 from adapters_store.bundle import TRAINING_CURVE_FILE, AdapterManifest, Bundle
 from adapters_store.errors import IncompatibleBase, ValidationError
-from training.backbone import default_pooling, load_backbone, make_preprocess, modality_of
+from adapters_store.validation import StoreLimits, peft_spec_of
+from training.backbone import load_backbone, make_preprocess
 from training.config import TrainConfig
 from training.datasets import DataSplit, load_split
 from training.errors import TrainConfigError
@@ -90,7 +93,8 @@ def train_bundle(
     torch.set_num_threads(config.num_threads)
     entry = store.get_base(config.base)
     folder = base_folder(entry)
-    modality = modality_of(entry.model_type)
+    base_config = json.loads((folder / "config.json").read_text())
+    modality = model_families.family(base_config).modality
     if modality != TASK_MODALITY[config.task]:
         raise TrainConfigError(
             f"task {config.task!r} needs a {TASK_MODALITY[config.task]} base; "
@@ -99,7 +103,7 @@ def train_bundle(
     split = load_split(config, modality, train_data, val_data, target_data)
     seed_everything(config.seed)
     pooling = (
-        default_pooling(entry.model_type, config.strategy, config.task)
+        model_families.default_pooling(base_config, config.task, config.strategy)
         if config.pooling == "auto"
         else config.pooling
     )
@@ -140,7 +144,7 @@ def _bundle(
         }
     files = dict(exported.files)
     files[TRAINING_CURVE_FILE] = curve_png(result.history, cfg.monitor)
-    return Bundle.build(
+    bundle = Bundle.build(
         files,
         tenant=cfg.tenant,
         name=cfg.name,
@@ -151,6 +155,9 @@ def _bundle(
         metadata={"train_config": _config_record(cfg)},
         **exported.manifest_fields,
     )
+    if bundle.manifest.kind in ("lora", "ia3"):  # the adapter spec the store would compute at put
+        bundle = bundle.with_manifest(peft=peft_spec_of(bundle, entry, StoreLimits()))
+    return bundle
 
 
 def _config_record(cfg: TrainConfig) -> dict[str, Any]:
