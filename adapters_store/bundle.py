@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from adapters_store.errors import UnsafeFormat, ValidationError
 from adapters_store.names import validate_name
+from adapters_store.preparation import MAX_TEXT_LENGTH, MIN_TEXT_LENGTH
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -145,6 +146,13 @@ class AdapterManifest(_Frozen):
     first_trained_layer: int | None = Field(
         default=None, ge=0, description="partial: first tenant-owned block"
     )
+    max_seq_len: int | None = Field(
+        default=None,
+        ge=MIN_TEXT_LENGTH,
+        le=MAX_TEXT_LENGTH,
+        description="text bundles: tokens kept per text in training; the engine serves rows the same way "
+        "(adapters_store/preparation.py). None: the server's default",
+    )
     files: dict[str, FileEntry]
     created_at: str = Field(default_factory=utc_now)
     metrics: dict[str, Any] = Field(default_factory=dict)
@@ -184,7 +192,9 @@ class AdapterManifest(_Frozen):
     @property
     def digest(self) -> str:
         """Content digest of the bundle (manifest minus version/time): the engine's cache key."""
-        body = self.model_dump(mode="json", exclude={"version", "created_at"})
+        # why: a manifest that records no max_seq_len keeps the digest it had before the field existed
+        skip = {"version", "created_at"} | ({"max_seq_len"} if self.max_seq_len is None else set())
+        body = self.model_dump(mode="json", exclude=skip)
         return sha256_hex(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
     def to_json(self) -> bytes:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from adapters_store.names import validate_name
+from adapters_store.preparation import MAX_TEXT_LENGTH, MIN_TEXT_LENGTH
 
 Strategy = Literal["head", "lora", "ia3", "partial", "full"]
 TrainTask = Literal[
@@ -53,7 +54,13 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(default=0.01, ge=0.0, le=1.0, description="AdamW weight decay")
     batch_size: int = Field(default=16, ge=1, le=4096, description="examples per forward pass")
     grad_accum_steps: int = Field(default=1, ge=1, le=1024, description="batches per optimizer step")
-    max_seq_len: int = Field(default=128, ge=4, le=8192, description="tokens kept per text")
+    max_seq_len: int = Field(
+        default=128,
+        ge=MIN_TEXT_LENGTH,
+        le=MAX_TEXT_LENGTH,
+        description="tokens kept per text; recorded in the bundle, and serving truncates each text of this "
+        "adapter the same way (capped by the server's LORAPLEX_MAX_TOKENS)",
+    )
     seed: int = Field(default=0, ge=0, le=2**31 - 1, description="seeds data split, init and shuffling")
     patience: int = Field(default=0, ge=0, le=1000, description="early stop after N epochs w/o gain; 0=off")
     restore_best: bool = Field(default=True, description="keep the best validation epoch, not the last")

@@ -149,6 +149,8 @@ def _bundle(
         base=entry.ref,
         metrics=metrics,
         metadata={"train_config": _config_record(cfg)},
+        # why: the engine serves each text the way it was trained (adapters_store/preparation.py)
+        max_seq_len=cfg.max_seq_len if TASK_MODALITY[cfg.task] == "text" else None,
         **exported.manifest_fields,
     )
 

@@ -26,6 +26,7 @@ from adapters_store.bundle import (
     Bundle,
 )
 from adapters_store.errors import IncompatibleBase, UnsupportedAdapter, ValidationError
+from adapters_store.preparation import RowPreparation
 from adapters_store.validation import (
     UNSUPPORTED_PEFT_OPTIONS,
     StoreLimits,
@@ -38,7 +39,7 @@ from serving.engine.heads import HeadParams, head_from_classifier, head_from_fil
 
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 _IA3_KEY = re.compile(r"^(?P<module>.+)\.ia3_l$")
-_LAYER_KEY = re.compile(r"^encoder\.layer\.(?P<idx>\d+)\.(?P<rest>.+)$")
+_LAYER_KEY = re.compile(r"^encoder\.layers?\.(?P<idx>\d+)\.(?P<rest>.+)$")  # layers: Wav2Vec2
 _HEAD_MODULES = ("classifier", "score")
 _LIMITS = StoreLimits()
 
@@ -59,6 +60,7 @@ class LoadedAdapter:
     full_model: nn.Module | None = None  # full: dedicated model copy
     nbytes: int = 0
     digest: str = ""  # manifest.digest, computed once (it hashes the manifest's JSON)
+    preparation: RowPreparation = field(default_factory=RowPreparation)  # how its rows are prepared
 
     @property
     def kind(self) -> str:
@@ -79,7 +81,13 @@ def load_adapter(bundle: Bundle, backbone: Backbone) -> LoadedAdapter:
             f"({backbone.entry.fingerprint[:12]}...)"
         )
     validate_bundle(bundle, backbone.entry, _LIMITS)
-    loaded = LoadedAdapter(manifest=m, pooling=m.pooling, normalize=m.normalize, digest=m.digest)
+    loaded = LoadedAdapter(
+        manifest=m,
+        pooling=m.pooling,
+        normalize=m.normalize,
+        digest=m.digest,
+        preparation=RowPreparation.of(m),
+    )
     if m.kind in ("lora", "ia3"):
         _load_peft(bundle, backbone, loaded)
     else:
