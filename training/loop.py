@@ -7,6 +7,7 @@ A strategy plugs in as a :class:`Learner`; what it trains and how it saves it is
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -142,7 +143,7 @@ def _epoch_with_bar(
     with tqdm(
         total=n_batches,
         desc=f"epoch {epoch}/{cfg.epochs}",
-        disable=not cfg.progress,
+        disable=not show_progress(cfg),
         leave=True,
         dynamic_ncols=True,
     ) as bar:
@@ -154,6 +155,11 @@ def _epoch_with_bar(
         "train_loss": loss,
         "val": {"accuracy": val["accuracy"], "macro_f1": val["macro_f1"]},
     }
+
+
+def show_progress(cfg: TrainConfig) -> bool:
+    """Progress bars on a terminal only, unless asked: in a log or a pipe they are noise."""
+    return cfg.progress if cfg.progress is not None else sys.stderr.isatty()
 
 
 def fit(
@@ -172,10 +178,13 @@ def fit(
         record = _epoch_with_bar(learner, opt, data, names, cfg, domain, gen, epoch)
         result.history.append(record)
         score = record["val"][cfg.monitor]
-        if score > best:
+        counts = getattr(learner, "epoch_counts", lambda: True)()
+        if not counts:
+            record["head_only"] = True  # never restored as the best epoch
+        if counts and score > best:
             best, result.best_epoch = score, epoch
             best_state = [p.detach().clone() for p in _tracked(opt)]
-        elif cfg.patience and epoch - result.best_epoch >= cfg.patience:
+        elif cfg.patience and result.best_epoch and epoch - result.best_epoch >= cfg.patience:
             result.stopped_early = True
             break
     if cfg.restore_best and best_state is not None:

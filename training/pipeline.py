@@ -6,8 +6,10 @@ fails before that (bad data, a non-finite loss, an invalid bundle), nothing is r
 
 from __future__ import annotations
 
+import logging
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +23,14 @@ from adapters_store.errors import IncompatibleBase, ValidationError
 from training.backbone import default_pooling, load_backbone, make_preprocess, modality_of
 from training.config import TrainConfig
 from training.datasets import DataSplit, load_split
-from training.errors import TrainConfigError
+from training.errors import BelowMinimumAccuracy, TrainConfigError
 from training.learners.base import Exported
 from training.loop import FitResult, evaluate
 from training.metrics import curve_png
 from training.strategies import build_learner, fit_with_adaptation
+from training.threads import auto_threads
 
+log = logging.getLogger(__name__)
 TASK_MODALITY = {
     "text-classification": "text",
     "feature-extraction": "text",
@@ -87,7 +91,7 @@ def train_bundle(
     config: TrainConfig, store: Any, train_data: Any = None, val_data: Any = None, target_data: Any = None
 ) -> TrainOutcome:
     """Everything :func:`train` does except the ``put``."""
-    torch.set_num_threads(config.num_threads)
+    torch.set_num_threads(config.num_threads or auto_threads()[0])
     entry = store.get_base(config.base)
     folder = base_folder(entry)
     modality = modality_of(entry.model_type)
@@ -114,7 +118,35 @@ def train_bundle(
     learner, result = fit_with_adaptation(make, split, config, entry)
     seconds = time.perf_counter() - start
     bundle = _bundle(config, entry, split, learner, result, seconds)
+    check_quality(config, bundle.manifest.metrics, split)
     return TrainOutcome(bundle, result, learner)
+
+
+def near_chance(accuracy: float, majority: float) -> bool:
+    """Barely better than always answering the most frequent class: below a quarter of the way from
+    that baseline to perfect (6 balanced classes: under 0.38; 2: under 0.63)."""
+    return accuracy < majority + (1.0 - majority) / 4
+
+
+def check_quality(config: TrainConfig, metrics: dict[str, Any], split: DataSplit) -> None:
+    """Warn when the validation accuracy collapsed; refuse (nothing stored) under min_val_accuracy."""
+    accuracy = float(metrics.get("accuracy", 0.0))
+    counts = Counter(split.val.labels)
+    label, top = counts.most_common(1)[0]
+    majority = top / max(len(split.val), 1)
+    if config.min_val_accuracy is not None and accuracy < config.min_val_accuracy:
+        raise BelowMinimumAccuracy(
+            f"validation accuracy {accuracy:.3f} is below --min-val-accuracy {config.min_val_accuracy}; "
+            "nothing was registered (try another --lr, more --epochs or another --strategy)"
+        )
+    if near_chance(accuracy, majority):
+        log.warning(
+            "validation accuracy %.3f is barely above always answering %r (%.3f): the run may have "
+            "collapsed (a too high --lr?). It is registered anyway; --min-val-accuracy refuses such runs",
+            accuracy,
+            label,
+            majority,
+        )
 
 
 def _bundle(
