@@ -6,6 +6,7 @@ A strategy plugs in as a :class:`Learner`; what it trains and how it saves it is
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
@@ -20,6 +21,8 @@ from torch.nn import functional as F
 from training.config import TrainConfig
 from training.errors import TrainingFailed
 from training.metrics import classification_metrics
+
+log = logging.getLogger(__name__)
 
 
 class Learner(Protocol):
@@ -177,6 +180,15 @@ def fit(
         learner.on_epoch_start(epoch)
         record = _epoch_with_bar(learner, opt, data, names, cfg, domain, gen, epoch)
         result.history.append(record)
+        # why: callers without a terminal (the demo, job runners) show progress and an ETA from this
+        log.info(
+            "epoch %d/%d: val %s %.3f",
+            epoch,
+            cfg.epochs,
+            cfg.monitor,
+            record["val"][cfg.monitor],
+            extra={"epoch": epoch, "epochs": cfg.epochs, "elapsed_s": time.perf_counter() - start},
+        )
         score = record["val"][cfg.monitor]
         counts = getattr(learner, "epoch_counts", lambda: True)()
         if not counts:

@@ -141,7 +141,7 @@ def check_quality(config: TrainConfig, metrics: dict[str, Any], split: DataSplit
         )
     if near_chance(accuracy, majority):
         log.warning(
-            "validation accuracy %.3f is barely above always answering %r (%.3f): the run may have "
+            "validation accuracy %.3f is close to (or under) what always answering %r scores (%.3f): the run may have "
             "collapsed (a too high --lr?). It is registered anyway; --min-val-accuracy refuses such runs",
             accuracy,
             label,
