@@ -18,7 +18,7 @@ from tests.service_support import free_port
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.e2e]
 
 
-def _read_examples(proc: subprocess.Popen, timeout: float = 600) -> list[str]:
+def _read_examples(proc: subprocess.Popen, timeout: float = 1500) -> list[str]:
     lines, deadline = [], time.monotonic() + timeout
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
