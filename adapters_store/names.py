@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from adapters_store.errors import InvalidName
+from adapters_store.errors import Conflict, InvalidName
 
 NAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,63}"
 _NAME_RE = re.compile(rf"^{NAME_PATTERN}$")
@@ -48,6 +48,19 @@ def validate_alias(value: object) -> str:
     alias = validate_name(value, "alias")
     if _NUMERIC_RE.match(alias):
         raise InvalidName(f"alias {alias!r} looks like a version number; pick a name such as 'production'")
+    return alias
+
+
+def validate_settable_alias(value: object) -> str:
+    """An alias a caller may point at a version: valid, and not reserved (``latest`` always names the
+    newest version). Checked before anything is written, so a refused alias stores nothing.
+
+    >>> validate_settable_alias("production")
+    'production'
+    """
+    alias = validate_alias(value)
+    if alias in RESERVED_ALIASES:
+        raise Conflict(f"'{alias}' always points at the newest version and cannot be moved")
     return alias
 
 
@@ -89,6 +102,12 @@ class AdapterRef:
             )
         t = validate_name(parts[0], "tenant")
         n = validate_name(parts[1], "adapter name")
+        if "@" in text and selector == "":
+            # 'name@' would silently serve latest and bypass production: an empty selector is a mistake.
+            raise InvalidName(
+                f"adapter reference {text[:80]!r} ends with '@': give a version or alias after it, "
+                "or leave out the '@' for the production alias"
+            )
         if selector == "":
             selector = LATEST
         elif parse_version(selector) is None:

@@ -32,6 +32,20 @@ STORE_SCHEMES: dict[str, Callable[[str, StoreLimits | None], AdapterStore]] = {
 }
 
 
+def absolute_store_url(url: str | os.PathLike) -> str:
+    """A local store URL made absolute against the current directory; other schemes unchanged.
+
+    A server started from another folder (``bentoml serve --working-dir``) must open the store the
+    user named, not one relative to its own working directory.
+    """
+    url = os.fspath(url)
+    scheme = urlparse(url).scheme
+    if len(scheme) > 1 and scheme != "file":
+        return url
+    path = url[len("file://") :] if url.startswith("file://") else url
+    return os.path.abspath(os.path.expanduser(path))
+
+
 def open_store(url: str | os.PathLike | None = None, limits: StoreLimits | None = None) -> AdapterStore:
     """Open a store: a folder path or ``file://`` URL (local), or ``s3://bucket/prefix[?endpoint=...]``."""
     url = os.fspath(url) if url is not None else DEFAULT_STORE_URL

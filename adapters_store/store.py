@@ -22,6 +22,7 @@ import json
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from adapters_store.base_models import BaseModelEntry
@@ -34,7 +35,7 @@ from adapters_store.errors import (
     NotFound,
     ValidationError,
 )
-from adapters_store.names import LATEST, AdapterRef, validate_alias, validate_name
+from adapters_store.names import LATEST, AdapterRef, validate_alias, validate_name, validate_settable_alias
 from adapters_store.validation import StoreLimits, validate_bundle
 
 _PUT_RETRIES = 64
@@ -53,7 +54,7 @@ class AdapterStore(Protocol):
     def register_base(self, entry: BaseModelEntry) -> BaseModelEntry: ...
     def get_base(self, name: str) -> BaseModelEntry: ...
     def list_bases(self) -> list[BaseModelEntry]: ...
-    def put(self, bundle: Bundle) -> AdapterManifest: ...
+    def put(self, bundle: Bundle, aliases: Sequence[str] = ()) -> AdapterManifest: ...
     def resolve(self, ref: AdapterRef | str) -> AdapterManifest: ...
     def get(self, ref: AdapterRef | str) -> Bundle: ...
     def list_tenants(self) -> list[str]: ...
@@ -63,7 +64,7 @@ class AdapterStore(Protocol):
     def aliases(self, tenant: str, name: str) -> dict[str, int]: ...
     def set_alias(self, tenant: str, name: str, alias: str, version: int) -> None: ...
     def delete_alias(self, tenant: str, name: str, alias: str) -> None: ...
-    def delete_version(self, tenant: str, name: str, version: int) -> None: ...
+    def delete_version(self, tenant: str, name: str, version: int, force: bool = False) -> dict[str, int]: ...
     def delete_adapter(self, tenant: str, name: str) -> int: ...
     def verify(self, ref: AdapterRef | str) -> AdapterManifest: ...
     def sweep_orphans(self, grace_s: float = 3600.0) -> int: ...
@@ -151,10 +152,20 @@ class ObjectStore(ABC):
         return base
 
     # -- adapters ---------------------------------------------------------------------------------
-    def put(self, bundle: Bundle) -> AdapterManifest:
+    def put(self, bundle: Bundle, aliases: Sequence[str] = ()) -> AdapterManifest:
+        """Store ``bundle`` as the next version and point ``aliases`` at it. Everything (aliases
+        included) is validated before the first write, so a refused put stores nothing."""
         m = bundle.manifest
+        aliases = list(dict.fromkeys(validate_settable_alias(a) for a in aliases))
         base = self._base_for(m.base.fingerprint, m.base.name)
         validate_bundle(bundle, base, self.limits)
+        stamped = self._commit(bundle)
+        for alias in aliases:
+            self._write_alias(m.tenant, m.name, alias, stamped.version)
+        return stamped
+
+    def _commit(self, bundle: Bundle) -> AdapterManifest:
+        m = bundle.manifest
         root = self._adapter_root(m.tenant, m.name)
         for entry_name, data in bundle.files.items():
             # Rewritten on every put: refreshes the blob's age so a concurrent sweep keeps it.
@@ -233,10 +244,13 @@ class ObjectStore(ABC):
         return out
 
     def set_alias(self, tenant: str, name: str, alias: str, version: int) -> None:
-        alias = validate_alias(alias)
-        if alias == LATEST:
-            raise Conflict("'latest' always points at the newest version and cannot be moved")
+        alias = validate_settable_alias(alias)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ValidationError(f"alias version must be an integer, got {version!r}")
         self._manifest(tenant, name, version)  # the target must exist
+        self._write_alias(tenant, name, alias, version)
+
+    def _write_alias(self, tenant: str, name: str, alias: str, version: int) -> None:
         self._write(
             f"{self._adapter_root(tenant, name)}aliases/{alias}.json",
             json.dumps({"version": version}).encode(),
@@ -247,17 +261,27 @@ class ObjectStore(ABC):
         self._read_or(key, f"{tenant}/{name} has no alias {alias!r}")
         self._delete(key)
 
-    def delete_version(self, tenant: str, name: str, version: int) -> None:
-        """Remove one version; aliases that pointed at it are removed too. Blobs go at the next sweep."""
+    def delete_version(self, tenant: str, name: str, version: int, force: bool = False) -> dict[str, int]:
+        """Remove one version. A version an alias points at is refused (409 naming the aliases): its
+        traffic would silently fall back to ``latest``. With ``force`` those aliases are removed too
+        and returned (alias -> the deleted version). Blobs go at the next sweep."""
         root = self._adapter_root(tenant, name)
         self._manifest(tenant, name, version)
-        for alias, target in self.aliases(tenant, name).items():
-            if target == version and alias != LATEST:
-                self._delete(f"{root}aliases/{alias}.json")
+        pointing = {a: v for a, v in self.aliases(tenant, name).items() if v == version and a != LATEST}
+        if pointing and not force:
+            names = ", ".join(sorted(pointing))
+            raise Conflict(
+                f"{tenant}/{name}@{version} is what alias(es) {names} point at; move them first "
+                "(promote another version), or force the delete to remove them too "
+                "('?force=true' over HTTP, '--force' in the CLI)"
+            )
+        for alias in sorted(pointing):
+            self._delete(f"{root}aliases/{alias}.json")
         # A tombstone keeps the number taken: '@N' must never name different weights later.
         self._write(f"{root}deleted/{version}.json", json.dumps({"version": version}).encode())
         self._delete(f"{root}versions/{version}.json")
         self._compact_tombstones(root)
+        return dict(sorted(pointing.items()))
 
     def _tombstones(self, root: str) -> dict[int, str]:
         prefix = f"{root}deleted/"
@@ -276,10 +300,15 @@ class ObjectStore(ABC):
         if not versions:
             raise NotFound(f"adapter {tenant}/{name} does not exist")
         root = self._adapter_root(tenant, name)
-        for key, _ in self._list(f"{root}aliases/") + self._list(f"{root}deleted/"):
+        # The high-water mark outlives the adapter: uploading again continues after it, so 'name@1'
+        # never names other weights (a replica may still hold the old resolution).
+        high = max(versions[-1], max(self._tombstones(root), default=0))
+        self._write(f"{root}deleted/{high}.json", json.dumps({"version": high}).encode())
+        for key, _ in self._list(f"{root}aliases/"):
             self._delete(key)
         for v in versions:
             self._delete(f"{root}versions/{v}.json")
+        self._compact_tombstones(root)
         return len(versions)
 
     def sweep_orphans(self, grace_s: float = 3600.0) -> int:

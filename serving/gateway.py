@@ -21,8 +21,10 @@ from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
 
 from adapters_store.errors import (
+    InvalidName,
     InvalidRequest,
     LoraplexError,
+    NotFound,
     ServiceUnavailable,
     UnsupportedMediaType,
     ValidationError,
@@ -36,7 +38,17 @@ logger = logging.getLogger("loraplex.gateway")
 
 PRINCIPAL_KEY = "loraplex_principal"
 PUBLIC_PATHS = frozenset(
-    {"/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schema.json", "/", "/v1/openapi.json"}
+    {
+        "/livez",
+        "/readyz",
+        "/healthz",
+        "/metrics",
+        "/docs.json",
+        "/schema.json",
+        "/",
+        "/v1/openapi.json",
+        "/v1/docs",
+    }
 )
 PUBLIC_PREFIXES = ("/static_content/", "/assets/")
 INFERENCE_PATHS = frozenset({"/v1/classify", "/v1/embed"})
@@ -77,6 +89,30 @@ def is_public(path: str) -> bool:
 
 def is_upload(method: str, path: str) -> bool:
     return method == "POST" and path.startswith("/v1/admin/") and path.endswith("/versions")
+
+
+# Percent-encoded '/', '\\' and NUL: no name may hold them, and decoded they would move a request
+# into another route (``acme%2Fadapters%2Fvictim``).
+_ENCODED_SEPARATORS = (b"%2f", b"%5c", b"%00")
+
+
+def check_path(path: str, raw_path: bytes | None) -> None:
+    """Refuse a path that is not plain names between single slashes, before any route sees it.
+
+    ``.../versions/..%2F`` decodes to ``.../versions/../``: a router would redirect it (307) to
+    ``.../versions/..``, which a client following redirects resolves to the adapter itself (and a
+    DELETE there deletes every version). So dot segments and encoded separators are a 400, empty
+    segments (a trailing or doubled '/') a 404; nothing here is ever redirected.
+    """
+    raw = (raw_path or path.encode()).split(b"?", 1)[0].lower()
+    if any(sep in raw for sep in _ENCODED_SEPARATORS):
+        raise InvalidName("a percent-encoded '/', '\\' or NUL is never part of a name in a URL path")
+    segments = path.split("/")[1:]
+    for segment in segments:
+        if segment in (".", "..") or "\\" in segment or "\x00" in segment:
+            raise InvalidName(f"path segment {segment!r} is not a name: names are a-z, 0-9, '.', '_', '-'")
+    if "" in segments:
+        raise NotFound(f"no route {path[:200]!r}: paths have no empty segments or trailing '/'")
 
 
 def required_role(path: str) -> str:
@@ -146,6 +182,7 @@ class GatewayMiddleware:
         start, principal, status = time.perf_counter(), None, 500
         limiter = self.state.limiter
         try:
+            check_path(path, scope.get("raw_path"))
             principal = self._authenticate(scope)
             if limiter is not None:
                 limiter.acquire()
@@ -239,7 +276,9 @@ async def _send_json(send, status: int, body: bytes) -> int:
 
 
 class _ErrorRewriter:
-    """Wraps ``send``: passes 2xx/3xx through, buffers error bodies and rewrites them (they are small)."""
+    """Wraps ``send``: passes 2xx and 304 through, buffers error bodies and rewrites them (they are
+    small). A redirect from an inner router becomes a 404: no route of ours redirects, and following
+    one could carry a DELETE onto another resource."""
 
     def __init__(self, send, path: str, ready: bool):
         self.send, self.path, self.ready = send, path, ready
@@ -250,7 +289,7 @@ class _ErrorRewriter:
     async def __call__(self, message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
             self.status, self.started = message["status"], True
-            if self.status < 400:
+            if self.status < 300 or self.status == 304:
                 return await self.send(message)
             self._start = message
             return None
@@ -262,6 +301,10 @@ class _ErrorRewriter:
         return await self.send(message)
 
     async def _flush(self) -> None:
+        if self.status < 400:  # a redirect (see the class docstring)
+            self.status, body = json_error(NotFound(f"no route {self.path[:200]!r}"))
+            await _send_json(self.send, self.status, body)
+            return
         status, body = normalise_error_body(self.status, b"".join(self._chunks), self.path, self.ready)
         self.status = status
         keep = [

@@ -33,8 +33,9 @@ from adapters_store.errors import (
     UnsupportedMediaType,
     ValidationError,
 )
-from adapters_store.names import LATEST, AdapterRef, validate_alias, validate_name
+from adapters_store.names import LATEST, AdapterRef, validate_alias, validate_name, validate_settable_alias
 from adapters_store.store import AdapterStore
+from serving.api_docs import bentoml_service_spec, docs_page, route_spec, spec_document, with_service_routes
 from serving.auth import Principal
 from serving.gateway import PRINCIPAL_KEY
 from serving.schemas import AliasRequest, RollbackRequest, version_view
@@ -112,6 +113,7 @@ def route(path: str, methods: list[str], role: str, status: int = 200):
                 return JSONResponse(err.to_dict(), status_code=err.status)
 
         endpoint.__doc__ = fn.__doc__
+        endpoint.status_code = status  # type: ignore[attr-defined]  # for the OpenAPI document
         return Route(path, endpoint, methods=methods, name=fn.__name__)
 
     return deco
@@ -149,6 +151,17 @@ async def json_body(request: Request, model):
 
 
 MAX_PAGE = 1000
+
+
+def flag_query(request: Request, key: str) -> bool:
+    """``?key=true|false|1|0`` (absent: false); anything else is a 400, never a silent false."""
+    raw = request.query_params.get(key)
+    if raw is None:
+        return False
+    value = raw.strip().lower()
+    if value not in ("true", "false", "1", "0"):
+        raise InvalidRequest(f"{key} must be true or false, got {raw[:40]!r}")
+    return value in ("true", "1")
 
 
 def page_query(request: Request) -> tuple[int | None, int | None]:
@@ -273,11 +286,10 @@ async def upload_version(request: Request, ctx: ManagementContext):
     tenant, name = path_names(request)
     store = ctx.need_store()
     files, fields = await read_upload(request, ctx.max_upload_bytes)
-    alias = validate_alias(fields["alias"]) if fields.get("alias") else None
+    alias = validate_settable_alias(fields["alias"]) if fields.get("alias") else None
     bundle = bundle_from_upload(files, fields, tenant, name, ctx.base)
-    manifest = await run_in_threadpool(store.put, bundle)
-    if alias:
-        await run_in_threadpool(store.set_alias, tenant, name, alias, manifest.version)
+    # The alias is set by the same put, after every check: a refused alias stores nothing.
+    manifest = await run_in_threadpool(store.put, bundle, [alias] if alias else [])
     ctx.changed(tenant, name)
     logger.info("registered %s/%s@%s (%s)", tenant, name, manifest.version, manifest.digest[:12])
     return {**version_view(manifest), "alias": alias}
@@ -293,19 +305,21 @@ async def show_version(request: Request, ctx: ManagementContext):
 
 @route(ADAPTER + "/versions/{version}", ["DELETE"], "admin")
 async def delete_version(request: Request, ctx: ManagementContext):
-    """Delete one version (aliases pointing at it go too)."""
+    """Delete one version. 409 if an alias points at it (the message names them); ``?force=true``
+    deletes anyway, removes those aliases and lists them in ``removed_aliases``."""
     tenant, name = path_names(request)
     version = path_version(request)
-    await run_in_threadpool(ctx.need_store().delete_version, tenant, name, version)
+    force = flag_query(request, "force")
+    removed = await run_in_threadpool(ctx.need_store().delete_version, tenant, name, version, force)
     ctx.invalidate(tenant, name, version)
-    return {"tenant": tenant, "name": name, "deleted_version": version}
+    return {"tenant": tenant, "name": name, "deleted_version": version, "removed_aliases": removed}
 
 
 @route(ADAPTER + "/aliases/{alias}", ["PUT"], "admin")
 async def set_alias(request: Request, ctx: ManagementContext):
     """Point an alias (e.g. ``production``) at a version: promote or roll back explicitly."""
     tenant, name = path_names(request)
-    alias = validate_alias(request.path_params["alias"])
+    alias = validate_settable_alias(request.path_params["alias"])
     body = await json_body(request, AliasRequest)
     await run_in_threadpool(ctx.need_store().set_alias, tenant, name, alias, body.version)
     ctx.changed(tenant, name)
@@ -326,7 +340,7 @@ async def delete_alias(request: Request, ctx: ManagementContext):
 async def rollback(request: Request, ctx: ManagementContext):
     """Move an alias to the newest version older than the one it points at now."""
     tenant, name = path_names(request)
-    alias = validate_alias((await json_body(request, RollbackRequest)).alias)
+    alias = validate_settable_alias((await json_body(request, RollbackRequest)).alias)
     store = ctx.need_store()
     target = await run_in_threadpool(rollback_target, store, tenant, name, alias)
     await run_in_threadpool(store.set_alias, tenant, name, alias, target[1])
@@ -407,45 +421,36 @@ PAGED = {"show_adapter", "show_own_adapter"}
 
 
 def openapi_spec(prefix: str = "/v1") -> dict[str, Any]:
-    """OpenAPI 3 description of these routes (BentoML's ``/docs.json`` covers classify and embed)."""
+    """OpenAPI 3 description of these routes (``/v1/openapi.json`` adds BentoML's classify and embed)."""
     paths: dict[str, dict[str, Any]] = {}
     for r in ROUTES:
-        doc = (r.endpoint.__doc__ or r.name).strip()
-        params = [
-            {"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
-            for n in r.param_convertors
-        ]
-        if r.name in PAGED:
-            params += [
-                {
-                    "name": "limit",
-                    "in": "query",
-                    "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
-                },
-                {"name": "before", "in": "query", "schema": {"type": "integer", "minimum": 1}},
-            ]
-        security = [{"bearer": []}]
-        for method in sorted(r.methods - {"HEAD"}):
-            paths.setdefault(prefix + r.path, {})[method.lower()] = {
-                "operationId": f"{r.name}_{method.lower()}",
-                "summary": doc.split("\n")[0],
-                "description": doc,
-                "parameters": params,
-                "security": security,
-                "responses": {"200": {"description": "JSON"}, "4XX": {"description": '{"error", "message"}'}},
-            }
-    return {
-        "openapi": "3.0.2",
-        "info": {"title": "loraplex management API", "version": "1"},
-        "paths": paths,
-        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
-    }
+        params = PAGE_PARAMS if r.name in PAGED else QUERY_PARAMS.get(r.name, [])
+        status = getattr(r.endpoint, "status_code", 200)
+        paths.setdefault(prefix + r.path, {}).update(route_spec(r, status, params))
+    return spec_document(paths, "loraplex management API")
+
+
+PAGE_PARAMS = [
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}},
+    {"name": "before", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+]
+QUERY_PARAMS = {
+    "delete_version": [{"name": "force", "in": "query", "schema": {"type": "boolean", "default": False}}],
+    "warm": [{"name": "selector", "in": "query", "schema": {"type": "string"}}],
+}
 
 
 async def openapi_endpoint(request: Request) -> JSONResponse:
-    return JSONResponse(openapi_spec())
+    spec = openapi_spec()
+    return JSONResponse(with_service_routes(spec, await run_in_threadpool(bentoml_service_spec)))
 
 
 def build_app() -> Starlette:
     """The Starlette app the service mounts at ``/v1`` (BentoML's own routes take precedence)."""
-    return Starlette(routes=[*ROUTES, Route("/openapi.json", openapi_endpoint, methods=["GET"])])
+    docs = [
+        Route("/openapi.json", openapi_endpoint, methods=["GET"]),
+        Route("/docs", docs_page, methods=["GET"]),
+    ]
+    app = Starlette(routes=[*ROUTES, *docs])
+    app.router.redirect_slashes = False  # never a 307: see serving.gateway.check_path
+    return app

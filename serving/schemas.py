@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, model_validator
 
 from adapters_store.bundle import AdapterManifest
 
@@ -76,7 +76,8 @@ class ItemResult(BaseModel):
 class AliasRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    version: int = Field(ge=1, description="Version the alias should point at.")
+    # Strict: JSON true, 1.0 and "1" are refused (422), not coerced into version 1.
+    version: StrictInt = Field(ge=1, description="Version the alias should point at (a JSON integer).")
 
 
 class RollbackRequest(BaseModel):

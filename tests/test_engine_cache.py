@@ -225,7 +225,7 @@ def test_register_and_alias_moves_keep_loaded_versions_deletes_free_them(head_st
     assert engine.infer([item])[0].version == 1
     stats = engine.cache_stats()
     assert (stats["loads"], stats["entries"], stats["hits"]) == (2, 2, 1)  # v1 came back from the cache
-    store.delete_version("acme", "intent", 1)
+    store.delete_version("acme", "intent", 1, force=True)
     assert engine.invalidate("acme", "intent", version=1) == 1
     assert engine.infer([item])[0].version == 2  # production went with v1: latest answers
     assert engine.cache_stats()["entries"] == 1 and engine.cache_stats()["loads"] == 2

@@ -232,7 +232,10 @@ def test_delete_and_replace_while_in_use_never_serves_stale(shared):
     changes.append((sent, time.monotonic(), {2}))
     time.sleep(0.5)
     sent = time.monotonic()
-    assert c.delete("/v1/admin/tenants/initech/adapters/swap/versions/2", headers=ADMIN).status_code == 200
+    deleted = c.delete(
+        "/v1/admin/tenants/initech/adapters/swap/versions/2", params={"force": "true"}, headers=ADMIN
+    )
+    assert deleted.status_code == 200 and deleted.json()["removed_aliases"] == {"production": 2}
     changes.append((sent, time.monotonic(), {1}))  # production went with v2: latest (v1) answers
     time.sleep(0.5)
     sent = time.monotonic()

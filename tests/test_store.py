@@ -63,7 +63,9 @@ def test_delete_version_and_adapter(any_store, base):
     for seed in (1, 2):
         any_store.put(head_bundle(base, seed=seed))
     any_store.set_alias("acme", "head", "production", 1)
-    any_store.delete_version("acme", "head", 1)
+    with pytest.raises(Conflict, match="production"):  # an aliased version needs force
+        any_store.delete_version("acme", "head", 1)
+    assert any_store.delete_version("acme", "head", 1, force=True) == {"production": 1}
     assert "production" not in any_store.aliases("acme", "head")
     with pytest.raises(NotFound):
         any_store.resolve("acme/head@1")
@@ -73,8 +75,8 @@ def test_delete_version_and_adapter(any_store, base):
         any_store.resolve("acme/head")
     with pytest.raises(NotFound):
         any_store.delete_adapter("acme", "head")
-    # a new put after deleting everything starts again and is complete
-    assert any_store.put(head_bundle(base, seed=3)).version == 1
+    # a new put after deleting everything is complete and never reuses a number
+    assert any_store.put(head_bundle(base, seed=3)).version == 3
 
 
 def test_corrupted_blob_is_refused_and_others_still_served(any_store, base):
@@ -178,7 +180,7 @@ def test_hot_paths_list_one_folder_not_the_whole_tree(any_store, base, monkeypat
     assert any_store.resolve("acme/head").version == 4
     any_store.set_alias("acme", "head", "production", 2)
     assert any_store.aliases("acme", "head") == {"production": 2, "latest": 4}
-    any_store.delete_version("acme", "head", 2)
+    any_store.delete_version("acme", "head", 2, force=True)
     any_store.delete_version("acme", "head", 4)
     assert any_store.aliases("acme", "head") == {"latest": 3}
     assert any_store.put(head_bundle(base, seed=5)).version == 5  # the tombstone of 4 still counts

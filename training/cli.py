@@ -15,8 +15,8 @@ from typing import Any
 import click
 
 from adapters_store import AdapterManifest, open_store
-from adapters_store.errors import InvalidRequest, LoraplexError
-from adapters_store.names import AdapterRef, validate_name
+from adapters_store.errors import InvalidRequest, LoraplexError, NotFound
+from adapters_store.names import AdapterRef, validate_name, validate_settable_alias
 from adapters_store.registry import DEFAULT_STORE_URL
 from training.cli_support import fail, fail_click, setup_output
 
@@ -54,8 +54,22 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join([line, *body])
 
 
+# Tables shorten these to stay readable; JSON always carries the full 64-character values, which is
+# what the engine and the HTTP API return.
+_SHORT_COLUMNS = {"digest": 12, "fingerprint": 16}
+
+
 def _emit(rows: list[dict[str, Any]], columns: list[str], as_json: bool) -> None:
-    click.echo(json.dumps(rows, indent=2) if as_json else _table(rows, columns))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    short = [{k: _shorten(k, v) for k, v in r.items()} for r in rows]
+    click.echo(_table(short, columns))
+
+
+def _shorten(column: str, value: Any) -> Any:
+    n = _SHORT_COLUMNS.get(column)
+    return value[:n] if n and isinstance(value, str) else value
 
 
 def _summary(m: AdapterManifest, aliases: dict[str, int] | None = None) -> dict[str, Any]:
@@ -70,7 +84,7 @@ def _summary(m: AdapterManifest, aliases: dict[str, int] | None = None) -> dict[
         "bytes": sum(f.size for f in m.files.values()),
         "aliases": ",".join(tags),
         "created_at": m.created_at,
-        "digest": m.digest[:12],
+        "digest": m.digest,
     }
 
 
@@ -130,7 +144,7 @@ def base_list(store_url: str, as_json: bool) -> None:
     rows = [
         {
             "name": b.name,
-            "fingerprint": b.fingerprint[:16],
+            "fingerprint": b.fingerprint,
             "model_type": b.model_type,
             "hidden_size": b.hidden_size,
             "layers": b.num_hidden_layers,
@@ -188,6 +202,8 @@ def adapters_push(
     from adapters_store.bundle import MANIFEST_FILE, Bundle
     from adapters_store.peft_import import import_peft_dir
 
+    # Every alias is checked before anything is read or written: a refused push stores nothing.
+    aliases = tuple(dict.fromkeys(validate_settable_alias(a) for a in aliases))
     store = open_store(store_url)
     if (folder / MANIFEST_FILE).is_file():
         bundle = Bundle.read_dir(folder, max_file_bytes=store.limits.max_file_bytes)
@@ -200,9 +216,7 @@ def adapters_push(
         bundle = import_peft_dir(
             folder, tenant, name, store.get_base(base_name), task=task, labels=label_list
         )
-    manifest = store.put(bundle)
-    for alias in aliases:
-        store.set_alias(manifest.tenant, manifest.name, alias, manifest.version)  # type: ignore[arg-type]
+    manifest = store.put(bundle, aliases)
     _emit(
         [_summary(manifest, {a: manifest.version for a in aliases})],  # type: ignore[misc]
         ["tenant", "name", "version", "kind", "task", "bytes", "aliases"],
@@ -248,6 +262,8 @@ def adapters_show(ref: str, store_url: str, as_json: bool) -> None:
         return
     aliases = store.aliases(parsed.tenant, parsed.name)
     rows = [_summary(m, aliases) for m in store.list_versions(parsed.tenant, parsed.name)]
+    if not rows:
+        raise NotFound(f"adapter {parsed.tenant}/{parsed.name} does not exist")
     _emit(rows, ["version", "kind", "task", "bytes", "aliases", "created_at", "digest"], as_json)
 
 
@@ -269,14 +285,22 @@ def adapters_promote(ref: str, alias: str, store_url: str) -> None:
 @click.option(
     "--yes", is_flag=True, help="Do not ask (required to remove a whole adapter non-interactively)."
 )
+@click.option(
+    "--force", is_flag=True, help="Remove a version even if aliases point at it (the aliases go too)."
+)
 @store_option
-def adapters_rm(ref: str, yes: bool, store_url: str) -> None:
-    """Remove tenant/name@version, or every version of tenant/name."""
+def adapters_rm(ref: str, yes: bool, force: bool, store_url: str) -> None:
+    """Remove tenant/name@version, or every version of tenant/name.
+
+    A version an alias points at is refused (exit 2, naming the aliases) unless --force."""
     parsed = AdapterRef.parse(ref)
     store = open_store(store_url)
     if parsed.version is not None:
-        store.delete_version(parsed.tenant, parsed.name, parsed.version)
+        removed = store.delete_version(parsed.tenant, parsed.name, parsed.version, force=force)
         click.echo(f"removed {parsed.tenant}/{parsed.name}@{parsed.version}")
+        for alias in removed:
+            after = "requests without '@' now use latest" if alias == "production" else "it now answers 404"
+            click.echo(f"removed alias {alias} (it pointed at v{parsed.version}); {after}")
         return
     if "@" in ref:
         raise click.UsageError(
@@ -310,9 +334,7 @@ def adapters_verify(ref: str | None, store_url: str, as_json: bool) -> None:
     for target in targets:
         try:
             m = store.verify(target)
-            rows.append(
-                {"adapter": f"{m.tenant}/{m.name}@{m.version}", "status": "ok", "detail": m.digest[:12]}
-            )
+            rows.append({"adapter": f"{m.tenant}/{m.name}@{m.version}", "status": "ok", "detail": m.digest})
         except LoraplexError as e:
             bad += 1
             rows.append({"adapter": str(target), "status": "FAILED", "detail": e.message})
@@ -375,7 +397,10 @@ def service_command(host: str, port: int) -> list[str]:
 @store_option
 def serve(host: str, port: int, base_name: str, insecure_dev: bool, store_url: str) -> None:
     """Start the BentoML service (`bentoml serve serving.service:...`) on HOST:PORT."""
-    env = dict(os.environ, LORAPLEX_STORE=store_url, LORAPLEX_BASE=base_name)
+    from adapters_store.registry import absolute_store_url
+
+    # bentoml serve runs from the project folder: a relative store means the current directory's.
+    env = dict(os.environ, LORAPLEX_STORE=absolute_store_url(store_url), LORAPLEX_BASE=base_name)
     if insecure_dev:
         env["LORAPLEX_INSECURE_DEV"] = "1"
     cmd = service_command(host, port)

@@ -15,6 +15,7 @@ import os
 import secrets
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -187,7 +188,23 @@ def prepare_upload(out: Path) -> Path:
 UPLOAD_STEPS = 12
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+def check_port_free(host: str, port: int) -> None:
+    """Refuse to start when something already listens on ``host:port`` (a demo started earlier): the
+    new server could not bind, and a readiness probe would reach the old one."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers are no conflict
+        try:
+            s.bind((host, port))
+        except OSError:
+            raise click.ClickException(
+                f"port {port} on {host} is already in use (another 'loraplex demo' still serving?); "
+                "stop it or pass --port"
+            ) from None
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120.0, admin_token: str = "") -> None:
+    """Until our own server is ready: the admin token it was given must be accepted, so another
+    server that took the port meanwhile is never mistaken for it."""
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -195,7 +212,13 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None
         if proc.poll() is not None:
             raise click.ClickException(f"the service exited with status {proc.returncode}")
         try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200 and (
+                not admin_token
+                or httpx.get(
+                    f"{url}/v1/admin/tenants", headers={"Authorization": f"Bearer {admin_token}"}, timeout=5
+                ).status_code
+                == 200
+            ):
                 return
         except httpx.HTTPError:
             pass
@@ -285,6 +308,8 @@ def demo_command(store_url: str, port: int, epochs: int | None, no_serve: bool) 
     from training.threads import auto_threads
 
     setup_output()
+    if not no_serve:
+        check_port_free("127.0.0.1", port)  # before minutes of training, not after
     clock = PhaseClock()
     threads, why = auto_threads()
     torch.set_num_threads(threads)
@@ -317,12 +342,13 @@ def demo_command(store_url: str, port: int, epochs: int | None, no_serve: bool) 
         HF_HUB_OFFLINE="1",
     )
     cmd = service_command("127.0.0.1", port)
+    check_port_free("127.0.0.1", port)  # taken while we trained?
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     signal.signal(signal.SIGTERM, _interrupt)  # stop the service we started, not only ourselves
     try:
         with clock.phase("service start"):
-            wait_ready(url, proc)
+            wait_ready(url, proc, admin_token=tokens["admin"])
         click.echo(f"ready in {clock.summary()}")
         click.echo(f"\nloraplex is serving on {url} (Ctrl-C stops it). Try:\n")
         click.echo("\n".join(curl_lines(url, tokens, upload_dir)), nl=True)
