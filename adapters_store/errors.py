@@ -29,6 +29,12 @@ class InvalidName(InvalidRequest):
     status, code = 400, "invalid_name"
 
 
+class InvalidSettings(InvalidRequest):
+    """A setting the service or CLI cannot start with; the message names the variable, never a secret."""
+
+    code = "invalid_settings"
+
+
 class Unauthorized(LoraplexError):
     status, code = 401, "unauthorized"
 
@@ -85,3 +91,9 @@ class IntegrityError(LoraplexError):
 
 class ServiceUnavailable(LoraplexError):
     status, code = 503, "unavailable"
+
+
+class StoreUnavailable(ServiceUnavailable):
+    """The store cannot be reached or refused our credentials (wrong endpoint, missing keys...)."""
+
+    code = "store_unavailable"

@@ -17,6 +17,10 @@ _NAME_RE = re.compile(rf"^{NAME_PATTERN}$")
 _VERSION_RE = re.compile(r"^v?([1-9][0-9]{0,8})$")
 _NUMERIC_RE = re.compile(r"^v?[0-9]+$")
 
+NAME_RULE = (
+    "use 1-64 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit, "
+    "without '..' or a trailing '.'"
+)
 LATEST = "latest"
 RESERVED_ALIASES = frozenset({LATEST})
 
@@ -31,11 +35,18 @@ def validate_name(value: object, what: str = "name") -> str:
         raise InvalidName(f"{what} must be a string, got {type(value).__name__}")
     if not _NAME_RE.match(value) or ".." in value or value.endswith("."):
         shown = value if len(value) <= 80 else value[:80] + "..."
-        raise InvalidName(
-            f"invalid {what} {shown!r}: use 1-64 characters of a-z, 0-9, '.', '_', '-', "
-            "starting with a letter or digit, without '..' or a trailing '.'"
-        )
+        raise InvalidName(f"invalid {what} {shown!r}: {NAME_RULE}")
     return value
+
+
+def is_valid_name(value: object) -> bool:
+    """Whether ``value`` obeys the name rule; for messages that must not echo what they refuse."""
+    return (
+        isinstance(value, str)
+        and bool(_NAME_RE.match(value))
+        and ".." not in value
+        and not value.endswith(".")
+    )
 
 
 def parse_version(value: str) -> int | None:

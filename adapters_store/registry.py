@@ -13,10 +13,19 @@ from adapters_store.validation import StoreLimits
 DEFAULT_STORE_URL = os.environ.get("LORAPLEX_STORE", ".loraplex/store")
 
 
+def local_path(url: str | os.PathLike) -> str | None:
+    """The folder of a local store URL (a path or ``file://...``); None for other schemes."""
+    url = os.fspath(url)
+    scheme = urlparse(url).scheme
+    if len(scheme) > 1 and scheme != "file":
+        return None
+    return url[len("file://") :] if url.startswith("file://") else url
+
+
 def _local(url: str, limits: StoreLimits | None) -> AdapterStore:
     from adapters_store.local import LocalStore
 
-    return LocalStore(url[len("file://") :] if url.startswith("file://") else url, limits)
+    return LocalStore(local_path(url), limits)
 
 
 def _s3(url: str, limits: StoreLimits | None) -> AdapterStore:

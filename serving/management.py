@@ -52,6 +52,7 @@ class ManagementContext:
     store: AdapterStore | None = None
     base: BaseModelEntry | None = None
     engine: Any = None
+    tokens: Any = None  # serving.auth.TokenBook: token changes made here take effect at once
     max_upload_bytes: int = 600 << 20
     max_management: int = 2
     _slots: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
@@ -420,10 +421,17 @@ ROUTES = [
 PAGED = {"show_adapter", "show_own_adapter"}
 
 
+def all_routes() -> list[Route]:
+    """These routes and the tenant token routes (``serving.tokens_api``, which builds on ``route``)."""
+    from serving.tokens_api import TOKEN_ROUTES
+
+    return [*ROUTES, *TOKEN_ROUTES]
+
+
 def openapi_spec(prefix: str = "/v1") -> dict[str, Any]:
     """OpenAPI 3 description of these routes (``/v1/openapi.json`` adds BentoML's classify and embed)."""
     paths: dict[str, dict[str, Any]] = {}
-    for r in ROUTES:
+    for r in all_routes():
         params = PAGE_PARAMS if r.name in PAGED else QUERY_PARAMS.get(r.name, [])
         status = getattr(r.endpoint, "status_code", 200)
         paths.setdefault(prefix + r.path, {}).update(route_spec(r, status, params))
@@ -451,6 +459,6 @@ def build_app() -> Starlette:
         Route("/openapi.json", openapi_endpoint, methods=["GET"]),
         Route("/docs", docs_page, methods=["GET"]),
     ]
-    app = Starlette(routes=[*ROUTES, *docs])
+    app = Starlette(routes=[*all_routes(), *docs])
     app.router.redirect_slashes = False  # never a 307: see serving.gateway.check_path
     return app

@@ -2,14 +2,65 @@
 
 Plain ``prometheus_client`` metrics (BentoML 1.4 deprecates ``bentoml.metrics``); BentoML's workers
 run prometheus in multiprocess mode, so gauges say how to merge workers (``multiprocess_mode``).
-Tenant labels are bounded: only configured tenants (or ``-`` before authentication) appear.
+Tenant labels are bounded: only tenants with a token (or ``-`` before authentication) appear.
+
+BentoML gives every server on a host the same multiprocess folder (``$BENTOML_HOME/
+prometheus_multiproc_dir``) and empties it when a server starts, so a second server wiped the first
+one's metrics (``loraplex_ready 0`` on a ready server). :func:`use_server_folder` runs before any
+metric below exists and moves this process to a folder of its own server.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 from collections.abc import Mapping
+from pathlib import Path
 
-from prometheus_client import Counter, Gauge, Histogram
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+SERVER_FOLDERS = "loraplex-metrics"
+
+
+def _start_time(pid: int) -> str | None:
+    """A process's start time (clock ticks since boot): with the pid, it names one server for good."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def server_folder_name(pid: int) -> str:
+    start = _start_time(pid)
+    return f"{pid}-{start}" if start else str(pid)
+
+
+def use_server_folder(environ: dict[str, str] | os._Environ = os.environ) -> Path | None:
+    """In a BentoML worker (``PROMETHEUS_MULTIPROC_DIR`` set), point prometheus at a folder of this
+    server's own, next to BentoML's shared one: ``loraplex-metrics/<server pid>-<start time>``. The
+    server is the worker's parent (BentoML's arbiter), so all its workers share the folder and no other
+    server touches it. Folders of servers that are gone are removed. Elsewhere: nothing (None)."""
+    shared = environ.get(MULTIPROC_ENV)
+    if not shared:
+        return None
+    if Path(shared).parent.name == SERVER_FOLDERS:  # already moved (a second import)
+        return Path(shared)
+    root = Path(shared).resolve().parent / SERVER_FOLDERS
+    own = server_folder_name(os.getppid())
+    folder = root / own
+    folder.mkdir(parents=True, exist_ok=True)
+    for other in root.iterdir():
+        pid = other.name.split("-", 1)[0]
+        if other.name != own and pid.isdigit() and server_folder_name(int(pid)) != other.name:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(other)
+    environ[MULTIPROC_ENV] = str(folder)
+    return folder
+
+
+use_server_folder()
+
+from prometheus_client import Counter, Gauge, Histogram  # noqa: E402  (after the folder is chosen)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)

@@ -20,16 +20,16 @@ import threading
 
 import bentoml
 
-from adapters_store import open_store
 from adapters_store.base_models import BaseModelEntry, resolve_source
-from adapters_store.errors import InvalidRequest
+from adapters_store.errors import InvalidRequest, LoraplexError
 from serving import metrics
-from serving.auth import token_book_from_settings
+from serving.auth import TokenRefresher
 from serving.gateway import STATE, GatewayMiddleware
 from serving.http_io import ClassifyInput, EmbedInput, ResultsOutput
 from serving.inference import run_batch
 from serving.limits import InflightLimiter, TokenCounter
 from serving.management import CONTEXT, build_app
+from serving.preflight import check_startup
 from serving.schemas import ClassifyItem, EmbedItem, ItemResult
 from serving.settings import ServiceSettings
 from serving.shutdown import install_drain_handler
@@ -93,20 +93,32 @@ def engine_settings(settings: ServiceSettings, base: BaseModelEntry | None = Non
 class LoraplexService:
     """Many tenants' adapters on one shared backbone."""
 
+    @bentoml.on_deployment
+    def check_before_workers() -> None:
+        """Runs once in the ``bentoml serve`` process before any worker starts: a bad setting stops
+        the server with one line and exit status 2, instead of a worker restarted every ~10 s forever."""
+        try:
+            check_startup()
+        except LoraplexError as e:
+            print(f"error: {e.message} [{e.code}]", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+
     def __init__(self) -> None:
         enable_logging()
-        settings = ServiceSettings.from_env()
+        checked = check_startup()
+        settings = checked.settings
         self.settings = settings
         self.engine = None
         self.load_error: str | None = None
-        self.store = open_store(settings.store)
-        self.base = self.store.get_base(settings.base)
+        self.store, self.base = checked.store, checked.base
         self.engine_settings = engine_settings(settings, self.base)
         # The reject policy counts against what the engine will really feed the base.
         self.limits = settings.limits.model_copy(update={"max_tokens": self.engine_settings.max_seq_len})
         self.draining = False
         install_drain_handler(settings.drain_s, self._start_draining)
-        STATE.tokens = token_book_from_settings(settings)
+        STATE.tokens = CONTEXT.tokens = checked.tokens
+        STATE.metrics_public = settings.metrics_auth == "public" or settings.insecure_dev
+        TokenRefresher(checked.tokens, settings.token_refresh_s).start()
         STATE.limits = settings.limits
         STATE.validators = {"/v1/classify": ClassifyInput, "/v1/embed": EmbedInput}
         STATE.limiter = InflightLimiter(settings.limits.max_inflight)

@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import ValidationError as PydanticValidationError
 
-from adapters_store.errors import InvalidRequest
-from adapters_store.names import validate_name
+from adapters_store.errors import InvalidSettings
+from adapters_store.names import NAME_RULE, is_valid_name
+from adapters_store.tokens import entry_digest
 
 ENV_PREFIX = "LORAPLEX_"
 CONFIG_ENV = "LORAPLEX_CONFIG"
@@ -59,21 +61,40 @@ class LimitSettings(BaseModel):
 
 
 class ServiceSettings(BaseModel):
-    """Everything the service needs to start. ``from_env()`` builds it."""
+    """Everything the service needs to start. ``from_env()`` builds it.
+
+    Secrets (tokens) are ``SecretStr`` from the moment they are read: they print as ``**********`` and
+    no error message built here contains any part of one (see :func:`settings_error`)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     store: str = Field(description="Adapter store URL: a folder path or s3://bucket/prefix?endpoint=...")
     base: str = Field(default="minilm", description="Registered base model name served by this replica.")
     admin_token: SecretStr | None = Field(default=None, description="Token for management routes.")
-    tenant_tokens: dict[str, tuple[str, ...]] = Field(
+    tenant_tokens: dict[str, tuple[SecretStr, ...]] = Field(
         default_factory=dict, description="tenant -> tokens ('sha256:<hex>' entries are pre-hashed)."
     )
     tokens_file: Path | None = Field(
-        default=None, description='JSON {"admin": [tok...], "tenants": {"acme": [tok...]}}; merged in.'
+        default=None,
+        description='JSON {"admin": [tok...], "tenants": {"acme": [tok...]}, "metrics": [tok...]}; merged in.',
     )
     insecure_dev: bool = Field(
         default=False, description="Demo only: no tokens; tenant from X-Loraplex-Tenant; admin open."
+    )
+    metrics_auth: Literal["token", "public"] = Field(
+        default="token",
+        description="/metrics needs the admin or the metrics token ('token'), or none ('public'). "
+        "Insecure-dev mode serves it without a token.",
+    )
+    metrics_token: SecretStr | None = Field(
+        default=None, description="A token that may read /metrics and nothing else (for the scraper)."
+    )
+    token_refresh_s: float = Field(
+        default=5.0,
+        ge=0.5,
+        le=300.0,
+        description="How often tenant tokens stored in the store are re-read: the bound on how long a "
+        "token created or revoked on another replica takes to work or stop working here.",
     )
     cache_bytes: int = Field(default=256 << 20, ge=0, le=1 << 40, description="Engine adapter cache budget.")
     pins: tuple[str, ...] = Field(default=(), description="'tenant' or 'tenant/name' kept in cache.")
@@ -96,43 +117,101 @@ class ServiceSettings(BaseModel):
     @field_validator("base")
     @classmethod
     def _base(cls, v: str) -> str:
-        return validate_name(v, "base name")
+        if not is_valid_name(v):
+            raise ValueError(f"invalid base name ({NAME_RULE})")
+        return v
+
+    @field_validator("admin_token", "metrics_token")
+    @classmethod
+    def _token(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            entry_digest(v.get_secret_value())  # a ValueError says why, without the value
+        return v
 
     @field_validator("tenant_tokens")
     @classmethod
-    def _tenants(cls, v: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    def _tenants(cls, v: dict[str, tuple[SecretStr, ...]]) -> dict[str, tuple[SecretStr, ...]]:
         for tenant, tokens in v.items():
-            validate_name(tenant, "tenant")
-            if not tokens or any(len(t) < 8 for t in tokens):
-                raise ValueError(f"tenant {tenant!r}: every token must have at least 8 characters")
+            if not is_valid_name(tenant):
+                raise ValueError(f"a tenant name is invalid ({NAME_RULE})")
+            if not tokens:
+                raise ValueError(f"tenant {tenant!r} has no token")
+            for i, token in enumerate(tokens, 1):
+                try:
+                    entry_digest(token.get_secret_value())
+                except ValueError as e:
+                    raise ValueError(f"tenant {tenant!r} token {i}: {e}") from None
         return v
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServiceSettings:
-        """Build from ``LORAPLEX_*`` variables (and the ``LORAPLEX_CONFIG`` file); errors say which."""
+        """Build from ``LORAPLEX_*`` variables (and the ``LORAPLEX_CONFIG`` file); errors name the
+        variable (or the file and key) and never contain a value."""
         env = os.environ if environ is None else environ
-        data: dict[str, Any] = _read_config_file(env.get(CONFIG_ENV))
-        data.update(_fields_from_env(env))
+        config_path = env.get(CONFIG_ENV)
+        data: dict[str, Any] = _read_config_file(config_path)
+        if not isinstance(data.get("limits") or {}, dict):
+            raise InvalidSettings(f"{CONFIG_ENV} file {config_path}, key limits: must be a mapping")
+        file_fields = {"": set(data), "limits": set(data.get("limits") or {})}
+        env_fields = _fields_from_env(env)
+        data.update(env_fields)
         limits = dict(data.pop("limits", {}) or {})
-        limits.update(_limits_from_env(env))
+        env_limits = _limits_from_env(env)
+        limits.update(env_limits)
+        from_file = {s: keys - set(env_fields) - set(env_limits) for s, keys in file_fields.items()}
         try:
-            return cls(**data, limits=LimitSettings(**limits))
-        except InvalidRequest:
-            raise
-        except Exception as e:
-            raise InvalidRequest(f"invalid loraplex service settings: {e}") from None
+            limit_settings = LimitSettings(**limits)
+        except PydanticValidationError as e:
+            raise settings_error(e, config_path, from_file, "limits") from None
+        try:
+            return cls(**data, limits=limit_settings)
+        except PydanticValidationError as e:
+            raise settings_error(e, config_path, from_file) from None
 
 
-def parse_tenant_tokens(text: str) -> dict[str, tuple[str, ...]]:
-    """``"acme:tok1,acme:tok2,globex:tok3"`` -> ``{"acme": ("tok1", "tok2"), "globex": ("tok3",)}``."""
-    out: dict[str, list[str]] = {}
+def settings_error(
+    error: PydanticValidationError,
+    config_path: str | None,
+    from_file: Mapping[str, set[str]],
+    section: str = "",
+) -> InvalidSettings:
+    """One line naming the variable (or the settings file and key) and pydantic's reason, never the
+    input: pydantic's own ``str(error)`` shows ``input_value``, which put a token prefix in the log."""
+    problems = []
+    for err in error.errors(include_url=False, include_context=False, include_input=False):
+        loc = [str(p) for p in err["loc"]]
+        field = loc[0] if loc else ""
+        if field and field in from_file.get(section, set()):
+            key = ".".join([section, *loc] if section else loc)
+            where = f"{CONFIG_ENV} file {config_path}, key {key}"
+        else:
+            where = ENV_PREFIX + field.upper() if field else "settings"
+        problems.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+    return InvalidSettings("invalid loraplex settings: " + "; ".join(problems[:5]))
+
+
+def parse_tenant_tokens(
+    text: str, variable: str = "LORAPLEX_TENANT_TOKENS"
+) -> dict[str, tuple[SecretStr, ...]]:
+    """``"acme:tok1,acme:tok2,globex:tok3"`` -> ``{"acme": (tok1, tok2), "globex": (tok3,)}`` as
+    ``SecretStr``. Errors name the variable, the entry's position and (when valid) its tenant."""
+    out: dict[str, list[SecretStr]] = {}
+    position = 0
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
+        position += 1
         tenant, sep, token = part.partition(":")
-        if not sep or not token:
-            raise InvalidRequest("LORAPLEX_TENANT_TOKENS entries must look like 'tenant:token'")
-        out.setdefault(tenant.strip(), []).append(token.strip())
+        tenant, token = tenant.strip(), token.strip()
+        if not sep or not token or not tenant:
+            raise InvalidSettings(f"{variable}: entry {position} must look like 'tenant:token'")
+        if not is_valid_name(tenant):
+            raise InvalidSettings(f"{variable}: entry {position} has an invalid tenant name ({NAME_RULE})")
+        try:
+            entry_digest(token)
+        except ValueError as e:
+            raise InvalidSettings(f"{variable}: entry {position} (tenant {tenant!r}): {e}") from None
+        out.setdefault(tenant, []).append(SecretStr(token))
     return {k: tuple(v) for k, v in out.items()}
 
 
@@ -141,16 +220,26 @@ def _read_config_file(path: str | None) -> dict[str, Any]:
         return {}
     p = Path(path)
     if not p.is_file():
-        raise InvalidRequest(f"{CONFIG_ENV}={path!r} is not a file")
+        raise InvalidSettings(f"{CONFIG_ENV}={path!r} is not a file")
     text = p.read_text()
+    # Parser messages quote the offending line, which may hold a token: say where, not what.
     if p.suffix in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise InvalidSettings(f"{CONFIG_ENV} file {path}: not valid YAML{at}") from None
     else:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            at = f" at line {e.lineno}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+            raise InvalidSettings(f"{CONFIG_ENV} file {path}: not valid JSON{at}") from None
     if not isinstance(data, dict):
-        raise InvalidRequest(f"{path}: the settings file must hold a mapping")
+        raise InvalidSettings(f"{CONFIG_ENV} file {path}: the settings file must hold a mapping")
     return data
 
 
@@ -169,6 +258,9 @@ _PLAIN_FIELDS = (
     "base",
     "admin_token",
     "tokens_file",
+    "metrics_auth",
+    "metrics_token",
+    "token_refresh_s",
     "cache_bytes",
     "alias_ttl_s",
     "runtime",
@@ -189,7 +281,7 @@ def _fields_from_env(env: Mapping[str, str]) -> dict[str, Any]:
         data["pins"] = tuple(p.strip() for p in value.split(",") if p.strip())
     if (value := env.get("LORAPLEX_INSECURE_DEV")) not in (None, ""):
         if value.strip().lower() not in _BOOL:
-            raise InvalidRequest(f"LORAPLEX_INSECURE_DEV must be 0/1/true/false, got {value!r}")
+            raise InvalidSettings("LORAPLEX_INSECURE_DEV must be 0/1/true/false")
         data["insecure_dev"] = _BOOL[value.strip().lower()]
     return data
 

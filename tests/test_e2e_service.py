@@ -78,7 +78,7 @@ def test_probes_metrics_and_openapi(env):
     assert "/v1/classify" in paths and "/v1/embed" in paths
     admin_paths = c.get("/v1/openapi.json").json()["paths"]
     assert "post" in admin_paths["/v1/admin/tenants/{tenant}/adapters/{name}/versions"]
-    assert "loraplex_ready 1.0" in c.get("/metrics").text
+    assert "loraplex_ready 1.0" in c.get("/metrics", headers=ADMIN).text
 
 
 def test_classify_names_the_exact_version_and_digest(env):
@@ -336,12 +336,16 @@ def test_concurrent_requests_of_different_tenants_merge_into_one_engine_batch(en
 
             return await asyncio.gather(*[one(i) for i in range(48)])
 
-    before = _histogram(env["client"].get("/metrics").text, "loraplex_engine_batch_tenants", "classify")
+    before = _histogram(
+        env["client"].get("/metrics", headers=ADMIN).text, "loraplex_engine_batch_tenants", "classify"
+    )
     assert set(asyncio.run(fire())) == {200}
-    after = _histogram(env["client"].get("/metrics").text, "loraplex_engine_batch_tenants", "classify")
+    after = _histogram(
+        env["client"].get("/metrics", headers=ADMIN).text, "loraplex_engine_batch_tenants", "classify"
+    )
     merged = (after["count"] - after["le_1"]) - (before["count"] - before["le_1"])
     assert merged >= 1, (before, after)  # at least one engine call held rows of 2+ tenants
-    text = env["client"].get("/metrics").text
+    text = env["client"].get("/metrics", headers=ADMIN).text
     sizes = re.findall(
         r'bentoml_service_adaptive_batch_size_sum\{[^}]*method_name="classify"[^}]*\} (\S+)', text
     )
@@ -365,7 +369,7 @@ def _histogram(text: str, name: str, task: str) -> dict[str, float]:
 def test_per_tenant_metrics(env):
     c = env["client"]
     classify(c, "globex", "sentiment")
-    text = c.get("/metrics").text
+    text = c.get("/metrics", headers=ADMIN).text
     assert re.search(r'loraplex_requests_total\{route="classify",status="200",tenant="globex"\} [1-9]', text)
     assert re.search(
         r'loraplex_request_duration_seconds_count\{route="classify",tenant="globex"\} [1-9]', text

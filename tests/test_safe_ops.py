@@ -164,6 +164,8 @@ def test_serve_resolves_a_relative_store_against_the_current_directory(tmp_path,
 
     launched = {}
     monkeypatch.setattr(cli_module.os, "execvpe", lambda f, cmd, env: launched.update(env=env, cmd=cmd))
+    # The start-up check needs a base and tokens in the store; only the path resolution is tested here.
+    monkeypatch.setattr("serving.preflight.check_startup", lambda env: launched.update(checked=env))
     monkeypatch.delenv("LORAPLEX_STORE", raising=False)
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()

@@ -47,7 +47,7 @@ def test_settings_from_env_and_file(tmp_path):
     }
     s = ServiceSettings.from_env(env)
     assert (s.store, s.base, s.cache_bytes) == ("/srv/store", "tiny", 2048)
-    assert s.tenant_tokens == {"acme": ("tok-acme-1", "tok-acme-2"), "globex": ("tok-globex",)}
+    assert plain(s.tenant_tokens) == {"acme": ("tok-acme-1", "tok-acme-2"), "globex": ("tok-globex",)}
     assert s.pins == ("acme", "globex/sentiment")
     assert (s.limits.max_inputs, s.limits.max_chars) == (5, 100)
     assert s.insecure_dev is False
@@ -56,22 +56,47 @@ def test_settings_from_env_and_file(tmp_path):
 @pytest.mark.parametrize(
     "env, needle",
     [
-        ({}, "store"),
-        ({"LORAPLEX_STORE": "x", "LORAPLEX_MAX_INPUTS": "0"}, "max_inputs"),
-        ({"LORAPLEX_STORE": "x", "LORAPLEX_BASE": "Bad/Name"}, "base"),
-        ({"LORAPLEX_STORE": "x", "LORAPLEX_INSECURE_DEV": "maybe"}, "INSECURE_DEV"),
-        ({"LORAPLEX_STORE": "x", "LORAPLEX_TENANT_TOKENS": "acme:short"}, "8 characters"),
-        ({"LORAPLEX_STORE": "x", "LORAPLEX_TENANT_TOKENS": "no-colon"}, "tenant:token"),
-        ({"LORAPLEX_STORE": "x", "LORAPLEX_RUNTIME": "tpu"}, "runtime"),
+        ({}, "LORAPLEX_STORE: Field required"),
+        ({"LORAPLEX_STORE": "x", "LORAPLEX_MAX_INPUTS": "0"}, "LORAPLEX_MAX_INPUTS: Input should be"),
+        ({"LORAPLEX_STORE": "x", "LORAPLEX_BASE": "Bad/Name"}, "LORAPLEX_BASE: invalid base name"),
+        ({"LORAPLEX_STORE": "x", "LORAPLEX_INSECURE_DEV": "maybe"}, "LORAPLEX_INSECURE_DEV must be"),
+        (
+            {"LORAPLEX_STORE": "x", "LORAPLEX_TENANT_TOKENS": "globex:tok-globex-1,acme:short"},
+            "LORAPLEX_TENANT_TOKENS: entry 2 \\(tenant 'acme'\\): a token needs at least 8 characters",
+        ),
+        (
+            {"LORAPLEX_STORE": "x", "LORAPLEX_TENANT_TOKENS": "no-colon"},
+            "entry 1 must look like 'tenant:token'",
+        ),
+        ({"LORAPLEX_STORE": "x", "LORAPLEX_RUNTIME": "tpu"}, "LORAPLEX_RUNTIME: Input should be"),
+        ({"LORAPLEX_STORE": "x", "LORAPLEX_ADMIN_TOKEN": "short"}, "LORAPLEX_ADMIN_TOKEN: a token needs"),
+        ({"LORAPLEX_STORE": "x", "LORAPLEX_METRICS_AUTH": "open"}, "LORAPLEX_METRICS_AUTH: Input should be"),
     ],
 )
-def test_settings_errors_name_the_field(env, needle):
+def test_settings_errors_name_the_variable(env, needle):
     with pytest.raises(InvalidRequest, match=needle):
         ServiceSettings.from_env(env)
 
 
+def test_settings_errors_from_the_config_file_name_the_file_and_key(tmp_path):
+    cfg = tmp_path / "svc.yaml"
+    cfg.write_text("limits:\n  max_inputs: 0\n")
+    with pytest.raises(InvalidRequest, match=r"LORAPLEX_CONFIG file .*svc.yaml, key limits.max_inputs"):
+        ServiceSettings.from_env({"LORAPLEX_CONFIG": str(cfg), "LORAPLEX_STORE": "x"})
+    cfg.write_text("admin_token: tok-secret-value: x\n")  # YAML's own message quotes the line
+    with pytest.raises(InvalidRequest, match="not valid YAML at line 1") as err:
+        ServiceSettings.from_env({"LORAPLEX_CONFIG": str(cfg), "LORAPLEX_STORE": "x"})
+    assert "secret" not in str(err.value)
+
+
+def plain(tokens) -> dict[str, tuple[str, ...]]:
+    return {k: tuple(t.get_secret_value() for t in v) for k, v in tokens.items()}
+
+
 def test_parse_tenant_tokens_skips_blanks():
-    assert parse_tenant_tokens("a:12345678,, b:abcdefgh ") == {"a": ("12345678",), "b": ("abcdefgh",)}
+    parsed = parse_tenant_tokens("a:12345678,, b:abcdefgh ")
+    assert plain(parsed) == {"a": ("12345678",), "b": ("abcdefgh",)}
+    assert "12345678" not in repr(parsed)  # SecretStr from the moment they are read
 
 
 # -- tokens ----------------------------------------------------------------------------------------------
@@ -95,7 +120,7 @@ def test_token_book_resolves_each_token_to_its_principal():
 def test_token_book_refuses_no_tokens_duplicates_and_bad_hashes():
     with pytest.raises(InvalidRequest, match="INSECURE_DEV"):
         TokenBook([], {})
-    with pytest.raises(InvalidRequest, match="twice"):
+    with pytest.raises(InvalidRequest, match="repeats"):
         TokenBook(["same-token-1"], {"acme": ["same-token-1"]})
     with pytest.raises(InvalidRequest, match="64 hex"):
         TokenBook(["sha256:abc"], {})
@@ -113,8 +138,12 @@ def test_insecure_dev_trusts_the_tenant_header_only_in_dev_mode():
 def test_tokens_file(tmp_path):
     p = tmp_path / "tokens.json"
     p.write_text(json.dumps({"admin": "adm-token-1", "tenants": {"acme": ["t-acme-1"], "b": "t-b-12345"}}))
-    admin, tenants = load_tokens_file(p)
-    assert admin == ["adm-token-1"] and tenants == {"acme": ["t-acme-1"], "b": ["t-b-12345"]}
+    entries = {(e.principal.role, e.principal.tenant, e.secret) for e in load_tokens_file(p)}
+    assert entries == {
+        ("admin", None, "adm-token-1"),
+        ("tenant", "acme", "t-acme-1"),
+        ("tenant", "b", "t-b-12345"),
+    }
     p.write_text("[1, 2]")
     with pytest.raises(InvalidRequest):
         load_tokens_file(p)
@@ -384,11 +413,12 @@ def test_engine_settings_follow_service_settings_and_pass_the_runtime():
 
 
 def test_management_openapi_lists_every_route_with_its_methods():
-    from serving.management import ROUTES, openapi_spec
+    from serving.management import all_routes, openapi_spec
 
     spec = openapi_spec()
     ops = {(path, m) for path, item in spec["paths"].items() for m in item}
-    assert len(ops) == sum(len(r.methods - {"HEAD"}) for r in ROUTES)
+    assert len(ops) == sum(len(r.methods - {"HEAD"}) for r in all_routes())
+    assert ("/v1/admin/tenants/{tenant}/tokens/{token_id}/rotate", "post") in ops
     assert ("/v1/admin/tenants/{tenant}/adapters/{name}/versions", "post") in ops
     assert ("/v1/admin/tenants/{tenant}/adapters/{name}/pin", "delete") in ops
 

@@ -361,6 +361,9 @@ def _mount_optional() -> None:
     from training.demo import demo_command
 
     main.add_command(demo_command, "demo")
+    from training.cli_tokens import tokens_group
+
+    main.add_command(tokens_group, "tokens")
     from training import onnx_export
 
     group = getattr(onnx_export, "onnx_group", None)
@@ -392,17 +395,29 @@ def service_command(host: str, port: int) -> list[str]:
 @main.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=3000, show_default=True, type=int)
-@click.option("--base", "base_name", default="minilm", show_default=True, help="Registered base to load.")
+@click.option(
+    "--base",
+    "base_name",
+    default="minilm",
+    show_default=True,
+    envvar="LORAPLEX_BASE",
+    help="Registered base to load.",
+)
 @click.option("--insecure-dev", is_flag=True, help="No tokens: for a local demo only, never in production.")
 @store_option
 def serve(host: str, port: int, base_name: str, insecure_dev: bool, store_url: str) -> None:
-    """Start the BentoML service (`bentoml serve serving.service:...`) on HOST:PORT."""
+    """Start the BentoML service (`bentoml serve serving.service:...`) on HOST:PORT.
+
+    Settings, store, base and tokens are checked first: a problem exits with status 2 and one line
+    naming the variable to fix (the server itself never starts)."""
     from adapters_store.registry import absolute_store_url
+    from serving.preflight import check_startup
 
     # bentoml serve runs from the project folder: a relative store means the current directory's.
     env = dict(os.environ, LORAPLEX_STORE=absolute_store_url(store_url), LORAPLEX_BASE=base_name)
     if insecure_dev:
         env["LORAPLEX_INSECURE_DEV"] = "1"
+    check_startup(env)  # a LoraplexError becomes "error: ... [code]" and exit 2 (LoraplexGroup)
     cmd = service_command(host, port)
     os.execvpe(cmd[0], cmd, env)
 

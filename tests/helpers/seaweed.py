@@ -6,6 +6,7 @@ port at its port + 10000, so ports are picked with both free.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -73,7 +74,10 @@ def s3_env() -> None:
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 
-def start_seaweed(workdir: Path, ready_timeout: float = 60.0) -> SeaweedServer:
+def start_seaweed(
+    workdir: Path, ready_timeout: float = 60.0, credentials: tuple[str, str] | None = None
+) -> SeaweedServer:
+    """With ``credentials`` (access key, secret key) the server refuses every other key pair."""
     s3_env()
     taken: set[int] = set()
     ports = {}
@@ -99,22 +103,32 @@ def start_seaweed(workdir: Path, ready_timeout: float = 60.0) -> SeaweedServer:
         "-s3.port.lance=0",
         "-s3.port.iceberg=0",
     ]
+    if credentials:
+        config = workdir / "s3-identities.json"
+        identity = {
+            "name": "loraplex",
+            "credentials": [{"accessKey": credentials[0], "secretKey": credentials[1]}],
+        }
+        identity["actions"] = ["Admin", "Read", "List", "Tagging", "Write"]
+        config.write_text(json.dumps({"identities": [identity]}))
+        cmd.append(f"-s3.config={config}")
     proc = subprocess.Popen(
         cmd, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True
     )
     server = SeaweedServer(f"http://127.0.0.1:{ports['s3']}", proc, log_path)
     try:
-        _wait_ready(server, ready_timeout)
+        _wait_ready(server, ready_timeout, credentials)
     except BaseException:
         server.stop()
         raise
     return server
 
 
-def _wait_ready(server: SeaweedServer, timeout: float) -> None:
+def _wait_ready(server: SeaweedServer, timeout: float, credentials: tuple[str, str] | None = None) -> None:
     import boto3
 
-    client = boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1")
+    keys = dict(zip(("aws_access_key_id", "aws_secret_access_key"), credentials or (), strict=False))
+    client = boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1", **keys)
     deadline = time.monotonic() + timeout
     bucket = f"probe-{uuid.uuid4().hex[:8]}"
     last: Exception | None = None

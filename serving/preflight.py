@@ -1,0 +1,72 @@
+"""Start-up checks, run before anything is served: settings, store, base and tokens.
+
+``loraplex serve`` runs them before it launches BentoML, and the service runs the same ones, so a bad
+setting stops the start with one line naming the variable (never a value) and a non-zero exit, instead
+of a worker that BentoML restarts forever while ``/livez`` hangs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapters_store import open_store
+from adapters_store.base_models import BaseModelEntry
+from adapters_store.errors import InvalidRequest, InvalidSettings, NotFound, StoreUnavailable
+from adapters_store.registry import local_path
+from adapters_store.store import AdapterStore
+from serving.auth import TokenBook, token_book_from_settings
+from serving.settings import ServiceSettings
+
+
+@dataclass
+class StartupCheck:
+    """What a replica starts with, every part already checked."""
+
+    settings: ServiceSettings
+    store: AdapterStore
+    base: BaseModelEntry
+    tokens: TokenBook
+
+
+def check_startup(environ: Mapping[str, str] | None = None) -> StartupCheck:
+    """Settings, store, base, tokens, in that order; the first problem raises a LoraplexError whose
+    one-line message starts with the variable to fix."""
+    settings = ServiceSettings.from_env(environ)
+    store = open_checked_store(settings.store)
+    base = checked_base(store, settings.base)
+    try:
+        tokens = token_book_from_settings(settings, store)
+    except StoreUnavailable as e:
+        raise StoreUnavailable(f"LORAPLEX_STORE: reading tenant tokens: {e.message}") from None
+    return StartupCheck(settings, store, base, tokens)
+
+
+def open_checked_store(url: str) -> AdapterStore:
+    folder = local_path(url)
+    if folder is not None and not Path(folder).is_dir():
+        # open_store would create it: for a server that only hides a typo behind an empty store.
+        raise InvalidSettings(
+            f"LORAPLEX_STORE: no store at {folder} (the folder does not exist); create one with "
+            f"'loraplex base register NAME --store {folder}'"
+        )
+    try:
+        return open_store(url)
+    except StoreUnavailable as e:
+        raise StoreUnavailable(f"LORAPLEX_STORE: {e.message}") from None
+    except InvalidRequest as e:
+        raise InvalidSettings(f"LORAPLEX_STORE: {e.message}") from None
+
+
+def checked_base(store: AdapterStore, name: str) -> BaseModelEntry:
+    try:
+        return store.get_base(name)
+    except StoreUnavailable as e:
+        raise StoreUnavailable(f"LORAPLEX_STORE: {e.message}") from None
+    except NotFound:
+        known = ", ".join(b.name for b in store.list_bases()) or "none"
+        raise InvalidSettings(
+            f"LORAPLEX_BASE: base {name!r} is not registered in the store (registered: {known}); "
+            f"run 'loraplex base register {name} --store ...'"
+        ) from None
