@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from adapters_store.errors import UnsafeFormat, ValidationError
 from adapters_store.names import validate_name
 from adapters_store.peft_spec import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, AdapterSpec
+from adapters_store.preparation import MAX_TEXT_LENGTH, MIN_TEXT_LENGTH
 
 # 2: lora/ia3 manifests carry the adapter spec (``peft``), computed at put; 1 (no spec) still loads.
 SCHEMA_VERSION = 2
@@ -148,6 +149,13 @@ class AdapterManifest(_Frozen):
     peft: AdapterSpec | None = Field(
         default=None, description="lora/ia3: the adapter spec the store computed at put (schema 2)"
     )
+    max_seq_len: int | None = Field(
+        default=None,
+        ge=MIN_TEXT_LENGTH,
+        le=MAX_TEXT_LENGTH,
+        description="text bundles: tokens kept per text in training; the engine serves rows the same way "
+        "(adapters_store/preparation.py). None: the server's default",
+    )
     files: dict[str, FileEntry]
     created_at: str = Field(default_factory=utc_now)
     metrics: dict[str, Any] = Field(default_factory=dict)
@@ -189,7 +197,9 @@ class AdapterManifest(_Frozen):
     @property
     def digest(self) -> str:
         """Content digest of the bundle (manifest minus version/time): the engine's cache key."""
-        body = self.model_dump(mode="json", exclude={"version", "created_at"})
+        # why: a manifest that records no max_seq_len keeps the digest it had before the field existed
+        skip = {"version", "created_at"} | ({"max_seq_len"} if self.max_seq_len is None else set())
+        body = self.model_dump(mode="json", exclude=skip)
         return sha256_hex(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
     def to_json(self) -> bytes:

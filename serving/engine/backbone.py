@@ -84,9 +84,12 @@ def load_backbone(entry: BaseModelEntry) -> Backbone:
 
 
 def _encoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList | None]:
-    """(in-memory path prefix, blocks): BERT keeps ``encoder.layer``; transformers 5 ViT has ``layers``."""
-    for prefix, layers in (("encoder.layer.", getattr(getattr(model, "encoder", None), "layer", None)),
-                           ("layers.", getattr(model, "layers", None))):  # fmt: skip
+    """(in-memory path prefix, blocks): BERT keeps ``encoder.layer``; transformers 5 ViT has ``layers``;
+    Wav2Vec2 has ``encoder.layers`` (training fine-tunes its top blocks too)."""
+    encoder = getattr(model, "encoder", None)
+    for prefix, layers in (("encoder.layer.", getattr(encoder, "layer", None)),
+                           ("layers.", getattr(model, "layers", None)),
+                           ("encoder.layers.", getattr(encoder, "layers", None))):  # fmt: skip
         if isinstance(layers, nn.ModuleList) and len(layers) > 0:
             return prefix, layers
     return "encoder.layer.", None
@@ -169,15 +172,25 @@ def build_full_model(backbone: Backbone, state: dict[str, torch.Tensor]) -> nn.M
     return model.eval()
 
 
-def encode_texts(backbone: Backbone, texts: Sequence[str], max_len: int) -> dict[str, torch.Tensor]:
-    """Tokenise with truncation to ``max_len``, never past the base's position table."""
-    return backbone.preprocessor(
-        list(texts),
-        padding=True,
-        truncation=True,
-        max_length=min(max_len, max_positions(backbone)),
-        return_tensors="pt",
-    )
+def encode_texts(
+    backbone: Backbone, texts: Sequence[str], lengths: int | Sequence[int]
+) -> dict[str, torch.Tensor]:
+    """Tokenise each text truncated to its own length (its bundle's, see adapters_store/preparation.py),
+    never past the base's position table, and pad the batch to its longest row."""
+    limit = max_positions(backbone)
+    sizes = [lengths] * len(texts) if isinstance(lengths, int) else list(lengths)
+    sizes = [min(n, limit) for n in sizes]
+    tok = backbone.preprocessor
+    if len(set(sizes)) <= 1:  # the common case: one call, as fast as before
+        n = sizes[0] if sizes else limit
+        return tok(list(texts), padding=True, truncation=True, max_length=n, return_tensors="pt")
+    rows: list[dict[str, Any]] = [{}] * len(texts)
+    for n in sorted(set(sizes)):
+        idx = [i for i, m in enumerate(sizes) if m == n]
+        enc = tok([texts[i] for i in idx], truncation=True, max_length=n)
+        for j, i in enumerate(idx):
+            rows[i] = {key: values[j] for key, values in enc.items()}
+    return tok.pad(rows, padding=True, return_tensors="pt")
 
 
 def max_positions(backbone: Backbone) -> int:

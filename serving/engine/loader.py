@@ -24,11 +24,12 @@ from adapters_store.bundle import (
 )
 from adapters_store.errors import IncompatibleBase, UnsupportedAdapter, ValidationError
 from adapters_store.peft_spec import AdapterSpec, SavedModule
+from adapters_store.preparation import RowPreparation
 from adapters_store.validation import StoreLimits, validate_bundle
 from serving.engine.backbone import Backbone, build_full_model
 from serving.engine.heads import HeadParams, head_from_classifier, head_from_file
 
-_LAYER_KEY = re.compile(r"^encoder\.layer\.(?P<idx>\d+)\.(?P<rest>.+)$")
+_LAYER_KEY = re.compile(r"^encoder\.layers?\.(?P<idx>\d+)\.(?P<rest>.+)$")  # layers: Wav2Vec2
 _LIMITS = StoreLimits()
 
 
@@ -48,6 +49,7 @@ class LoadedAdapter:
     full_model: nn.Module | None = None  # full: dedicated model copy
     nbytes: int = 0
     digest: str = ""  # manifest.digest, computed once (it hashes the manifest's JSON)
+    preparation: RowPreparation = field(default_factory=RowPreparation)  # how its rows are prepared
 
     @property
     def kind(self) -> str:
@@ -68,7 +70,13 @@ def load_adapter(bundle: Bundle, backbone: Backbone) -> LoadedAdapter:
             f"({backbone.entry.fingerprint[:12]}...)"
         )
     spec = validate_bundle(bundle, backbone.entry, _LIMITS)
-    loaded = LoadedAdapter(manifest=m, pooling=m.pooling, normalize=m.normalize, digest=m.digest)
+    loaded = LoadedAdapter(
+        manifest=m,
+        pooling=m.pooling,
+        normalize=m.normalize,
+        digest=m.digest,
+        preparation=RowPreparation.of(m),
+    )
     if spec is not None:
         _load_peft(bundle, backbone, loaded, spec)
     else:
