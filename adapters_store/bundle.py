@@ -32,11 +32,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from adapters_store.errors import UnsafeFormat, ValidationError
 from adapters_store.names import validate_name
+from adapters_store.peft_spec import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, AdapterSpec
+from adapters_store.preparation import MAX_TEXT_LENGTH, MIN_TEXT_LENGTH
 
-SCHEMA_VERSION = 1
+# 2: lora/ia3 manifests carry the adapter spec (``peft``), computed at put; 1 (no spec) still loads.
+SCHEMA_VERSION = 2
 MANIFEST_FILE = "manifest.json"
-PEFT_CONFIG_FILE = "adapter_config.json"
-PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 HEAD_WEIGHTS_FILE = "head.safetensors"
 MODEL_WEIGHTS_FILE = "model.safetensors"
 TRAINING_CURVE_FILE = "training_curve.png"
@@ -131,7 +132,7 @@ class HeadSpec(_Frozen):
 class AdapterManifest(_Frozen):
     """``manifest.json``: what the bundle is, what it was trained on, and the digest of every file."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1, 2] = SCHEMA_VERSION
     tenant: str
     name: str
     version: int | None = Field(default=None, ge=1, description="assigned by the store at put")
@@ -144,6 +145,16 @@ class AdapterManifest(_Frozen):
     head: HeadSpec | None = None
     first_trained_layer: int | None = Field(
         default=None, ge=0, description="partial: first tenant-owned block"
+    )
+    peft: AdapterSpec | None = Field(
+        default=None, description="lora/ia3: the adapter spec the store computed at put (schema 2)"
+    )
+    max_seq_len: int | None = Field(
+        default=None,
+        ge=MIN_TEXT_LENGTH,
+        le=MAX_TEXT_LENGTH,
+        description="text bundles: tokens kept per text in training; the engine serves rows the same way "
+        "(adapters_store/preparation.py). None: the server's default",
     )
     files: dict[str, FileEntry]
     created_at: str = Field(default_factory=utc_now)
@@ -169,6 +180,8 @@ class AdapterManifest(_Frozen):
         missing = [f for f in REQUIRED_FILES[self.kind] if f not in self.files]
         if missing:
             raise ValueError(f"a {self.kind!r} bundle needs {', '.join(missing)}")
+        if self.peft is not None and self.kind not in ("lora", "ia3"):
+            raise ValueError(f"a {self.kind!r} bundle has no PEFT spec")
         if self.kind in ("head", "partial", "full") and self.head is None:
             raise ValueError(f"a {self.kind!r} bundle needs a 'head' spec")
         if self.kind == "partial" and self.first_trained_layer is None:
@@ -184,7 +197,9 @@ class AdapterManifest(_Frozen):
     @property
     def digest(self) -> str:
         """Content digest of the bundle (manifest minus version/time): the engine's cache key."""
-        body = self.model_dump(mode="json", exclude={"version", "created_at"})
+        # why: a manifest that records no max_seq_len keeps the digest it had before the field existed
+        skip = {"version", "created_at"} | ({"max_seq_len"} if self.max_seq_len is None else set())
+        body = self.model_dump(mode="json", exclude=skip)
         return sha256_hex(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
     def to_json(self) -> bytes:
@@ -209,6 +224,8 @@ class Bundle:
 
     manifest: AdapterManifest
     files: Mapping[str, bytes] = field(repr=False)
+    # Set by verify(): a cold load reads, checks and validates one bundle, and hashes each byte once.
+    _verified: bool = field(default=False, init=False, repr=False, compare=False)
 
     @classmethod
     def build(cls, files: Mapping[str, bytes], **manifest_fields: Any) -> Bundle:
@@ -229,6 +246,9 @@ class Bundle:
         """Every listed file present with its recorded size and sha256, and nothing unlisted."""
         from adapters_store.errors import IntegrityError
 
+        if self._verified:
+            return
+
         extra = set(self.files) - set(self.manifest.files)
         if extra:
             raise ValidationError(f"files not listed in the manifest: {', '.join(sorted(extra))}")
@@ -240,6 +260,7 @@ class Bundle:
                 raise IntegrityError(
                     f"{self.manifest.tenant}/{self.manifest.name}: file {name!r} does not match its sha256/size"
                 )
+        object.__setattr__(self, "_verified", True)
 
     def with_manifest(self, **changes: Any) -> Bundle:
         return Bundle(self.manifest.model_copy(update=changes), self.files)

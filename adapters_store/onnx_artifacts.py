@@ -44,7 +44,10 @@ class LoraGraphRecord(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    targets: list[str] = Field(description="module names (last path part) that take a LoRA delta, e.g. query")
+    targets: list[str] = Field(
+        description="module paths inside one encoder block that take a LoRA delta, e.g. "
+        "attention.self.query (what `--lora-targets query` records for BERT)"
+    )
     num_layers: int = Field(gt=0)
     index_input: str = Field(description="int64 [batch]: the adapter slot of each row")
     a_input: str = Field(description="pattern with {layer} and {target}: float32 [N, in, R] = A^T per slot")

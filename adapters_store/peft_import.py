@@ -1,8 +1,8 @@
 """Import a folder written by PEFT's ``save_pretrained`` as a bundle, weights byte-for-byte unchanged.
 
-The PEFT config is narrowed to what loraplex serves at this boundary (STYLE principle 3): plain
-LoRA (any rank/alpha/targets, ``rank_pattern``/``alpha_pattern``) or IA3, with ``modules_to_save``
-heads; anything else is refused with a message that says how to fix it.
+The PEFT config is narrowed to what loraplex serves at this boundary (STYLE principle 3) by
+:mod:`adapters_store.peft_spec` (every option served exactly or refused, docs/peft_options.md); the
+spec it computes goes into the manifest.
 """
 
 from __future__ import annotations
@@ -10,9 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from adapters_store import peft_spec
 from adapters_store.base_models import BaseModelEntry
 from adapters_store.bundle import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, Bundle, check_file_name
 from adapters_store.errors import UnsafeFormat, UnsupportedAdapter, ValidationError
+from adapters_store.model_families import default_pooling
 from adapters_store.validation import StoreLimits, parse_peft_config, parse_safetensors
 
 _TASK_TYPES = {
@@ -36,14 +38,6 @@ def peft_kind_and_task(cfg: dict[str, Any], task: str | None) -> tuple[str, str]
     return kind, task
 
 
-def _classifier_outputs(weights: bytes, model_type: str) -> int | None:
-    header = parse_safetensors(weights, PEFT_WEIGHTS_FILE, StoreLimits())
-    for key, meta in header.items():
-        if key.endswith(("classifier.weight", "classifier.out_proj.weight", "score.weight")):
-            return meta["shape"][0]
-    return None
-
-
 def import_peft_dir(
     path: str | Path,
     tenant: str,
@@ -58,8 +52,8 @@ def import_peft_dir(
     """Make a bundle from a PEFT ``save_pretrained`` folder (the bytes of both files are kept as they are).
 
     ``task`` defaults from the config's ``task_type`` (SEQ_CLS -> text-classification); ``labels``
-    default to ``LABEL_0..N-1`` from the classifier's shape; ``pooling`` defaults to ``pooler`` for
-    classification (what BERT's sequence classification uses) and ``mean`` for embeddings.
+    default to ``LABEL_0..N-1`` from the classifier's shape; ``pooling`` defaults to what the base
+    family's task model classifies (BERT: ``pooler``; ViT: ``cls``) and ``mean`` for embeddings.
     """
     folder = Path(path)
     for p in folder.iterdir():
@@ -103,12 +97,13 @@ def bundle_from_peft_files(
     """The same as :func:`import_peft_dir` from the two files' bytes (HTTP uploads use this)."""
     cfg = parse_peft_config(config)
     kind, task = peft_kind_and_task(cfg, task)
+    header = parse_safetensors(weights, PEFT_WEIGHTS_FILE, StoreLimits())
+    spec = peft_spec.build(cfg, header, base, labels)  # the store recomputes it at put and must agree
     if task != "feature-extraction" and not labels:
-        n = _classifier_outputs(weights, base.model_type)
-        if n is None:
+        if spec.head is None:
             raise ValidationError(f"task {task!r} needs a classifier in modules_to_save, or pass labels")
-        labels = [f"LABEL_{i}" for i in range(n)]
-    pooling = pooling or ("pooler" if task == "text-classification" else "mean")
+        labels = [f"LABEL_{i}" for i in range(spec.head.out_features)]
+    pooling = pooling or default_pooling({"model_type": base.model_type}, task)
     return Bundle.build(
         {PEFT_CONFIG_FILE: config, PEFT_WEIGHTS_FILE: weights},
         tenant=tenant,
@@ -118,5 +113,6 @@ def bundle_from_peft_files(
         labels=list(labels or []),
         base=base.ref,
         pooling=pooling,
+        peft=spec,
         **manifest_fields,
     )

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from adapters_store.base_models import BaseModelEntry
-from adapters_store.bundle import AdapterManifest, Bundle
+from adapters_store.bundle import SCHEMA_VERSION, AdapterManifest, Bundle
 from adapters_store.errors import (
     Conflict,
     IncompatibleBase,
@@ -162,7 +162,9 @@ class ObjectStore(ABC):
         m = bundle.manifest
         aliases = list(dict.fromkeys(validate_settable_alias(a) for a in aliases))
         base = self._base_for(m.base.fingerprint, m.base.name)
-        validate_bundle(bundle, base, self.limits)
+        spec = validate_bundle(bundle, base, self.limits)
+        if spec is not None:  # the stored manifest carries the spec, so readers never re-derive it
+            bundle = bundle.with_manifest(peft=spec, schema_version=SCHEMA_VERSION)
         stamped = self._commit(bundle)
         for alias in aliases:
             self._write_alias(m.tenant, m.name, alias, stamped.version)

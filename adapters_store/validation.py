@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from adapters_store import peft_spec
 from adapters_store.base_models import BaseModelEntry
 from adapters_store.bundle import (
     HEAD_WEIGHTS_FILE,
@@ -30,6 +31,9 @@ from adapters_store.errors import (
     UnsupportedAdapter,
     ValidationError,
 )
+from adapters_store.peft_spec import AdapterSpec, parse_peft_config
+
+__all__ = ["StoreLimits", "parse_peft_config", "parse_safetensors", "peft_spec_of", "validate_bundle"]
 
 _DTYPES = {
     "F64": np.float64,
@@ -142,8 +146,9 @@ def check_finite(data: bytes, name: str, header: dict[str, dict[str, Any]]) -> N
             raise ValidationError(f"{name}: tensor {key!r} holds NaN or Inf values")
 
 
-def validate_bundle(bundle: Bundle, base: BaseModelEntry, limits: StoreLimits) -> None:
-    """Everything a put must check before a single byte is stored. Raises a specific error."""
+def validate_bundle(bundle: Bundle, base: BaseModelEntry, limits: StoreLimits) -> AdapterSpec | None:
+    """Everything a put must check before a single byte is stored; returns the PEFT spec of a lora/ia3
+    bundle (the store writes it into the manifest). Raises a specific error."""
     m = bundle.manifest
     if m.base.fingerprint != base.fingerprint:
         raise IncompatibleBase(
@@ -169,242 +174,40 @@ def validate_bundle(bundle: Bundle, base: BaseModelEntry, limits: StoreLimits) -
         if fname.endswith(".safetensors"):
             headers[fname] = parse_safetensors(data, fname, limits)
             check_finite(data, fname, headers[fname])
+    spec = None
     if m.kind in ("lora", "ia3"):
-        cfg = parse_peft_config(bundle.files[PEFT_CONFIG_FILE])
-        check_peft_weights(m.kind, cfg, headers[PEFT_WEIGHTS_FILE], base, limits, m.labels)
+        spec = peft_spec_of(bundle, base, limits, headers[PEFT_WEIGHTS_FILE])
         if HEAD_WEIGHTS_FILE in headers and m.head is not None:
             check_head(headers[HEAD_WEIGHTS_FILE], m.head)
-        elif m.task != "feature-extraction":
-            check_peft_classifier(headers[PEFT_WEIGHTS_FILE], base, m.labels)
+        elif m.task != "feature-extraction" and spec.head is None:
+            raise ValidationError(
+                f"{PEFT_WEIGHTS_FILE} has no classifier weight; a classification adapter needs one in "
+                "modules_to_save (or use task feature-extraction)"
+            )
     else:
         check_head(headers[HEAD_WEIGHTS_FILE], m.head)  # type: ignore[arg-type]
     if m.kind in ("partial", "full"):
         check_model_weights(m.kind, headers[MODEL_WEIGHTS_FILE], base, m.first_trained_layer)
+    return spec
 
 
-def parse_peft_config(data: bytes) -> dict[str, Any]:
-    try:
-        cfg = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValidationError(f"{PEFT_CONFIG_FILE} is not valid JSON ({e})") from None
-    except RecursionError:
-        raise ValidationError(f"{PEFT_CONFIG_FILE} is nested too deeply") from None
-    if not isinstance(cfg, dict):
-        raise ValidationError(f"{PEFT_CONFIG_FILE} must be a JSON object")
-    check_peft_config_types(cfg)
-    return cfg
-
-
-# Options that change the forward pass in ways the engine does not reproduce: refused at the boundary.
-UNSUPPORTED_PEFT_OPTIONS = (
-    "use_dora",
-    "lora_bias",
-    "layer_replication",
-    "alora_invocation_tokens",
-    "target_parameters",
-    "trainable_token_indices",
-    "use_bdlora",
-)
-
-
-def check_peft_config_types(cfg: dict[str, Any]) -> None:
-    """The fields loraplex reads must have PEFT's types, so later code never trips on a stray int."""
-    targets = cfg.get("target_modules")
-    if targets is not None and not isinstance(targets, str) and not _str_list(targets):
-        raise ValidationError(f"{PEFT_CONFIG_FILE}: 'target_modules' must be a string or a list of strings")
-    saved = cfg.get("modules_to_save")
-    if saved is not None and not _str_list(saved):
-        raise ValidationError(f"{PEFT_CONFIG_FILE}: 'modules_to_save' must be a list of strings")
-    ff = cfg.get("feedforward_modules")
-    if ff is not None and not isinstance(ff, str) and not _str_list(ff):
-        raise ValidationError(
-            f"{PEFT_CONFIG_FILE}: 'feedforward_modules' must be a string or a list of strings"
-        )
-    for key in ("rank_pattern", "alpha_pattern"):
-        pattern = cfg.get(key)
-        if pattern is None:
-            continue
-        if not isinstance(pattern, dict) or not all(
-            isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v) and v > 0
-            for v in pattern.values()
-        ):
-            raise ValidationError(f"{PEFT_CONFIG_FILE}: {key!r} must map module patterns to positive numbers")
-    for flag in UNSUPPORTED_PEFT_OPTIONS:
-        if cfg.get(flag):
-            raise UnsupportedAdapter(f"{PEFT_CONFIG_FILE}: {flag} is not supported; train a plain adapter")
-
-
-def _str_list(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) for v in value)
-
-
-_PEFT_PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
-_IA3_KEY = re.compile(r"^(?P<module>.+)\.ia3_l$")
-
-
-def backbone_name(key: str, model_type: str) -> str:
-    """PEFT key -> base tensor name: drop ``base_model.model.`` and the task model's ``bert.`` prefix."""
-    if key.startswith(_PEFT_PREFIX):
-        key = key[len(_PEFT_PREFIX) :]
-    prefix = f"{model_type}."
-    return key[len(prefix) :] if key.startswith(prefix) else key
-
-
-def _module_targeted(module: str, targets: Any) -> bool:
-    if isinstance(targets, str):
-        return re.fullmatch(targets, module) is not None
-    return any(module == t or module.endswith("." + t) for t in targets or [])
-
-
-def check_peft_weights(
-    kind: str,
-    cfg: dict[str, Any],
-    header: dict[str, dict[str, Any]],
-    base: BaseModelEntry,
-    limits: StoreLimits,
-    labels: list[str],
-) -> None:
-    """LoRA/IA3 tensors must match their own config and the base's shapes; extra keys are refused."""
-    expected_type = "LORA" if kind == "lora" else "IA3"
-    if str(cfg.get("peft_type", "")).upper() != expected_type:
+def peft_spec_of(
+    bundle: Bundle, base: BaseModelEntry, limits: StoreLimits, header: dict[str, dict[str, Any]] | None = None
+) -> AdapterSpec:
+    """The bundle's adapter spec, computed from its files; a spec already in the manifest must agree."""
+    m = bundle.manifest
+    if header is None:
+        header = parse_safetensors(bundle.files[PEFT_WEIGHTS_FILE], PEFT_WEIGHTS_FILE, limits)
+    cfg = parse_peft_config(bundle.files[PEFT_CONFIG_FILE])
+    expected = "LORA" if m.kind == "lora" else "IA3"
+    if str(cfg.get("peft_type", "")).upper() != expected:
         raise UnsupportedAdapter(
-            f"{PEFT_CONFIG_FILE} peft_type is {cfg.get('peft_type')!r}; a {kind!r} bundle needs {expected_type}"
+            f"{PEFT_CONFIG_FILE} peft_type is {cfg.get('peft_type')!r}; a {m.kind!r} bundle needs {expected}"
         )
-    saved = set(cfg.get("modules_to_save") or [])
-    r = cfg.get("r") if kind == "lora" else None
-    if kind == "lora":
-        _check_lora_config(cfg, limits)
-    _check_targets_exist(cfg.get("target_modules"), base)
-    seen_modules: dict[str, set[str]] = {}
-    for key, meta in header.items():
-        if meta["dtype"] not in _FLOAT_DTYPES:
-            raise ValidationError(
-                f"{PEFT_WEIGHTS_FILE}: tensor {key!r} has dtype {meta['dtype']}; weights must be floats"
-            )
-        name = backbone_name(key, base.model_type)
-        if _is_saved_module(name, saved):
-            _check_saved_tensor(key, name, meta, base, labels)
-            continue
-        m = (_LORA_KEY if kind == "lora" else _IA3_KEY).match(name)
-        if not m:
-            raise ValidationError(f"{PEFT_WEIGHTS_FILE}: unexpected tensor {key!r} for a {kind} adapter")
-        module = m.group("module")
-        if not _module_targeted(module, cfg.get("target_modules")):
-            raise ValidationError(
-                f"{PEFT_WEIGHTS_FILE}: tensor {key!r} is for module {module!r}, which "
-                f"target_modules {cfg.get('target_modules')!r} does not name"
-            )
-        base_shape = base.weight_shapes.get(f"{module}.weight")
-        if base_shape is None or len(base_shape) != 2:
-            raise IncompatibleBase(
-                f"{PEFT_WEIGHTS_FILE}: module {module!r} is not a Linear layer of base {base.name!r}"
-            )
-        seen_modules.setdefault(module, set()).add(m.groupdict().get("ab") or "l")
-        _check_adapter_shape(kind, key, meta["shape"], base_shape, _rank_for(cfg, module, r), m, cfg)
-    if not seen_modules:
-        raise ValidationError(f"{PEFT_WEIGHTS_FILE} holds no {kind} weights")
-    half = sorted(mod for mod, parts in seen_modules.items() if kind == "lora" and parts != {"A", "B"})
-    if half:
-        raise ValidationError(f"{PEFT_WEIGHTS_FILE}: module {half[0]!r} needs both lora_A and lora_B weights")
-
-
-_FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
-
-
-def _check_targets_exist(targets: Any, base: BaseModelEntry) -> None:
-    """Every listed target must name a Linear layer of the base (a typo would silently train nothing)."""
-    if not isinstance(targets, list):
-        return  # a regex string: the per-tensor check below applies
-    linears = [
-        n.removesuffix(".weight")
-        for n, shape in base.weight_shapes.items()
-        if n.endswith(".weight") and len(shape) == 2
-    ]
-    unknown = [t for t in targets if not any(m == t or m.endswith("." + t) for m in linears)]
-    if unknown:
-        raise IncompatibleBase(
-            f"{PEFT_CONFIG_FILE}: target_modules {unknown} is not a Linear layer of base {base.name!r}"
-        )
-
-
-def _check_lora_config(cfg: dict[str, Any], limits: StoreLimits) -> None:
-    r = cfg.get("r")
-    if not isinstance(r, int) or r < 1:
-        raise ValidationError(f"{PEFT_CONFIG_FILE}: 'r' must be a positive integer, got {r!r}")
-    ranks = [r, *(cfg.get("rank_pattern") or {}).values()]
-    if max(ranks) > limits.max_lora_rank:
-        raise ValidationError(f"LoRA rank {max(ranks)} is over the limit of {limits.max_lora_rank}")
-    for flag in ("use_dora", "use_rslora_bias"):
-        if cfg.get(flag):
-            raise UnsupportedAdapter(f"{PEFT_CONFIG_FILE}: {flag}=true is not supported; train a plain LoRA")
-    if cfg.get("bias", "none") != "none":
-        raise UnsupportedAdapter(
-            f"{PEFT_CONFIG_FILE}: bias={cfg.get('bias')!r} is not supported; use bias='none'"
-        )
-    alpha = cfg.get("lora_alpha")
-    if not isinstance(alpha, int | float) or not np.isfinite(alpha):
-        raise ValidationError(f"{PEFT_CONFIG_FILE}: 'lora_alpha' must be a number, got {alpha!r}")
-
-
-def _rank_for(cfg: dict[str, Any], module: str, default: int | None) -> int | None:
-    for pattern, rank in (cfg.get("rank_pattern") or {}).items():
-        if module == pattern or module.endswith("." + pattern) or re.fullmatch(pattern, module):
-            return rank
-    return default
-
-
-def _check_adapter_shape(kind, key, shape, base_shape, r, m, cfg) -> None:
-    out_f, in_f = base_shape
-    if kind == "lora":
-        want = [r, in_f] if m.group("ab") == "A" else [out_f, r]
-    else:
-        ff = cfg.get("feedforward_modules") or []
-        is_ff = _module_targeted(m.group("module"), ff)
-        want = [1, in_f] if is_ff else [out_f, 1]
-    if list(shape) != want:
-        raise ValidationError(f"{PEFT_WEIGHTS_FILE}: tensor {key!r} has shape {list(shape)}, expected {want}")
-
-
-def _is_saved_module(name: str, saved: set[str]) -> bool:
-    return any(name == s or name.startswith(s + ".") for s in saved)
-
-
-def _check_saved_tensor(
-    key: str, name: str, meta: dict[str, Any], base: BaseModelEntry, labels: list[str]
-) -> None:
-    """A modules_to_save tensor (the classification head): out dim must match the labels."""
-    shape = meta["shape"]
-    if name.endswith("weight") and len(shape) == 2:
-        if base.hidden_size and shape[1] != base.hidden_size and name.startswith("classifier"):
-            raise ValidationError(
-                f"{key!r} takes {shape[1]} features but base {base.name!r} has hidden size {base.hidden_size}"
-            )
-        if labels and name.startswith(("classifier", "score")) and shape[0] != len(labels):
-            raise ValidationError(
-                f"{key!r} has {shape[0]} outputs but the manifest lists {len(labels)} labels"
-            )
-    elif name.endswith("bias") and labels and name.startswith(("classifier", "score")):
-        if list(shape) != [len(labels)]:
-            raise ValidationError(f"{key!r} has shape {list(shape)}; the manifest lists {len(labels)} labels")
-
-
-def check_peft_classifier(header: dict[str, dict[str, Any]], base: BaseModelEntry, labels: list[str]) -> None:
-    """A classification LoRA/IA3 without head.safetensors serves its modules_to_save classifier: it must be there."""
-    names = {backbone_name(k, base.model_type): meta for k, meta in header.items()}
-    weight = next((v for n, v in names.items() if n in ("classifier.weight", "score.weight")), None)
-    if weight is None:
-        raise ValidationError(
-            f"{PEFT_WEIGHTS_FILE} has no classifier weight; a classification adapter needs one in "
-            "modules_to_save (or use task feature-extraction)"
-        )
-    bias = next((v for n, v in names.items() if n in ("classifier.bias", "score.bias")), None)
-    if bias is None:
-        raise ValidationError(f"{PEFT_WEIGHTS_FILE} has a classifier weight but no classifier bias")
-    if labels and weight["shape"][:1] != [len(labels)]:
-        raise ValidationError(
-            f"classifier weight has shape {weight['shape']}; the manifest lists {len(labels)} labels"
-        )
+    spec = peft_spec.build(cfg, header, base, m.labels, limits.max_lora_rank)
+    if m.peft is not None and m.peft != spec:
+        raise ValidationError("the manifest's 'peft' spec does not match its adapter files")
+    return spec
 
 
 def check_head(header: dict[str, dict[str, Any]], spec) -> None:

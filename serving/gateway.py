@@ -44,6 +44,8 @@ PUBLIC_PATHS = frozenset(
 # The console's files are static and hold no data; its data comes from token-checked /v1 routes.
 PUBLIC_PREFIXES = ("/static_content/", "/assets/", "/console/")
 INFERENCE_PATHS = frozenset({"/v1/classify", "/v1/embed"})
+# Every 503 (starting, draining, adapter store unreachable) tells clients when to come back.
+RETRY_AFTER_S = 5
 _CODES = {
     400: "invalid_request",
     401: "unauthorized",
@@ -69,6 +71,7 @@ class GatewayState:
     validators: dict[str, type[BaseModel]] = field(default_factory=dict)
     is_ready: Callable[[], bool] = lambda: False
     cache_stats: Callable[[], dict[str, Any]] = dict
+    resident: Callable[[], list[dict[str, Any]]] = list
     limiter: InflightLimiter | None = None
     preload: Callable[[str | None, list], Awaitable[Callable[[], None]]] | None = None
     """Loads an inference request's cold adapters before it is batched (serving.preload.ColdLoads);
@@ -303,6 +306,7 @@ class GatewayMiddleware:
     def _publish_cache_stats(self) -> None:
         try:
             metrics.publish_cache_stats(self.state.cache_stats())
+            metrics.publish_residency(self.state.resident(), protected=not self.state.metrics_public)
         except Exception:  # metrics must never break the scrape
             logger.exception("cache stats unavailable")
 
@@ -320,9 +324,15 @@ def _replay(body: bytes):
     return receive
 
 
+def retry_after(status: int) -> list[tuple[bytes, bytes]]:
+    return [(b"retry-after", str(RETRY_AFTER_S).encode())] if status == 503 else []
+
+
 async def _send_json(send, status: int, body: bytes, extra: dict[str, str] | None = None) -> int:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in (extra or {}).items()]
+    if not any(k == b"retry-after" for k, _ in headers):
+        headers += retry_after(status)
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
     return status
@@ -365,9 +375,11 @@ class _ErrorRewriter:
             for k, v in self._start.get("headers", [])
             if k.lower() not in (b"content-length", b"content-type")
         ]
-        headers = keep + [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-        ]
+        has_retry = any(k.lower() == b"retry-after" for k, _ in keep)
+        headers = (
+            keep
+            + [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            + ([] if has_retry else retry_after(status))
+        )
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
         await self.send({"type": "http.response.body", "body": body})

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -171,3 +171,29 @@ def observe_usage(tenant: str, rows: int, tokens: int) -> None:
 
 def observe_rejected(tenant: str, reason: str) -> None:
     TENANT_REJECTED.labels(tenant=tenant, reason=reason).inc()
+
+
+RESIDENT = Gauge(
+    name="loraplex_adapter_resident_bytes",
+    documentation="Adapter versions loaded on this replica, in bytes (0 once evicted): input for "
+    "adapter-aware routing. Only exported when /metrics needs a token.",
+    labelnames=["tenant", "adapter", "version"],
+    multiprocess_mode="livesum",
+)
+_resident_published: set[tuple[str, str, str]] = set()
+
+
+def publish_residency(resident: Iterable[Mapping[str, object]], protected: bool) -> None:
+    """Per-adapter residency (``Engine.resident()``) into ``loraplex_adapter_resident_bytes``.
+
+    Tenant and adapter names are customer data, so nothing is published while /metrics is public.
+    Evicted versions drop to 0 rather than disappearing: prometheus' multiprocess files cannot
+    remove a series."""
+    if not protected:
+        return
+    now = {(str(r["tenant"]), str(r["name"]), str(r["version"])): float(r["bytes"]) for r in resident}
+    for labels in _resident_published - now.keys():
+        RESIDENT.labels(*labels).set(0.0)
+    for labels, nbytes in now.items():
+        RESIDENT.labels(*labels).set(nbytes)
+    _resident_published.update(now)

@@ -29,6 +29,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from adapters_store import peft_spec
 from adapters_store.base_models import BaseModelEntry
 from adapters_store.errors import IntegrityError, UnsafeFormat, UnsupportedAdapter, ValidationError
 from adapters_store.onnx_artifacts import (
@@ -39,6 +40,7 @@ from adapters_store.onnx_artifacts import (
     graph_file,
     manifest_file,
 )
+from adapters_store.peft_spec import AdapterSpec
 
 HIDDEN_OUTPUT = "last_hidden_state"
 
@@ -215,11 +217,6 @@ def text_feed(
 
 
 # --- LoRA in ONNX --------------------------------------------------------------------------------
-_LORA_KEY = re.compile(
-    r"^(?:.+\.)?encoder\.layer\.(?P<layer>\d+)\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$"
-)
-
-
 _PATH = re.compile(r"^(?:.+\.)?encoder\.layer\.(?P<layer>\d+)\.(?P<module>.+)$")
 
 
@@ -244,29 +241,27 @@ class LoraWeights:
 
     @classmethod
     def from_peft(cls, config: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> LoraWeights:
-        """PEFT ``adapter_config.json`` (parsed) + ``adapter_model.safetensors`` tensors -> LoraWeights."""
-        check_lora_config(config)
-        pairs: dict[tuple[int, str], dict[str, Any]] = {}
-        for key, value in tensors.items():
-            m = _LORA_KEY.match(key)
-            if m is None:
-                if "lora_" in key:  # e.g. LoRA on the pooler or the embeddings: never silently dropped
-                    raise UnsupportedAdapter(
-                        f"LoRA weight {key!r} is outside the encoder layers the ONNX graph adapts"
-                    )
-                continue  # modules_to_save heads are applied by the engine on the pooled features
-            entry = pairs.setdefault((int(m["layer"]), m["module"]), {})
-            entry[m["ab"]] = np.asarray(value, dtype=np.float32)
-            entry["path"] = key.rsplit(".lora_", 1)[0]  # full module path, as PEFT's patterns see it
+        """PEFT ``adapter_config.json`` (parsed) + ``adapter_model.safetensors`` tensors -> LoraWeights, by the
+        one reading of PEFT's rules (:func:`adapters_store.peft_spec.resolve`)."""
+        shapes = {k: ("F32", list(np.shape(v))) for k, v in tensors.items()}
+        return cls.from_spec(peft_spec.resolve(config, shapes, model_type=None), tensors)
+
+    @classmethod
+    def from_spec(cls, spec: AdapterSpec, tensors: Mapping[str, Any]) -> LoraWeights:
+        """The modules an :class:`AdapterSpec` names, scaling folded into B: the graph's layout."""
+        if spec.peft_type != "LORA":
+            raise UnsupportedAdapter(f"ONNX LoRA serves peft_type LORA, not {spec.peft_type!r}")
         deltas = {}
-        for (layer, module), ab in pairs.items():
-            if not {"A", "B"} <= set(ab):
-                raise ValidationError(f"LoRA layer {layer} {module}: lora_A and lora_B must both be present")
-            rank = ab["A"].shape[0]
-            scale = lora_scale(config, ab["path"], rank)
-            deltas[(layer, module)] = (
-                np.ascontiguousarray(ab["A"].T),
-                np.ascontiguousarray((ab["B"] * scale).T),
+        for path, mod in spec.modules.items():
+            m = _PATH.match(path)
+            if m is None:  # e.g. LoRA on the pooler or the embeddings: never silently dropped
+                raise UnsupportedAdapter(
+                    f"LoRA on {mod.key!r} is outside the encoder layers the ONNX graph adapts"
+                )
+            a, b = (_f32(tensors[t]) for t in mod.weights)
+            deltas[(int(m["layer"]), m["module"])] = (
+                np.ascontiguousarray(a.T),
+                np.ascontiguousarray((b * mod.scaling).T),
             )
         return cls(deltas)
 
@@ -286,40 +281,17 @@ class LoraWeights:
 
     @classmethod
     def from_bundle(cls, bundle: Any) -> LoraWeights:
-        """A ``lora`` bundle from the store (adapters_store.bundle.Bundle)."""
-        import json
-
+        """A ``lora`` bundle from the store: the manifest's spec (schema 2), or the files' (schema 1)."""
         from safetensors.numpy import load
 
         from adapters_store.bundle import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
 
         if bundle.manifest.kind != "lora":
             raise UnsupportedAdapter(f"ONNX LoRA serves 'lora' bundles, not {bundle.manifest.kind!r}")
-        return cls.from_peft(
-            json.loads(bundle.files[PEFT_CONFIG_FILE]), load(bytes(bundle.files[PEFT_WEIGHTS_FILE]))
-        )
-
-
-def check_lora_config(config: Mapping[str, Any]) -> None:
-    """Refuse what the gathered-LoRA graph does not compute, with a fix in the message."""
-    if str(config.get("peft_type", "LORA")).upper() != "LORA":
-        raise UnsupportedAdapter(f"ONNX LoRA serves peft_type LORA, not {config.get('peft_type')!r}")
-    if config.get("use_dora"):
-        raise UnsupportedAdapter("DoRA adapters are not served by the ONNX LoRA graph; use runtime 'torch'")
-    if config.get("bias", "none") != "none":
-        raise UnsupportedAdapter(
-            "LoRA bias training is not served by the ONNX LoRA graph; train with bias='none'"
-        )
-
-
-def lora_scale(config: Mapping[str, Any], module_path: str, rank: int) -> float:
-    """PEFT's scaling: alpha / r (alpha / sqrt(r) with rsLoRA); ``alpha_pattern`` overrides alpha."""
-    alpha = float(config.get("lora_alpha", 8))
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?{pattern}", module_path):
-            alpha = float(value)
-            break
-    return alpha / (rank**0.5 if config.get("use_rslora") else rank)
+        tensors = load(bytes(bundle.files[PEFT_WEIGHTS_FILE]))
+        if bundle.manifest.peft is not None:
+            return cls.from_spec(bundle.manifest.peft, tensors)
+        return cls.from_peft(peft_spec.parse_peft_config(bundle.files[PEFT_CONFIG_FILE]), tensors)
 
 
 @dataclass(frozen=True)

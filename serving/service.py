@@ -138,6 +138,7 @@ class LoraplexService:
         STATE.limiter = InflightLimiter(settings.limits.max_inflight)
         STATE.is_ready = self.__is_ready__
         STATE.cache_stats = lambda: self.engine.cache_stats() if self.engine is not None else {}
+        STATE.resident = lambda: self.engine.resident() if self.engine is not None else []
         STATE.preload = ColdLoads(lambda: self.engine)
         CONTEXT.store, CONTEXT.base = self.store, self.base
         CONTEXT.max_upload_bytes = settings.limits.max_upload_bytes

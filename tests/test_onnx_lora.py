@@ -14,8 +14,6 @@ from serving.onnx_backbone import (
     LoraWeights,
     OrtBackbone,
     OrtLoraBackbone,
-    check_lora_config,
-    lora_scale,
     stack_loras,
 )
 from training.onnx_export.lora_graph import export_lora_base
@@ -134,23 +132,30 @@ def test_adapter_targeting_a_module_outside_the_graph_is_refused(lora_setup, tin
         stack_loras(bb.record, [LoraWeights.from_bundle(store.get("acme/k-only"))])
 
 
+_QUERY = "base_model.model.encoder.layer.0.attention.self.query"
+_QUERY_AB = {
+    f"{_QUERY}.lora_A.weight": np.ones((2, 32), np.float32),
+    f"{_QUERY}.lora_B.weight": np.ones((32, 2), np.float32),
+}
+
+
 @pytest.mark.parametrize(
     "config,match",
     [
-        ({"peft_type": "LORA", "use_dora": True}, "DoRA"),
-        ({"peft_type": "LORA", "bias": "all"}, "bias"),
-        ({"peft_type": "IA3"}, "LORA"),
+        ({"peft_type": "LORA", "r": 2, "target_modules": ["query"], "use_dora": True}, "use_dora"),
+        ({"peft_type": "LORA", "r": 2, "target_modules": ["query"], "bias": "all"}, "bias"),
+        ({"peft_type": "IA3", "target_modules": ["query"]}, "unexpected tensor"),
     ],
 )
 def test_unsupported_lora_configs_are_refused(config, match):
-    with pytest.raises(UnsupportedAdapter, match=match):
-        check_lora_config(config)
+    with pytest.raises(ValidationError, match=match):  # UnsupportedAdapter is a ValidationError
+        LoraWeights.from_peft(config, _QUERY_AB)
 
 
 def test_lora_outside_the_encoder_and_wrong_shapes_are_refused(lora_setup):
     store, entry, _, _ = lora_setup
     record = OrtBackbone.from_store(store, entry, variant="lora-fp32", threads=1).record
-    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 2}
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["query", "dense"]}
     pooler = {
         "base_model.model.pooler.dense.lora_A.weight": np.ones((2, 32), np.float32),
         "base_model.model.pooler.dense.lora_B.weight": np.ones((32, 2), np.float32),
@@ -181,40 +186,6 @@ def test_hidden_and_pooler_hook_agrees_with_features(lora_setup):
     m = torch.from_numpy(mask).unsqueeze(-1).float()
     np.testing.assert_allclose(((hidden * m).sum(1) / m.sum(1)).numpy(), feats.mean, atol=1e-5)
     np.testing.assert_allclose(pooler.numpy(), feats.pooler, atol=1e-6)
-
-
-@pytest.mark.parametrize(
-    "config,path,rank,expected",
-    [
-        ({"lora_alpha": 8}, "base_model.model.encoder.layer.0.attention.self.query", 8, 1.0),
-        (
-            {"lora_alpha": 16, "use_rslora": True},
-            "base_model.model.encoder.layer.0.attention.self.query",
-            4,
-            8.0,
-        ),
-        (
-            {"lora_alpha": 8, "alpha_pattern": {"bert.encoder.layer.0.attention.self.value": 32}},
-            "base_model.model.bert.encoder.layer.0.attention.self.value",
-            8,
-            4.0,
-        ),
-        (
-            {"lora_alpha": 8, "alpha_pattern": {"bert.encoder.layer.0.attention.self.value": 32}},
-            "base_model.model.bert.encoder.layer.1.attention.self.value",
-            8,
-            1.0,
-        ),
-        (
-            {"lora_alpha": 8, "alpha_pattern": {"value": 2}},
-            "base_model.model.encoder.layer.3.attention.self.value",
-            2,
-            1.0,
-        ),
-    ],
-)
-def test_lora_scale_follows_peft(config, path, rank, expected):
-    assert lora_scale(config, path, rank) == pytest.approx(expected)
 
 
 def test_from_paths_takes_the_torch_engine_layout(lora_setup):

@@ -1,7 +1,10 @@
 """Round trip: train -> put -> serving engine loads -> its logits equal the trained model's own output.
 
 All five strategies are served together in one mixed engine batch, so the test also covers the engine
-picking each row's adapter.
+picking each row's adapter. The text bundles are trained with a short ``max_seq_len`` and served texts
+far longer than it: the engine must prepare each row the way its bundle was trained
+(adapters_store/preparation.py). Images larger than the training ones and waveforms longer than the
+training ones are served too.
 """
 
 from __future__ import annotations
@@ -23,7 +26,14 @@ RUNS = {
     "partial": {"lr": 3e-3, "epochs": 2, "top_k": 1, "pooling": "pooler"},
     "full": {"lr": 3e-3, "epochs": 2, "pooling": "cls"},
 }
-TEXTS = ["refund my invoice please", "password reset locked", "where is my parcel courier", "hello"]
+TRAIN_LEN = 8  # tokens: far shorter than LONG texts and than the engine's default limit (256)
+LONG = [
+    "refund my invoice please the charge on my card was wrong twice and the receipt shows a price "
+    "that I never agreed to so I want my money back",
+    "password reset locked again after the login page said my username and account were fine",
+    "the courier said the parcel would arrive on tuesday but tracking still shows the truck at the depot",
+]
+TEXTS = ["refund my invoice please", "password reset locked", "where is my parcel courier", "hello", *LONG]
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +51,12 @@ def trained(tmp_path_factory, tiny_bert_dir):
             strategy=strategy,
             train_file=data,
             progress=False,
+            max_seq_len=TRAIN_LEN,
             **opts,
         )
         outcome = train_bundle(cfg, store)
         manifest = store.put(outcome.bundle)
+        assert manifest.max_seq_len == TRAIN_LEN
         out[strategy] = (manifest, outcome.learner)
     return store, out
 
@@ -56,6 +68,7 @@ def own_logits(learner, texts) -> torch.Tensor:
 
 
 def test_engine_serves_every_strategy_like_training_did(trained):
+    """Texts longer than the training length included: served as truncated in training (issue 16)."""
     store, out = trained
     engine = Engine(store, base="tiny", settings=EngineSettings())
     items = [
@@ -78,7 +91,7 @@ def test_engine_serves_every_strategy_like_training_did(trained):
 
 # transformers 5 names ViT blocks 'layers.N' (q_proj, mlp.fc1...) in memory while bundles hold the
 # checkpoint names (encoder.layer.N.attention.attention.query...): partial and full must be renamed.
-@pytest.mark.parametrize("strategy", ["head", "partial", "full"])
+@pytest.mark.parametrize("strategy", ["head", "lora", "ia3", "partial", "full"])
 def test_engine_serves_a_vit_image_adapter_like_training_did(tmp_path, tiny_vit_dir, strategy):
     import numpy as np
 
@@ -99,18 +112,68 @@ def test_engine_serves_a_vit_image_adapter_like_training_did(tmp_path, tiny_vit_
         top_k=1,
         task="image-classification",
         epochs=2,
-        lr=1e-2,
+        lr={"lora": 5e-2, "ia3": 0.3}.get(strategy, 1e-2),
         progress=False,
     )
     outcome = train_bundle(cfg, store, train_data=arrays_data(images, labels))
     manifest = store.put(outcome.bundle)
+    assert manifest.max_seq_len is None  # images have no per-bundle length
     engine = Engine(store, base="vit", settings=EngineSettings())
+    larger = list(rng.integers(0, 255, (3, 40, 40, 3)).astype(np.uint8))  # resized by the processor
+    shown = [*images[:4], *larger]
     results = engine.infer(
-        [InferenceItem("acme", f"img@{manifest.version}", "classify", image=im) for im in images[:4]]
+        [InferenceItem("acme", f"img@{manifest.version}", "classify", image=im) for im in shown]
     )
     assert all(not isinstance(r, Exception) for r in results), results
     served = torch.tensor([r.logits for r in results])
-    torch.testing.assert_close(served, own_logits(outcome.learner, list(images[:4])), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(served, own_logits(outcome.learner, shown), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("strategy", ["head", "partial", "full"])  # lora/ia3 do not train on audio
+def test_engine_serves_an_audio_adapter_like_training_did_on_longer_waves(tmp_path, strategy):
+    import numpy as np
+
+    from adapters_store import describe_base, open_store
+    from tests.helpers.models import make_tiny_wav2vec2
+    from training.media import arrays_data
+
+    store = open_store(tmp_path / "store")
+    store.register_base(describe_base("w2v", make_tiny_wav2vec2(tmp_path / "w2v")))
+    rng = np.random.default_rng(0)
+
+    def tone(freq: float, length: int) -> np.ndarray:
+        t = np.arange(length) / 16000
+        return (np.sin(2 * np.pi * freq * t + rng.uniform(0, 6)) + 0.05 * rng.standard_normal(length)).astype(
+            np.float32
+        )
+
+    waves = [tone((200.0, 3000.0)[i % 2], 3200) for i in range(12)]
+    labels = [("low", "high")[i % 2] for i in range(12)]
+    cfg = TrainConfig(
+        store=store,
+        base="w2v",
+        tenant="acme",
+        name="tones",
+        strategy=strategy,
+        top_k=1,
+        task="audio-classification",
+        epochs=2,
+        lr=1e-2,
+        batch_size=6,
+        progress=False,
+    )
+    outcome = train_bundle(cfg, store, train_data=arrays_data(waves, labels))
+    manifest = store.put(outcome.bundle)
+    longer = [tone(200.0, 9600), tone(3000.0, 12000)]  # 3-4x the training length
+    shown = [waves[0], *longer]
+    results = Engine(store, base="w2v", settings=EngineSettings()).infer(
+        [InferenceItem("acme", f"tones@{manifest.version}", "classify", audio=w) for w in shown]
+    )
+    assert all(not isinstance(r, Exception) for r in results), results
+    outcome.learner.set_train(False)
+    with torch.no_grad():  # each wave alone: audio rows carry no padding mask
+        own = torch.cat([outcome.learner.forward(outcome.learner.prepare([w]))[1] for w in shown])
+    torch.testing.assert_close(torch.tensor([r.logits for r in results]), own, atol=2e-5, rtol=1e-4)
 
 
 def test_embedding_adapter_is_served_as_embeddings(tmp_path, tiny_bert_dir):

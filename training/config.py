@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from adapters_store.names import validate_name
+from adapters_store.preparation import MAX_TEXT_LENGTH, MIN_TEXT_LENGTH
 
 Strategy = Literal["head", "lora", "ia3", "partial", "full"]
 TrainTask = Literal[
@@ -40,12 +41,20 @@ class TrainConfig(BaseModel):
     )
 
     # --- data ----------------------------------------------------------------------------------------
-    train_file: Path | None = Field(default=None, description="CSV/JSONL (text tasks) or image folder")
+    train_file: Path | None = Field(
+        default=None,
+        description="labelled training data: CSV/TSV/JSONL with a text and a label column, or an image "
+        "folder with one sub-folder per class",
+    )
     val_file: Path | None = Field(default=None, description="validation CSV/JSONL or folder; else split")
     text_column: str = Field(default="text", min_length=1, description="column holding the text")
     label_column: str = Field(default="label", min_length=1, description="column holding the label")
     val_fraction: float = Field(default=0.2, gt=0.0, lt=0.9, description="stratified validation share")
-    target_file: Path | None = Field(default=None, description="unlabelled target-domain data (adaptation)")
+    target_file: Path | None = Field(
+        default=None,
+        description="unlabelled target-domain data for --domain-adaptation: a table that needs only the "
+        "text column (or an image folder); unused (with a warning) when domain adaptation is none",
+    )
 
     # --- optimisation ----------------------------------------------------------------------------------
     epochs: int = Field(default=5, ge=1, le=1000, description="maximum passes over the training data")
@@ -53,13 +62,32 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(default=0.01, ge=0.0, le=1.0, description="AdamW weight decay")
     batch_size: int = Field(default=16, ge=1, le=4096, description="examples per forward pass")
     grad_accum_steps: int = Field(default=1, ge=1, le=1024, description="batches per optimizer step")
-    max_seq_len: int = Field(default=128, ge=4, le=8192, description="tokens kept per text")
+    max_seq_len: int = Field(
+        default=128,
+        ge=MIN_TEXT_LENGTH,
+        le=MAX_TEXT_LENGTH,
+        description="tokens kept per text; recorded in the bundle, and serving truncates each text of this "
+        "adapter the same way (capped by the server's LORAPLEX_MAX_TOKENS)",
+    )
     seed: int = Field(default=0, ge=0, le=2**31 - 1, description="seeds data split, init and shuffling")
     patience: int = Field(default=0, ge=0, le=1000, description="early stop after N epochs w/o gain; 0=off")
     restore_best: bool = Field(default=True, description="keep the best validation epoch, not the last")
     monitor: Literal["macro_f1", "accuracy"] = Field(default="macro_f1", description="validation metric")
-    num_threads: int = Field(default=2, ge=1, le=256, description="torch CPU threads")
-    progress: bool = Field(default=True, description="show a progress bar per epoch")
+    num_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="torch CPU threads; default auto: the cores other processes leave idle (at least 1)",
+    )
+    progress: bool | None = Field(
+        default=None, description="progress bar per epoch; default: only when stderr is a terminal"
+    )
+    min_val_accuracy: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="refuse to register (nothing is stored) when the validation accuracy ends below this",
+    )
 
     # --- head ------------------------------------------------------------------------------------------
     pooling: PoolingChoice = Field(default="auto", description="auto: pooler for BERT lora/ia3, else mean")
@@ -73,13 +101,21 @@ class TrainConfig(BaseModel):
     lora_r: int = Field(default=8, ge=1, le=1024, description="LoRA rank")
     lora_alpha: float = Field(default=16.0, gt=0.0, le=4096.0, description="LoRA scaling numerator")
     lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="dropout on the LoRA input")
-    target_modules: list[str] | None = Field(default=None, description="modules to adapt; None=per-arch")
+    target_modules: list[str] | None = Field(
+        default=None, description="modules to adapt (lora/ia3); None: the architecture's default"
+    )
 
     # --- partial / full ------------------------------------------------------------------------------
     top_k: int = Field(default=2, ge=1, le=1024, description="partial: how many top blocks to train")
     backbone_lr: float | None = Field(default=None, gt=0.0, le=1.0, description="top block lr; None=lr")
     layer_lr_decay: float = Field(default=1.0, gt=0.0, le=1.0, description="lr x decay per block down")
-    unfreeze_every: int = Field(default=0, ge=0, le=1000, description="unfreeze a block every N epochs")
+    unfreeze_every: int = Field(
+        default=0,
+        ge=0,
+        le=1000,
+        description="head only first, then one more block every N epochs; restore_best then only considers "
+        "epochs that trained blocks",
+    )
 
     # --- domain adaptation ---------------------------------------------------------------------------
     domain_adaptation: DomainMethod = Field(default="none", description="none | dann | mmd | self-training")
@@ -113,6 +149,11 @@ class TrainConfig(BaseModel):
             raise TrainConfigError("layer_lr_decay applies to strategy partial or full")
         if self.unfreeze_every and self.strategy not in ("partial", "full"):
             raise TrainConfigError("unfreeze_every applies to strategy partial or full")
+        if self.unfreeze_every and self.epochs <= self.unfreeze_every:
+            raise TrainConfigError(
+                f"unfreeze_every={self.unfreeze_every} with epochs={self.epochs} never trains a block: "
+                f"give more than {self.unfreeze_every} epochs"
+            )
         return self
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,8 @@ from training.data import (
 )
 from training.errors import DatasetError, TrainConfigError
 from training.media import read_image_folder
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,18 +62,25 @@ def load_split(
     val_data: LabelledData | None = None,
     target_data: LabelledData | None = None,
 ) -> DataSplit:
+    from_file = train_data is None
     if train_data is None:
         if cfg.train_file is None:
             raise TrainConfigError("no training data: set train_file (or pass train_data)")
         train_data = _read(cfg, cfg.train_file, modality, labelled=True)
     if val_data is None and cfg.val_file is not None:
         val_data = _read(cfg, cfg.val_file, modality, labelled=True)
-    names = label_names(train_data)
+    names = label_names(train_data, str(cfg.train_file) if from_file else "the training data")
     if val_data is None:
         train_data, val_data = stratified_split(train_data, cfg.val_fraction, cfg.seed)
     else:
         check_val_labels(val_data, names)
-    if target_data is None and cfg.target_file is not None:
+    if cfg.domain_adaptation == "none" and (target_data is not None or cfg.target_file is not None):
+        log.warning(
+            "target data (%s) is unused: it only serves --domain-adaptation dann, mmd or self-training",
+            cfg.target_file or "target_data",
+        )
+        target_data = None
+    elif target_data is None and cfg.target_file is not None:
         target_data = _read(cfg, cfg.target_file, modality, labelled=False)
     if cfg.domain_adaptation != "none" and (target_data is None or len(target_data) == 0):
         raise DatasetError(

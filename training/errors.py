@@ -17,3 +17,9 @@ class TrainingFailed(LoraplexError):
     """Training itself broke (non-finite loss...); nothing was registered."""
 
     status, code = 500, "training_failed"
+
+
+class BelowMinimumAccuracy(LoraplexError):
+    """The run's validation accuracy ended under ``min_val_accuracy``; nothing was registered."""
+
+    status, code = 422, "below_min_val_accuracy"

@@ -6,7 +6,9 @@ A strategy plugs in as a :class:`Learner`; what it trains and how it saves it is
 
 from __future__ import annotations
 
+import logging
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +22,8 @@ from training.config import TrainConfig
 from training.errors import TrainingFailed
 from training.metrics import classification_metrics
 from training.progress import report_epoch, report_step
+
+log = logging.getLogger(__name__)
 
 
 class Learner(Protocol):
@@ -144,7 +148,7 @@ def _epoch_with_bar(
     with tqdm(
         total=n_batches,
         desc=f"epoch {epoch}/{cfg.epochs}",
-        disable=not cfg.progress,
+        disable=not show_progress(cfg),
         leave=True,
         dynamic_ncols=True,
     ) as bar:
@@ -156,6 +160,11 @@ def _epoch_with_bar(
         "train_loss": loss,
         "val": {"accuracy": val["accuracy"], "macro_f1": val["macro_f1"]},
     }
+
+
+def show_progress(cfg: TrainConfig) -> bool:
+    """Progress bars on a terminal only, unless asked: in a log or a pipe they are noise."""
+    return cfg.progress if cfg.progress is not None else sys.stderr.isatty()
 
 
 def fit(
@@ -174,11 +183,23 @@ def fit(
         record = _epoch_with_bar(learner, opt, data, names, cfg, domain, gen, epoch)
         result.history.append(record)
         report_epoch(record)
+        # why: callers without a terminal (the demo, job runners) show progress and an ETA from this
+        log.info(
+            "epoch %d/%d: val %s %.3f",
+            epoch,
+            cfg.epochs,
+            cfg.monitor,
+            record["val"][cfg.monitor],
+            extra={"epoch": epoch, "epochs": cfg.epochs, "elapsed_s": time.perf_counter() - start},
+        )
         score = record["val"][cfg.monitor]
-        if score > best:
+        counts = getattr(learner, "epoch_counts", lambda: True)()
+        if not counts:
+            record["head_only"] = True  # never restored as the best epoch
+        if counts and score > best:
             best, result.best_epoch = score, epoch
             best_state = [p.detach().clone() for p in _tracked(opt)]
-        elif cfg.patience and epoch - result.best_epoch >= cfg.patience:
+        elif cfg.patience and result.best_epoch and epoch - result.best_epoch >= cfg.patience:
             result.stopped_early = True
             break
     if cfg.restore_best and best_state is not None:

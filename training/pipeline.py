@@ -6,8 +6,11 @@ fails before that (bad data, a non-finite loss, an invalid bundle), nothing is r
 
 from __future__ import annotations
 
+import json
+import logging
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,18 +18,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from adapters_store import model_families
 from adapters_store.base_models import BaseModelEntry, fingerprint_folder, resolve_source
 from adapters_store.bundle import TRAINING_CURVE_FILE, AdapterManifest, Bundle
 from adapters_store.errors import IncompatibleBase, ValidationError
-from training.backbone import default_pooling, load_backbone, make_preprocess, modality_of
+from adapters_store.validation import StoreLimits, peft_spec_of
+from training.backbone import load_backbone, make_preprocess
 from training.config import TrainConfig
 from training.datasets import DataSplit, load_split
-from training.errors import TrainConfigError
+from training.errors import BelowMinimumAccuracy, TrainConfigError
 from training.learners.base import Exported
 from training.loop import FitResult, evaluate
 from training.metrics import curve_png
 from training.strategies import build_learner, fit_with_adaptation
+from training.threads import auto_threads
 
+log = logging.getLogger(__name__)
 TASK_MODALITY = {
     "text-classification": "text",
     "feature-extraction": "text",
@@ -87,10 +94,11 @@ def train_bundle(
     config: TrainConfig, store: Any, train_data: Any = None, val_data: Any = None, target_data: Any = None
 ) -> TrainOutcome:
     """Everything :func:`train` does except the ``put``."""
-    torch.set_num_threads(config.num_threads)
+    torch.set_num_threads(config.num_threads or auto_threads()[0])
     entry = store.get_base(config.base)
     folder = base_folder(entry)
-    modality = modality_of(entry.model_type)
+    base_config = json.loads((folder / "config.json").read_text())
+    modality = model_families.family(base_config).modality
     if modality != TASK_MODALITY[config.task]:
         raise TrainConfigError(
             f"task {config.task!r} needs a {TASK_MODALITY[config.task]} base; "
@@ -99,7 +107,7 @@ def train_bundle(
     split = load_split(config, modality, train_data, val_data, target_data)
     seed_everything(config.seed)
     pooling = (
-        default_pooling(entry.model_type, config.strategy, config.task)
+        model_families.default_pooling(base_config, config.task, config.strategy)
         if config.pooling == "auto"
         else config.pooling
     )
@@ -114,7 +122,35 @@ def train_bundle(
     learner, result = fit_with_adaptation(make, split, config, entry)
     seconds = time.perf_counter() - start
     bundle = _bundle(config, entry, split, learner, result, seconds)
+    check_quality(config, bundle.manifest.metrics, split)
     return TrainOutcome(bundle, result, learner)
+
+
+def near_chance(accuracy: float, majority: float) -> bool:
+    """Barely better than always answering the most frequent class: below a quarter of the way from
+    that baseline to perfect (6 balanced classes: under 0.38; 2: under 0.63)."""
+    return accuracy < majority + (1.0 - majority) / 4
+
+
+def check_quality(config: TrainConfig, metrics: dict[str, Any], split: DataSplit) -> None:
+    """Warn when the validation accuracy collapsed; refuse (nothing stored) under min_val_accuracy."""
+    accuracy = float(metrics.get("accuracy", 0.0))
+    counts = Counter(split.val.labels)
+    label, top = counts.most_common(1)[0]
+    majority = top / max(len(split.val), 1)
+    if config.min_val_accuracy is not None and accuracy < config.min_val_accuracy:
+        raise BelowMinimumAccuracy(
+            f"validation accuracy {accuracy:.3f} is below --min-val-accuracy {config.min_val_accuracy}; "
+            "nothing was registered (try another --lr, more --epochs or another --strategy)"
+        )
+    if near_chance(accuracy, majority):
+        log.warning(
+            "validation accuracy %.3f is close to (or under) what always answering %r scores (%.3f): the run may have "
+            "collapsed (a too high --lr?). It is registered anyway; --min-val-accuracy refuses such runs",
+            accuracy,
+            label,
+            majority,
+        )
 
 
 def _bundle(
@@ -140,7 +176,7 @@ def _bundle(
         }
     files = dict(exported.files)
     files[TRAINING_CURVE_FILE] = curve_png(result.history, cfg.monitor)
-    return Bundle.build(
+    bundle = Bundle.build(
         files,
         tenant=cfg.tenant,
         name=cfg.name,
@@ -149,8 +185,13 @@ def _bundle(
         base=entry.ref,
         metrics=metrics,
         metadata={"train_config": _config_record(cfg)},
+        # why: the engine serves each text the way it was trained (adapters_store/preparation.py)
+        max_seq_len=cfg.max_seq_len if TASK_MODALITY[cfg.task] == "text" else None,
         **exported.manifest_fields,
     )
+    if bundle.manifest.kind in ("lora", "ia3"):  # the adapter spec the store would compute at put
+        bundle = bundle.with_manifest(peft=peft_spec_of(bundle, entry, StoreLimits()))
+    return bundle
 
 
 def _config_record(cfg: TrainConfig) -> dict[str, Any]:

@@ -11,21 +11,17 @@ import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from adapters_store import model_families
 from adapters_store.base_models import BaseModelEntry, resolve_source
 from adapters_store.errors import LoraplexError, ServiceUnavailable, ValidationError
+from adapters_store.model_families import Modality, pool_features, run_backbone
 from serving.engine.lora_layers import LayerSwitch, MultiTenantLinear, wrap_layers, wrap_linears
-
-Modality = Literal["text", "image", "audio"]
-AUDIO_MODEL_TYPES = frozenset({"wav2vec2", "hubert", "wavlm"})  # as training/backbone.py trains them
-CLIP_MODEL_TYPE = "clip"  # served as an image encoder: pooling 'pooler' is the projected image embedding
-_IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-_IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
 @dataclass
@@ -68,12 +64,7 @@ def load_backbone(entry: BaseModelEntry) -> Backbone:
         raise ServiceUnavailable(e.message) from None
     config = AutoConfig.from_pretrained(folder)
     model = AutoModel.from_pretrained(folder, config=config).eval()
-    if config.model_type in AUDIO_MODEL_TYPES:
-        modality: Modality = "audio"
-    elif config.model_type == CLIP_MODEL_TYPE or hasattr(config, "num_channels"):
-        modality = "image"
-    else:
-        modality = "text"
+    modality = model_families.family(config).modality  # the table training reads too
     layer_prefix, encoder_layers = _encoder_layers(model)
     factory = _layer_factory(type(encoder_layers[0]), model.config) if encoder_layers is not None else None
     linears = wrap_linears(model)  # before wrap_layers, so paths stay the base's weight names
@@ -86,16 +77,19 @@ def load_backbone(entry: BaseModelEntry) -> Backbone:
         linears=linears,
         layers=layers,
         layer_factory=factory,
-        feature_dim=_feature_dim(config),
+        feature_dim=model_families.feature_dim(config),
         layer_prefix=layer_prefix,
         to_memory=checkpoint_to_memory(model),
     )
 
 
 def _encoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList | None]:
-    """(in-memory path prefix, blocks): BERT keeps ``encoder.layer``; transformers 5 ViT has ``layers``."""
-    for prefix, layers in (("encoder.layer.", getattr(getattr(model, "encoder", None), "layer", None)),
-                           ("layers.", getattr(model, "layers", None))):  # fmt: skip
+    """(in-memory path prefix, blocks): BERT keeps ``encoder.layer``; transformers 5 ViT has ``layers``;
+    Wav2Vec2 has ``encoder.layers`` (training fine-tunes its top blocks too)."""
+    encoder = getattr(model, "encoder", None)
+    for prefix, layers in (("encoder.layer.", getattr(encoder, "layer", None)),
+                           ("layers.", getattr(model, "layers", None)),
+                           ("encoder.layers.", getattr(encoder, "layers", None))):  # fmt: skip
         if isinstance(layers, nn.ModuleList) and len(layers) > 0:
             return prefix, layers
     return "encoder.layer.", None
@@ -131,13 +125,6 @@ def _layer_factory(cls: type[nn.Module], config: Any) -> Callable[[int], nn.Modu
         return (cls(config, layer_idx=index) if takes_idx else cls(config)).eval()
 
     return make
-
-
-def _feature_dim(config: Any) -> int:
-    if config.model_type == CLIP_MODEL_TYPE:
-        return int(config.projection_dim)
-    sizes = getattr(config, "hidden_sizes", None)  # ResNet-style: the last stage's channels
-    return int(sizes[-1]) if sizes else int(config.hidden_size)
 
 
 def _preprocessor(folder: Path, modality: Modality) -> Any:
@@ -185,22 +172,30 @@ def build_full_model(backbone: Backbone, state: dict[str, torch.Tensor]) -> nn.M
     return model.eval()
 
 
-def encode_texts(backbone: Backbone, texts: Sequence[str], max_len: int) -> dict[str, torch.Tensor]:
-    """Tokenise with truncation to ``max_len``, never past the base's position table."""
-    return backbone.preprocessor(
-        list(texts),
-        padding=True,
-        truncation=True,
-        max_length=min(max_len, max_positions(backbone)),
-        return_tensors="pt",
-    )
+def encode_texts(
+    backbone: Backbone, texts: Sequence[str], lengths: int | Sequence[int]
+) -> dict[str, torch.Tensor]:
+    """Tokenise each text truncated to its own length (its bundle's, see adapters_store/preparation.py),
+    never past the base's position table, and pad the batch to its longest row."""
+    limit = max_positions(backbone)
+    sizes = [lengths] * len(texts) if isinstance(lengths, int) else list(lengths)
+    sizes = [min(n, limit) for n in sizes]
+    tok = backbone.preprocessor
+    if len(set(sizes)) <= 1:  # the common case: one call, as fast as before
+        n = sizes[0] if sizes else limit
+        return tok(list(texts), padding=True, truncation=True, max_length=n, return_tensors="pt")
+    rows: list[dict[str, Any]] = [{}] * len(texts)
+    for n in sorted(set(sizes)):
+        idx = [i for i, m in enumerate(sizes) if m == n]
+        enc = tok([texts[i] for i in idx], truncation=True, max_length=n)
+        for j, i in enumerate(idx):
+            rows[i] = {key: values[j] for key, values in enc.items()}
+    return tok.pad(rows, padding=True, return_tensors="pt")
 
 
 def max_positions(backbone: Backbone) -> int:
     """Tokens a row may have: the base's position embeddings (RoBERTa-style models reserve 2)."""
-    config = backbone.model.config
-    limit = int(getattr(config, "max_position_embeddings", 1 << 30))
-    return limit - 2 if config.model_type in ("roberta", "xlm-roberta", "camembert") else limit
+    return model_families.token_limit(backbone.model.config)
 
 
 def encode_images(backbone: Backbone, images: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
@@ -209,50 +204,23 @@ def encode_images(backbone: Backbone, images: Sequence[np.ndarray]) -> dict[str,
         return {
             "pixel_values": backbone.preprocessor(images=list(images), return_tensors="pt")["pixel_values"]
         }
-    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
-    return {"pixel_values": (pixels - _IMAGENET_MEAN) / _IMAGENET_STD}
+    return {"pixel_values": torch.from_numpy(model_families.normalize_pixels(images))}
 
 
 def encode_audio(backbone: Backbone, waves: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
-    """Waveforms -> ``input_values``, exactly as training prepares them (training/backbone.py): the
-    feature extractor's normalisation, or zero-mean unit-variance without one. No attention mask, so
-    the engine only batches waveforms of one length together (padding would change the mean)."""
-    arrays = [np.asarray(w, dtype=np.float32).reshape(-1) for w in waves]
-    fe = backbone.preprocessor
-    if fe is not None:
-        enc = fe(arrays, sampling_rate=backbone.sampling_rate, padding=True, return_tensors="pt")
-        return {"input_values": enc["input_values"]}
-    length = max(len(a) for a in arrays)
-    padded = np.stack([np.pad((a - a.mean()) / (a.std() + 1e-7), (0, length - len(a))) for a in arrays])
-    return {"input_values": torch.from_numpy(padded)}
+    """Waveforms -> ``input_values``, exactly as training prepares them (adapters_store.model_families).
+    No attention mask, so the engine only batches waveforms of one length together (padding would
+    change the mean)."""
+    return model_families.audio_inputs(backbone.preprocessor, waves, backbone.sampling_rate)
 
 
 def run_model(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(last hidden state, pooler output or None) of an HF base model. CLIP runs its image tower only,
-    as training does: the pooler output is the projected image embedding."""
-    if getattr(model.config, "model_type", "") == CLIP_MODEL_TYPE:
-        out = model.get_image_features(pixel_values=inputs["pixel_values"])
-        return out.last_hidden_state, out.pooler_output
-    out = model(**inputs)
-    return out.last_hidden_state, getattr(out, "pooler_output", None)
+    """(last hidden state, pooler output or None) of an HF base model (CLIP: its image tower)."""
+    return run_backbone(model, inputs)
 
 
 def pool(
     hidden: torch.Tensor, mask: torch.Tensor | None, pooler: torch.Tensor | None, how: str
 ) -> torch.Tensor:
-    """Reduce per-token (or per-pixel) features to one vector per row.
-
-    hidden: [B, T, H] (tokens/patches) or [B, C, h, w] (conv maps); mask: [B, T] or None.
-    """
-    if how == "pooler":
-        if pooler is None:
-            raise ValidationError("pooling 'pooler' needs a backbone with a pooler layer")
-        return pooler.flatten(1)
-    if hidden.dim() == 4:
-        return hidden.mean(dim=(2, 3))
-    if how == "cls":
-        return hidden[:, 0]
-    if mask is None:
-        return hidden.mean(dim=1)
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+    """Reduce per-token (or per-pixel) features to one vector per row, as training did."""
+    return pool_features(hidden, mask, pooler, how)

@@ -165,6 +165,11 @@ class AdapterCache:
         with self._lock:
             return key in self._entries
 
+    def resident(self) -> list[tuple[Owner, Any, int]]:
+        """``(owner, value, nbytes)`` of every loaded entry, least recently used first."""
+        with self._lock:
+            return [(e.owner, e.value, e.nbytes) for e in self._entries.values()]
+
     def residents(self) -> list[dict[str, Any]]:
         """What is loaded, least recently used first (evicted first): owner, key, bytes, pin, leases."""
         with self._lock:

@@ -273,6 +273,21 @@ class Engine:
 
         return self._cache.invalidate(match) + self._full.invalidate(match)
 
+    def resident(self) -> list[dict[str, Any]]:
+        """Which adapter versions this replica holds loaded: tenant, name, version, digest, bytes
+        (an adapter-aware router's input; ``/metrics`` exports it when it is protected)."""
+        return [
+            {
+                "tenant": tenant,
+                "name": name,
+                "version": value.manifest.version,
+                "digest": value.digest,
+                "bytes": nbytes,
+            }
+            for cache in (self._cache, self._full)
+            for (tenant, name), value, nbytes in cache.resident()
+        ]
+
     def cache_stats(self) -> dict[str, Any]:
         """Adapter cache counters (hits, misses, loads, evictions, load_time_s, bytes_used, entries,
         pinned, ...) plus ``full``: the same for the dedicated full-model LRU; ``batch_path_loads``:

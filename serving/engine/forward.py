@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from adapters_store.errors import ValidationError
+from adapters_store.preparation import RowPreparation
 from serving.engine import lora_layers
 from serving.engine.backbone import Backbone, encode_audio, encode_images, encode_texts, pool, run_model
 from serving.engine.items import InferenceItem, InferenceResult
@@ -104,10 +105,17 @@ def clear_context(backbone: Backbone) -> None:
 
 def encode_rows(backbone: Backbone, rows: Sequence[PreparedRow], settings: EngineSettings) -> dict:
     if backbone.modality == "text":
-        return dict(encode_texts(backbone, [r.item.text for r in rows], settings.max_seq_len))
+        lengths = [text_length(r, settings) for r in rows]
+        return dict(encode_texts(backbone, [r.item.text for r in rows], lengths))
     if backbone.modality == "audio":
         return encode_audio(backbone, [r.item.audio for r in rows])
     return encode_images(backbone, [r.item.image for r in rows])
+
+
+def text_length(row: PreparedRow, settings: EngineSettings) -> int:
+    """Tokens this row keeps: as its bundle was trained (bare-base rows: the server's limit)."""
+    prep = RowPreparation() if row.adapter is None else row.adapter.preparation
+    return prep.text_length(settings.max_seq_len)
 
 
 def run_shared(

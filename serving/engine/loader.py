@@ -8,10 +8,8 @@ read; nothing is unpickled.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -20,26 +18,18 @@ from torch import nn
 from adapters_store.bundle import (
     HEAD_WEIGHTS_FILE,
     MODEL_WEIGHTS_FILE,
-    PEFT_CONFIG_FILE,
     PEFT_WEIGHTS_FILE,
     AdapterManifest,
     Bundle,
 )
 from adapters_store.errors import IncompatibleBase, UnsupportedAdapter, ValidationError
-from adapters_store.validation import (
-    UNSUPPORTED_PEFT_OPTIONS,
-    StoreLimits,
-    backbone_name,
-    parse_peft_config,
-    validate_bundle,
-)
+from adapters_store.peft_spec import AdapterSpec, SavedModule
+from adapters_store.preparation import RowPreparation
+from adapters_store.validation import StoreLimits, validate_bundle
 from serving.engine.backbone import Backbone, build_full_model
 from serving.engine.heads import HeadParams, head_from_classifier, head_from_file
 
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
-_IA3_KEY = re.compile(r"^(?P<module>.+)\.ia3_l$")
-_LAYER_KEY = re.compile(r"^encoder\.layer\.(?P<idx>\d+)\.(?P<rest>.+)$")
-_HEAD_MODULES = ("classifier", "score")
+_LAYER_KEY = re.compile(r"^encoder\.layers?\.(?P<idx>\d+)\.(?P<rest>.+)$")  # layers: Wav2Vec2
 _LIMITS = StoreLimits()
 
 
@@ -59,6 +49,7 @@ class LoadedAdapter:
     full_model: nn.Module | None = None  # full: dedicated model copy
     nbytes: int = 0
     digest: str = ""  # manifest.digest, computed once (it hashes the manifest's JSON)
+    preparation: RowPreparation = field(default_factory=RowPreparation)  # how its rows are prepared
 
     @property
     def kind(self) -> str:
@@ -78,10 +69,16 @@ def load_adapter(bundle: Bundle, backbone: Backbone) -> LoadedAdapter:
             f"({m.base.fingerprint[:12]}...), but this engine serves {backbone.entry.name!r} "
             f"({backbone.entry.fingerprint[:12]}...)"
         )
-    validate_bundle(bundle, backbone.entry, _LIMITS)
-    loaded = LoadedAdapter(manifest=m, pooling=m.pooling, normalize=m.normalize, digest=m.digest)
-    if m.kind in ("lora", "ia3"):
-        _load_peft(bundle, backbone, loaded)
+    spec = validate_bundle(bundle, backbone.entry, _LIMITS)
+    loaded = LoadedAdapter(
+        manifest=m,
+        pooling=m.pooling,
+        normalize=m.normalize,
+        digest=m.digest,
+        preparation=RowPreparation.of(m),
+    )
+    if spec is not None:
+        _load_peft(bundle, backbone, loaded, spec)
     else:
         loaded.head = head_from_file(
             _tensors(bundle, HEAD_WEIGHTS_FILE), m.head.activation, backbone.feature_dim
@@ -116,62 +113,38 @@ def _strip(tensors: dict[str, torch.Tensor], backbone: Backbone) -> dict[str, to
     return {(k[len(p) :] if k.startswith(p) else k): t for k, t in tensors.items()}
 
 
-def _load_peft(bundle: Bundle, backbone: Backbone, loaded: LoadedAdapter) -> None:
-    cfg = parse_peft_config(bundle.files[PEFT_CONFIG_FILE])
-    for flag in UNSUPPORTED_PEFT_OPTIONS:  # refused at upload too; checked again for old bundles
-        if cfg.get(flag):
-            raise UnsupportedAdapter(
-                f"{PEFT_CONFIG_FILE}: {flag} is not supported by the engine; train a plain adapter"
-            )
-    lora: dict[str, dict[str, torch.Tensor]] = {}
-    saved: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in _tensors(bundle, PEFT_WEIGHTS_FILE).items():
-        name = backbone_name(key, backbone.entry.model_type)
-        if (m := _LORA_KEY.match(name)) and loaded.kind == "lora":
-            lora.setdefault(_linear(backbone, m["module"], key), {})[m["ab"]] = t
-        elif (m := _IA3_KEY.match(name)) and loaded.kind == "ia3":
-            _add_ia3(loaded, backbone, cfg, _linear(backbone, m["module"], key), t.flatten())
-        elif name.split(".")[0] in _HEAD_MODULES and name.count(".") == 1:
-            saved.setdefault(name.split(".")[0], {})[name.split(".")[1]] = t
+def _load_peft(bundle: Bundle, backbone: Backbone, loaded: LoadedAdapter, spec: AdapterSpec) -> None:
+    """Pack the tensors the spec names (adapters_store.peft_spec applied PEFT's rules once, at validation)."""
+    tensors = _tensors(bundle, PEFT_WEIGHTS_FILE)
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for path, mod in spec.modules.items():
+        if path not in backbone.linears:
+            raise UnsupportedAdapter(f"{mod.key!r} is not a Linear layer of this backbone")
+        if mod.side == "lora":
+            a, b = (tensors[t] for t in mod.weights)
+            # Fold the scaling into B once at load time, so a forward pass does two matmuls and nothing else.
+            lora[path] = (a.t().contiguous(), (b.t() * mod.scaling).contiguous())
         else:
-            raise UnsupportedAdapter(
-                f"{PEFT_WEIGHTS_FILE}: tensor {key!r} is not something the engine serves"
-            )
-    loaded.lora = _one_buffer({module: _pack_lora(cfg, backbone, module, ab) for module, ab in lora.items()})
+            target = loaded.ia3_in if mod.side == "ia3_in" else loaded.ia3_out
+            target[path] = tensors[mod.weights[0]].flatten().contiguous()
+    loaded.lora = _one_buffer(lora)
     if HEAD_WEIGHTS_FILE in bundle.files:
         head = loaded.manifest.head
         activation = head.activation if head else "relu"
         loaded.head = head_from_file(_tensors(bundle, HEAD_WEIGHTS_FILE), activation, backbone.feature_dim)
-    elif saved:
-        loaded.head = head_from_classifier(next(iter(saved.values())), backbone.feature_dim)
+    elif spec.head is not None:
+        loaded.head = head_from_classifier(_saved(tensors, spec.head), backbone.feature_dim)
+    if spec.pooler is not None:  # a modules_to_save pooler: BERT's dense + tanh on the first token
+        dense = nn.Linear(backbone.feature_dim, backbone.feature_dim)
+        _load_strict(dense, _saved(tensors, spec.pooler), "pooler.dense")
+        loaded.pooler = nn.Sequential(dense, nn.Tanh()).eval()
 
 
-def _linear(backbone: Backbone, module: str, key: str) -> str:
-    if module not in backbone.linears:
-        raise UnsupportedAdapter(f"{key!r} targets {module!r}, which is not a Linear layer of this backbone")
-    return module
-
-
-def _pattern_value(patterns: dict[str, Any] | None, module: str, default: Any) -> Any:
-    # PEFT's rule: a pattern matches the module path or any dotted suffix of it.
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
-    return default
-
-
-def _pack_lora(cfg: dict[str, Any], backbone: Backbone, module: str, ab: dict[str, torch.Tensor]):
-    if set(ab) != {"A", "B"}:
-        raise ValidationError(f"{module}: LoRA needs both lora_A and lora_B")
-    lin = backbone.linears[module]
-    a, b = ab["A"], ab["B"]
-    r = a.shape[0]
-    if a.shape != (r, lin.in_features) or b.shape != (lin.out_features, r):
-        raise ValidationError(f"{module}: LoRA shapes {list(a.shape)}/{list(b.shape)} do not fit the layer")
-    alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", r)))
-    scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-    # Fold the scaling into B once at load time, so a forward pass does two matmuls and nothing else.
-    return a.t().contiguous(), (b.t() * scaling).contiguous()
+def _saved(tensors: dict[str, torch.Tensor], module: SavedModule) -> dict[str, torch.Tensor]:
+    out = {"weight": tensors[module.weight]}
+    if module.bias is not None:
+        out["bias"] = tensors[module.bias]
+    return out
 
 
 def _one_buffer(
@@ -191,30 +164,6 @@ def _one_buffer(
             offset += t.numel()
         out[module] = (views[0], views[1])
     return out
-
-
-def _is_feedforward(cfg: dict[str, Any], module: str, backbone: Backbone) -> bool:
-    ff = cfg.get("feedforward_modules") or []
-    names = (module, backbone.prefix + module)  # PEFT matched against the (maybe task-prefixed) path
-    if isinstance(ff, str):
-        return any(re.fullmatch(ff, n) for n in names)
-    return any(n.endswith(t) for n in names for t in ff)
-
-
-def _add_ia3(loaded: LoadedAdapter, backbone: Backbone, cfg: dict[str, Any], module: str, vec: torch.Tensor):
-    lin = backbone.linears[module]
-    if _is_feedforward(cfg, module, backbone):
-        if vec.numel() != lin.in_features:
-            raise ValidationError(
-                f"{module}: IA3 vector has {vec.numel()} values, the layer takes {lin.in_features}"
-            )
-        loaded.ia3_in[module] = vec.contiguous()
-    else:
-        if vec.numel() != lin.out_features:
-            raise ValidationError(
-                f"{module}: IA3 vector has {vec.numel()} values, the layer gives {lin.out_features}"
-            )
-        loaded.ia3_out[module] = vec.contiguous()
 
 
 def _load_partial(bundle: Bundle, backbone: Backbone, loaded: LoadedAdapter) -> None:

@@ -12,11 +12,14 @@ import time
 from typing import NamedTuple
 
 from adapters_store.bundle import AdapterManifest
-from adapters_store.errors import InvalidName, NotFound
+from adapters_store.errors import InvalidName, NotFound, StoreUnavailable
 from adapters_store.names import LATEST, AdapterRef, validate_name
 
 PRODUCTION = "production"
 _MAX_CACHED = 65_536  # resolutions kept; expired ones are pruned when this is reached
+# After the store failed to answer, requests do not wait on it again for this long: warm tenants get
+# their last known answer, others a 503 at once. The first request after it asks the store again.
+STORE_RETRY_S = 5.0
 
 
 class Resolved(NamedTuple):
@@ -43,9 +46,11 @@ def parse_tenant_ref(tenant: str, adapter: str) -> tuple[AdapterRef, bool]:
 class AliasResolver:
     """Resolves ``(tenant, adapter)`` through an AdapterStore with a small TTL cache."""
 
-    def __init__(self, store, ttl_s: float):
+    def __init__(self, store, ttl_s: float, store_retry_s: float = STORE_RETRY_S):
         self._store = store
         self._ttl = ttl_s
+        self._store_retry_s = store_retry_s
+        self._store_down_until = 0.0
         self._cache: dict[tuple[str, str], tuple[Resolved, float]] = {}
         self._generation = 0  # bumped by forget(): an answer read before a forget is never cached
         self._lock = threading.Lock()
@@ -58,7 +63,20 @@ class AliasResolver:
             generation = self._generation
         if hit is not None and hit[1] > now:
             return hit[0]
-        manifest = self._lookup(*parse_tenant_ref(tenant, adapter))
+        ref = parse_tenant_ref(tenant, adapter)
+        if now < self._store_down_until:  # failed a moment ago: answer without waiting on it again
+            if hit is not None:
+                return hit[0]
+            raise StoreUnavailable("the adapter store is unreachable; retry later")
+        try:
+            manifest = self._lookup(*ref)
+        except StoreUnavailable:
+            self._store_down_until = time.monotonic() + self._store_retry_s
+            # Stale-if-error: while the store is unreachable a tenant served before keeps its last
+            # known version (nothing can have been promoted meanwhile: promotes go through the store).
+            if hit is not None:
+                return hit[0]
+            raise
         resolved = Resolved(manifest, manifest.digest)
         if self._ttl > 0:
             with self._lock:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -52,6 +52,7 @@ class SeaweedServer:
     endpoint: str
     proc: subprocess.Popen
     log_path: Path
+    cmd: list[str] = field(default_factory=list)
 
     def store_url(self, bucket: str = "loraplex-test", prefix: str | None = None) -> str:
         """A fresh, empty store: one shared bucket (each bucket costs SeaweedFS volumes), a new prefix."""
@@ -66,6 +67,19 @@ class SeaweedServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
+
+    def kill(self) -> None:
+        """An outage: SIGKILL the whole server (its data folder stays; ``restart`` brings it back)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def restart(self, ready_timeout: float = 60.0) -> None:
+        """Start again on the same ports and data folder (after ``kill`` or ``stop``)."""
+        self.proc = subprocess.Popen(
+            self.cmd, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True
+        )
+        _wait_ready(self, ready_timeout)
 
 
 def s3_env() -> None:
@@ -115,7 +129,7 @@ def start_seaweed(
     proc = subprocess.Popen(
         cmd, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True
     )
-    server = SeaweedServer(f"http://127.0.0.1:{ports['s3']}", proc, log_path)
+    server = SeaweedServer(f"http://127.0.0.1:{ports['s3']}", proc, log_path, cmd)
     try:
         _wait_ready(server, ready_timeout, credentials)
     except BaseException:

@@ -73,6 +73,7 @@ class FinetuneLearner:
         self._set_unfrozen(len(self.units))
 
     def _set_unfrozen(self, count: int) -> None:
+        self.unfrozen = min(count, len(self.units))
         for i, unit in enumerate(self.units):
             for _, p in unit:
                 p.requires_grad_(i < count)
@@ -92,6 +93,11 @@ class FinetuneLearner:
         if self.cfg.unfreeze_every:
             # Epochs 1..N: head only; then one more unit from the top every N epochs.
             self._set_unfrozen((epoch - 1) // self.cfg.unfreeze_every)
+
+    def epoch_counts(self) -> bool:
+        """Whether this epoch may be kept as the best one: a head-only epoch (gradual unfreezing) would
+        store a bundle whose blocks equal the base's."""
+        return self.unfrozen > 0
 
     def forward(self, batch: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         rep = self.head.representation(pool(self.backbone, self.preprocess(batch), self.pooling))

@@ -19,19 +19,8 @@ from training.backbone import Preprocess, pool, quiet_transformers
 from training.config import TrainConfig
 from training.errors import TrainConfigError
 from training.learners.base import Exported
+from training.targets import IA3_TARGETS, LORA_TARGETS
 
-# Per-architecture defaults: attention projections for LoRA; PEFT's IA3 choice (k, v, ffn out) for IA3.
-LORA_TARGETS = {
-    "bert": ["query", "value"],
-    "vit": ["q_proj", "v_proj"],
-    "roberta": ["query", "value"],
-    "distilbert": ["q_lin", "v_lin"],
-}
-IA3_TARGETS = {
-    "bert": (["key", "value", "output.dense"], ["output.dense"]),
-    "vit": (["k_proj", "v_proj", "fc2"], ["fc2"]),
-    "roberta": (["key", "value", "output.dense"], ["output.dense"]),
-}
 CLASSIFIER_MODULES = ["classifier"]
 
 

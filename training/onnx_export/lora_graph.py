@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from adapters_store import peft_spec
 from adapters_store.onnx_artifacts import LoraGraphRecord
 from training.onnx_export.errors import OnnxExportError, UnsupportedArchitecture
 from training.onnx_export.export import (
@@ -41,15 +42,6 @@ from training.onnx_export.wrappers import TextFeatures, pooler_of
 INDEX_INPUT = "adapter_index"
 A_INPUT = "lora_a.{layer}.{target}"
 B_INPUT = "lora_b.{layer}.{target}"
-# PEFT-style short names -> module path inside one encoder layer
-TARGET_ALIASES = {
-    "query": "attention.self.query",
-    "key": "attention.self.key",
-    "value": "attention.self.value",
-    "attention.output.dense": "attention.output.dense",
-    "intermediate.dense": "intermediate.dense",
-    "output.dense": "output.dense",
-}
 DEFAULT_TARGETS = ("query", "value")
 
 
@@ -94,13 +86,21 @@ class LoraTextFeatures(nn.Module):
                 module.a = module.b = module.index = None
 
 
-def canonical_targets(targets: tuple[str, ...] | list[str]) -> list[str]:
-    out = []
+def canonical_targets(entry: Any, targets: tuple[str, ...] | list[str]) -> list[str]:
+    """Target names -> Linear paths inside one encoder layer, matched by PEFT's own rule (a name is a
+    dotted suffix: ``output.dense`` takes both feed-forward and attention output), the base's layer 0."""
+    prefix = "encoder.layer.0."
+    linears = [
+        n[len(prefix) : -len(".weight")]
+        for n, shape in entry.tensors.items()
+        if n.startswith(prefix) and n.endswith(".weight") and len(shape) == 2
+    ]
+    out: list[str] = []
     for t in targets:
-        if t not in TARGET_ALIASES:
-            raise OnnxExportError(f"unknown LoRA target {t!r}; choose from {', '.join(TARGET_ALIASES)}")
-        if TARGET_ALIASES[t] not in out:
-            out.append(TARGET_ALIASES[t])
+        hits = [p for p in linears if peft_spec.is_targeted({"target_modules": [t]}, p)]
+        if not hits:
+            raise OnnxExportError(f"unknown LoRA target {t!r}; choose from {', '.join(sorted(linears))}")
+        out += [p for p in hits if p not in out]
     if not out:
         raise OnnxExportError("the LoRA graph needs at least one target")
     return out
@@ -152,7 +152,7 @@ def export_lora_base(
     t0 = time.perf_counter()
     entry = store.get_base(base_name)
     existing = stored_manifest(store, entry, "lora-fp32")
-    wanted = canonical_targets(targets)
+    wanted = canonical_targets(entry, targets)
     if existing is not None and not settings.force and existing.lora and existing.lora.targets == wanted:
         return ExportReport(manifest=existing, reused=True, seconds=time.perf_counter() - t0)
     torch.set_num_threads(settings.threads)
