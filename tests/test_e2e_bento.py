@@ -31,7 +31,9 @@ def test_build_then_serve_the_bento(tmp_path, tiny_bert_dir):
     bento_dir = tmp_path / "bentoml-home" / "bentos" / "loraplex" / tag.split(":")[1]
     src = bento_dir / "src"
     assert (src / "serving" / "service.py").is_file() and (src / "adapters_store" / "store.py").is_file()
-    assert not (src / "tests").exists() and not (src / "training").exists()  # serving never imports training
+    assert not (src / "tests").exists()
+    # Training jobs run training/ in a subprocess (serving itself never imports it: test_jobs_runner).
+    assert (src / "training" / "job_runner.py").is_file()
     info = yaml.safe_load((bento_dir / "bento.yaml").read_text())
     assert info["service"] == "serving.service:LoraplexService"
     assert (bento_dir / "env" / "docker" / "Dockerfile").is_file()
