@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from adapters_store import describe_base, open_store
 from adapters_store.errors import Conflict, InvalidName, LoraplexError, NotFound
 from adapters_store.names import AdapterRef
+from adapters_store.registry import DEFAULT_STORE_URL
 from serving.engine.resolver import parse_tenant_ref
 from serving.gateway import check_path
 from serving.schemas import AliasRequest
@@ -175,7 +176,7 @@ def test_serve_resolves_a_relative_store_against_the_current_directory(tmp_path,
         ([], tmp_path / ".loraplex/store"),
     ):
         # The default is read at import: pass it as the user's shell would see it.
-        args = args or ["--store", cli_module.DEFAULT_STORE_URL]
+        args = args or ["--store", DEFAULT_STORE_URL]
         result = runner.invoke(main, ["serve", *args])
         assert result.exit_code == 0, result.output
         assert launched["env"]["LORAPLEX_STORE"] == str(expected)

@@ -17,17 +17,8 @@ import click
 from adapters_store import AdapterManifest, open_store
 from adapters_store.errors import InvalidRequest, LoraplexError, NotFound
 from adapters_store.names import AdapterRef, validate_name, validate_settable_alias
-from adapters_store.registry import DEFAULT_STORE_URL
-from training.cli_support import fail, fail_click, setup_output
+from training.cli_support import fail, fail_click, setup_output, store_option
 
-store_option = click.option(
-    "--store",
-    "store_url",
-    default=DEFAULT_STORE_URL,
-    show_default=True,
-    envvar="LORAPLEX_STORE",
-    help="Store URL: a folder, file://..., or s3://bucket/prefix.",
-)
 BUNDLED_BASE = "minilm"  # the one base name that needs no --path
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 

@@ -13,6 +13,17 @@ from typing import NoReturn
 import click
 
 from adapters_store.errors import LoraplexError
+from adapters_store.registry import DEFAULT_STORE_URL
+
+# The one --store option of every command that opens a store.
+store_option = click.option(
+    "--store",
+    "store_url",
+    default=DEFAULT_STORE_URL,
+    show_default=True,
+    envvar="LORAPLEX_STORE",
+    help="Store URL: a folder, file://..., or s3://bucket/prefix.",
+)
 
 EXIT_ERROR = 2  # what click itself uses for a usage error: one status for every refused command
 

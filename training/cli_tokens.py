@@ -12,17 +12,9 @@ import time
 import click
 
 from adapters_store import open_store
-from adapters_store.registry import DEFAULT_STORE_URL
 from adapters_store.tokens import TenantTokenRecord, TenantTokenRegistry
+from training.cli_support import store_option
 
-_store = click.option(
-    "--store",
-    "store_url",
-    default=DEFAULT_STORE_URL,
-    show_default=True,
-    envvar="LORAPLEX_STORE",
-    help="Store URL: a folder, file://..., or s3://bucket/prefix.",
-)
 _json = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 
 
@@ -41,7 +33,7 @@ def tokens_group() -> None:
 
 @tokens_group.command("create")
 @click.argument("tenant")
-@_store
+@store_option
 @_json
 def tokens_create(tenant: str, store_url: str, as_json: bool) -> None:
     """Create a token for TENANT and print it once (only its sha256 is stored)."""
@@ -55,7 +47,7 @@ def tokens_create(tenant: str, store_url: str, as_json: bool) -> None:
 
 @tokens_group.command("list")
 @click.argument("tenant", required=False)
-@_store
+@store_option
 @_json
 def tokens_list(tenant: str | None, store_url: str, as_json: bool) -> None:
     """List stored token ids (of TENANT, or of every tenant); never a token or its hash."""
@@ -73,7 +65,7 @@ def tokens_list(tenant: str | None, store_url: str, as_json: bool) -> None:
 @tokens_group.command("rotate")
 @click.argument("tenant")
 @click.argument("token_id")
-@_store
+@store_option
 @_json
 def tokens_rotate(tenant: str, token_id: str, store_url: str, as_json: bool) -> None:
     """Replace TOKEN_ID of TENANT: a new token is printed once and the old one is revoked."""
@@ -88,7 +80,7 @@ def tokens_rotate(tenant: str, token_id: str, store_url: str, as_json: bool) -> 
 @tokens_group.command("revoke")
 @click.argument("tenant")
 @click.argument("token_id")
-@_store
+@store_option
 def tokens_revoke(tenant: str, token_id: str, store_url: str) -> None:
     """Revoke TOKEN_ID of TENANT (refused by every server within LORAPLEX_TOKEN_REFRESH_S)."""
     old = _registry(store_url).revoke(tenant, token_id)

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from adapters_store.registry import DEFAULT_STORE_URL
+from training.cli_support import store_option
 
 
 @click.group("onnx")
@@ -24,14 +24,7 @@ def onnx_group() -> None:
     default=None,
     help="Build the LoRA graph instead, for these comma-separated targets (e.g. query,value).",
 )
-@click.option(
-    "--store",
-    "store_url",
-    default=DEFAULT_STORE_URL,
-    show_default=True,
-    envvar="LORAPLEX_STORE",
-    help="Store URL: a folder, file://..., or s3://bucket/prefix.",
-)
+@store_option
 @click.option(
     "--threads", default=2, show_default=True, type=click.IntRange(1, 64), help="Threads while validating."
 )
