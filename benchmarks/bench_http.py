@@ -93,8 +93,11 @@ def build_store(root: Path, base_dir: Path, tenants: list[str]):
 
 
 # -- HTTP load ------------------------------------------------------------------------------------------
-async def http_round(url: str, tokens: dict[str, str], texts: list[str], clients: int, seconds: float):
-    """Closed loop: ``clients`` workers, one sentence per request, for ``seconds``. Returns stats."""
+async def http_round(
+    url: str, tokens: dict[str, str], texts: list[str], clients: int, seconds: float, think: float = 0.0
+):
+    """Closed loop: ``clients`` workers, one sentence per request, for ``seconds``; each worker pauses
+    ``think`` seconds after every answer (0: none). Returns stats."""
     tenants = list(tokens)
     latencies: list[float] = []
     errors: list[str] = []
@@ -118,6 +121,8 @@ async def http_round(url: str, tokens: dict[str, str], texts: list[str], clients
                 except httpx.HTTPError as e:
                     errors.append(type(e).__name__)
                 latencies.append(time.perf_counter() - t0)
+                if think:
+                    await asyncio.sleep(think)
 
         start = time.perf_counter()
         await asyncio.gather(*[worker() for _ in range(clients)])

@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import httpx  # noqa: E402
-from bench_http import build_store, percentile, tenant_names  # noqa: E402
+from bench_http import build_store, http_round, percentile, tenant_names  # noqa: E402
 from texts import sentences  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -45,34 +45,12 @@ DATASET = REPO / "training" / "data" / "brightwave_telecom_tickets.csv"
 TRAINER = "trainer"
 
 
-async def paced_round(
+def paced_round(
     url: str, tokens: dict[str, str], texts: list[str], clients: int, seconds: float, think: float
 ):
     """Closed loop with think time: each client sends, waits for the answer, pauses ``think`` seconds."""
-    tenants = list(tokens)
-    latencies: list[float] = []
-    errors: list[str] = []
-    counter = iter(range(1 << 62))
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
-        deadline = time.perf_counter() + seconds
-
-        async def worker() -> None:
-            while time.perf_counter() < deadline:
-                i = next(counter)
-                tenant = tenants[i % len(tenants)]
-                body = {"items": [{"adapter": "intent", "text": texts[i % len(texts)]}]}
-                t0 = time.perf_counter()
-                r = await client.post(
-                    "/v1/classify", json=body, headers={"Authorization": f"Bearer {tokens[tenant]}"}
-                )
-                latencies.append(time.perf_counter() - t0)
-                if r.status_code != 200:
-                    errors.append(f"{r.status_code} {r.text[:120]}")
-                await asyncio.sleep(think)
-
-        await asyncio.gather(*[worker() for _ in range(clients)])
-    return latencies, errors
+    stats = asyncio.run(http_round(url, tokens, texts, clients, seconds, think))
+    return stats["latencies"], stats["errors"]
 
 
 def start_job(c: httpx.Client, token: str, epochs: int) -> str:
@@ -154,18 +132,12 @@ def main() -> None:
         try:
             c = httpx.Client(base_url=server.url, timeout=60)
             think = args.think_ms / 1000
-            asyncio.run(
-                paced_round(server.url, tokens, texts, args.clients, 5.0, think)
-            )  # warm every adapter
+            paced_round(server.url, tokens, texts, args.clients, 5.0, think)  # warm every adapter
             for r in range(args.rounds):
-                base_lat, base_err = asyncio.run(
-                    paced_round(server.url, tokens, texts, args.clients, args.seconds, think)
-                )
+                base_lat, base_err = paced_round(server.url, tokens, texts, args.clients, args.seconds, think)
                 job_id = start_job(c, trainer_token, epochs=50)
                 before = wait_training(c, trainer_token, job_id)
-                job_lat, job_err = asyncio.run(
-                    paced_round(server.url, tokens, texts, args.clients, args.seconds, think)
-                )
+                job_lat, job_err = paced_round(server.url, tokens, texts, args.clients, args.seconds, think)
                 after = job(c, trainer_token, job_id)
                 cancel(c, trainer_token, job_id)
                 rounds.append(
