@@ -4,8 +4,12 @@ Order for each HTTP request: public probe paths pass straight through; otherwise
 resolved to a :class:`~serving.auth.Principal` (401 without one), the route's role is checked (403),
 the in-flight limit is taken (429), the body limit applied (413 from ``Content-Length`` or while
 streaming), inference bodies are validated (400/415/422 with our messages), and the principal is put
-in ``scope["state"]`` for the routes. Any 4xx/5xx that some inner layer (BentoML, Starlette) wrote in
-its own shape is rewritten to ``{"error", "message"}``.
+in ``scope["state"]`` for the routes, with the parsed inference body (routes never parse it again).
+Any 4xx/5xx that some inner layer (BentoML, Starlette) wrote in its own shape is rewritten to
+``{"error", "message"}``. Every error is rendered by :mod:`serving.error_responses`.
+
+The middleware's :class:`GatewayState` belongs to one service instance: it is given to the middleware,
+or read per request from ``source.state.gateway`` (the ``/v1`` app the service instance fills in).
 """
 
 from __future__ import annotations
@@ -31,21 +35,21 @@ from adapters_store.errors import (
 )
 from serving import metrics
 from serving.auth import DEV_TENANT_HEADER, Principal, TokenBook
+from serving.error_responses import StatusError, error_body, json_headers, send_error
 from serving.limits import InflightLimiter, check_content_length, check_items, limited_receive, read_body
-from serving.openai_errors import is_openai_error, is_openai_path, openai_error_bytes
+from serving.openai_errors import is_openai_error, is_openai_path
 from serving.settings import LimitSettings
 
 logger = logging.getLogger("loraplex.gateway")
 
 PRINCIPAL_KEY = "loraplex_principal"
+PARSED_KEY = "loraplex_parsed"  # the inference body the gateway parsed, for the route
 PUBLIC_PATHS = frozenset(
     {"/livez", "/readyz", "/healthz", "/docs.json", "/schema.json", "/", "/v1/openapi.json", "/v1/docs"}
 ) | {"/console"}
 # The console's files are static and hold no data; its data comes from token-checked /v1 routes.
 PUBLIC_PREFIXES = ("/static_content/", "/assets/", "/console/")
 INFERENCE_PATHS = frozenset({"/v1/classify", "/v1/embed"})
-# Every 503 (starting, draining, adapter store unreachable) tells clients when to come back.
-RETRY_AFTER_S = 5
 _CODES = {
     400: "invalid_request",
     401: "unauthorized",
@@ -64,7 +68,7 @@ _CODES = {
 
 @dataclass
 class GatewayState:
-    """Filled by the service at start; the middleware reads it per request."""
+    """One service instance's gateway settings and hooks; the middleware reads it per request."""
 
     tokens: TokenBook | None = None
     limits: LimitSettings = field(default_factory=LimitSettings)
@@ -79,9 +83,12 @@ class GatewayState:
     # Per-tenant quotas: admit(tenant, rows) raises 429 (see serving.quotas); release(tenant, rows).
     quotas: Any = None
     metrics_public: bool = False  # /metrics without a token (LORAPLEX_METRICS_AUTH=public, insecure dev)
+    base_name: str | None = None  # an OpenAI-style 'model' naming the base is no adapter to preload
 
 
-STATE = GatewayState()
+def parsed_body(scope) -> BaseModel | None:
+    """The inference body the gateway parsed for this request (None if it parsed none)."""
+    return scope.get("state", {}).get(PARSED_KEY)
 
 
 def is_public(path: str) -> bool:
@@ -124,15 +131,9 @@ def required_role(path: str) -> str:
     return "admin" if path == "/v1/admin" or path.startswith("/v1/admin/") else "tenant"
 
 
-def json_error(err: LoraplexError, path: str = "") -> tuple[int, bytes]:
-    """The one rendering of our errors: ``{"error", "message"}``, or OpenAI's shape on its routes."""
-    if is_openai_path(path):
-        return err.status, openai_error_bytes(err.status, err.code, err.message)
-    return err.status, json.dumps(err.to_dict()).encode()
-
-
 def normalise_error_body(status: int, body: bytes, path: str, ready: bool) -> tuple[int, bytes]:
-    """Rewrite a foreign error body into ``{"error", "message"}``; ours pass unchanged."""
+    """Rewrite a foreign error body into ours (``{"error", "message"}``, OpenAI's shape on its routes);
+    ours pass unchanged."""
     try:
         data = json.loads(body) if body else None
     except ValueError:
@@ -141,16 +142,14 @@ def normalise_error_body(status: int, body: bytes, path: str, ready: bool) -> tu
         if is_openai_error(data):
             return status, body
         if isinstance(data, dict) and set(data) == {"error", "message"}:
-            return status, openai_error_bytes(status, str(data["error"]), str(data["message"]))
+            return status, error_body(StatusError(str(data["message"]), status, str(data["error"])), path)
     elif isinstance(data, dict) and set(data) == {"error", "message"}:
         return status, body
     if status == 503 and ready and path in INFERENCE_PATHS:
         # BentoML's batch dispatcher sheds load with 503; to clients that is overload: 429.
         status, data = 429, {"error": "server is overloaded; retry shortly"}
-    message = _foreign_message(data, body)
-    if is_openai_path(path):
-        return status, openai_error_bytes(status, _CODES.get(status, "internal_error"), message)
-    return status, json.dumps({"error": _CODES.get(status, "internal_error"), "message": message}).encode()
+    err = StatusError(_foreign_message(data, body), status, _CODES.get(status, "internal_error"))
+    return status, error_body(err, path)
 
 
 def _foreign_message(data: Any, body: bytes) -> str:
@@ -191,17 +190,29 @@ def request_rows(parsed: BaseModel | None) -> int:
     return sum(len(getattr(item, "targets", None) or [None]) for item in getattr(parsed, "items", []))
 
 
-def request_adapters(parsed: BaseModel) -> list[str | None]:
-    """The adapter references a loraplex-shaped body names (fan-out included), for cold preloading."""
+def request_adapters(parsed: BaseModel, base_name: str | None = None) -> list[str | None]:
+    """The adapter references a body names (fan-out included; OpenAI-style ``model``s other than the
+    base's own name), for cold preloading."""
+    if hasattr(parsed, "adapter_refs"):
+        return parsed.adapter_refs(base_name)
     return [t for item in getattr(parsed, "items", []) for t in (getattr(item, "targets", None) or [None])]
 
 
 class GatewayMiddleware:
     """ASGI middleware; BentoML installs it with ``Service.add_asgi_middleware``."""
 
-    def __init__(self, app, state: GatewayState | None = None):
+    def __init__(self, app, state: GatewayState | None = None, source: Any = None):
         self.app = app
-        self.state = state or STATE
+        self._state = state
+        self._source = source  # an ASGI app whose ``state.gateway`` its service instance fills in
+        self._starting = GatewayState()  # until then: 503 "service is starting"
+
+    @property
+    def state(self) -> GatewayState:
+        if self._state is not None:
+            return self._state
+        found = getattr(getattr(self._source, "state", None), "gateway", None)
+        return found if isinstance(found, GatewayState) else self._starting
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -212,24 +223,29 @@ class GatewayMiddleware:
         if is_public(path):
             return await self.app(scope, receive, send)
         start, principal, status = time.perf_counter(), None, 500
-        limiter = self.state.limiter
+        state = self.state
+        limiter = state.limiter
         try:
             check_path(path, scope.get("raw_path"))
-            principal = self._authenticate(scope)
+            principal = self._authenticate(state, scope)
             if limiter is not None:
                 limiter.acquire()
             release = None
             try:
-                receive, parsed = await self._guard_body(scope, receive, principal)
-                scope.setdefault("state", {})[PRINCIPAL_KEY] = principal
+                receive, parsed = await self._guard_body(state, scope, receive, principal)
+                scope_state = scope.setdefault("state", {})
+                scope_state[PRINCIPAL_KEY] = principal
+                if parsed is not None:
+                    scope_state[PARSED_KEY] = parsed
                 rows = request_rows(parsed)
-                quotas = self.state.quotas if rows else None
+                quotas = state.quotas if rows else None
                 if quotas is not None:
                     quotas.admit(principal.tenant, rows)
                 try:
-                    if parsed is not None and self.state.preload is not None:
-                        release = await self.state.preload(principal.tenant, request_adapters(parsed))
-                    status = await self._call_app(scope, receive, send, path)
+                    if parsed is not None and state.preload is not None:
+                        refs = request_adapters(parsed, state.base_name)
+                        release = await state.preload(principal.tenant, refs)
+                    status = await self._call_app(state, scope, receive, send, path)
                 finally:
                     if quotas is not None:
                         quotas.release(principal.tenant, rows)
@@ -239,28 +255,29 @@ class GatewayMiddleware:
                 if limiter is not None:
                     limiter.release()
         except LoraplexError as err:
-            status = await _send_json(send, *json_error(err, path), err.headers())
+            status = await send_error(send, err, path)
         metrics.observe_request(
             principal.tenant if principal else None, path, status, time.perf_counter() - start
         )
 
     async def _metrics(self, scope, receive, send) -> None:
         """``/metrics`` lists tenant names: it needs the admin or metrics token unless made public."""
-        if not self.state.metrics_public:
+        state = self.state
+        if not state.metrics_public:
             try:
-                tokens = self.state.tokens
+                tokens = state.tokens
                 if tokens is None:
                     raise ServiceUnavailable("service is starting")
                 headers = dict(scope["headers"])
                 tokens.authenticate(headers.get(b"authorization", b"").decode("latin-1")).require_metrics()
             except LoraplexError as err:
-                await _send_json(send, *json_error(err))
+                await send_error(send, err)
                 return
-        self._publish_cache_stats()
+        self._publish_cache_stats(state)
         await self.app(scope, receive, send)
 
-    def _authenticate(self, scope) -> Principal:
-        tokens = self.state.tokens
+    def _authenticate(self, state: GatewayState, scope) -> Principal:
+        tokens = state.tokens
         if tokens is None:
             raise ServiceUnavailable("service is starting")  # tokens are set in the service's __init__
         headers = dict(scope["headers"])
@@ -271,16 +288,12 @@ class GatewayMiddleware:
             principal.require_admin()
         return principal
 
-    async def _guard_body(self, scope, receive, principal: Principal):
+    async def _guard_body(self, state: GatewayState, scope, receive, principal: Principal):
         headers = dict(scope["headers"])
         method, path = scope["method"], scope["path"]
-        limit = (
-            self.state.limits.max_upload_bytes
-            if is_upload(method, path)
-            else self.state.limits.max_body_bytes
-        )
+        limit = state.limits.max_upload_bytes if is_upload(method, path) else state.limits.max_body_bytes
         check_content_length(headers, limit)
-        model = self.state.validators.get(path)
+        model = state.validators.get(path)
         if model is None or method != "POST":
             return limited_receive(receive, limit), None
         principal.require_tenant()
@@ -290,23 +303,23 @@ class GatewayMiddleware:
                 f"send JSON with 'Content-Type: application/json' (got {ctype or 'none'!r})"
             )
         body = await read_body(receive, limit)
-        parsed = validate_inference_body(body, model, self.state.limits)
+        parsed = validate_inference_body(body, model, state.limits)
         return _replay(body), parsed
 
-    async def _call_app(self, scope, receive, send, path: str) -> int:
-        rewriter = _ErrorRewriter(send, path, self.state.is_ready())
+    async def _call_app(self, state: GatewayState, scope, receive, send, path: str) -> int:
+        rewriter = _ErrorRewriter(send, path, state.is_ready())
         try:
             await self.app(scope, receive, rewriter)
         except LoraplexError as err:  # e.g. PayloadTooLarge raised from the limited receive
             if rewriter.started:
                 raise
-            return await _send_json(send, *json_error(err, path), err.headers())
+            return await send_error(send, err, path)
         return rewriter.status
 
-    def _publish_cache_stats(self) -> None:
+    def _publish_cache_stats(self, state: GatewayState) -> None:
         try:
-            metrics.publish_cache_stats(self.state.cache_stats())
-            metrics.publish_residency(self.state.resident(), protected=not self.state.metrics_public)
+            metrics.publish_cache_stats(state.cache_stats())
+            metrics.publish_residency(state.resident(), protected=not state.metrics_public)
         except Exception:  # metrics must never break the scrape
             logger.exception("cache stats unavailable")
 
@@ -322,20 +335,6 @@ def _replay(body: bytes):
         return {"type": "http.disconnect"}
 
     return receive
-
-
-def retry_after(status: int) -> list[tuple[bytes, bytes]]:
-    return [(b"retry-after", str(RETRY_AFTER_S).encode())] if status == 503 else []
-
-
-async def _send_json(send, status: int, body: bytes, extra: dict[str, str] | None = None) -> int:
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.lower().encode(), v.encode()) for k, v in (extra or {}).items()]
-    if not any(k == b"retry-after" for k, _ in headers):
-        headers += retry_after(status)
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-    return status
 
 
 class _ErrorRewriter:
@@ -365,8 +364,7 @@ class _ErrorRewriter:
 
     async def _flush(self) -> None:
         if self.status < 400:  # a redirect (see the class docstring)
-            self.status, body = json_error(NotFound(f"no route {self.path[:200]!r}"))
-            await _send_json(self.send, self.status, body)
+            self.status = await send_error(self.send, NotFound(f"no route {self.path[:200]!r}"))
             return
         status, body = normalise_error_body(self.status, b"".join(self._chunks), self.path, self.ready)
         self.status = status
@@ -375,11 +373,6 @@ class _ErrorRewriter:
             for k, v in self._start.get("headers", [])
             if k.lower() not in (b"content-length", b"content-type")
         ]
-        has_retry = any(k.lower() == b"retry-after" for k, _ in keep)
-        headers = (
-            keep
-            + [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-            + ([] if has_retry else retry_after(status))
-        )
+        headers = json_headers(body, status, keep)
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
         await self.send({"type": "http.response.body", "body": body})

@@ -11,8 +11,9 @@ from typing import Any, Protocol
 
 from adapters_store.errors import LoraplexError, ServiceUnavailable
 from serving import metrics
+from serving.error_responses import StatusError
 from serving.limits import TokenCounter, decode_audio, decode_image
-from serving.quotas import USAGE
+from serving.quotas import UsageLedger
 from serving.schemas import ErrorBody, ItemResult
 from serving.settings import LimitSettings
 
@@ -21,6 +22,14 @@ logger = logging.getLogger("loraplex.inference")
 
 class EngineLike(Protocol):
     def infer(self, items: Sequence[Any]) -> list[Any]: ...
+
+
+def item_error(result: ItemResult, where: str) -> StatusError:
+    """``result`` (failed) -> an error naming where it failed (``items[2]: ...``), for a route to raise
+    or render with the item's own status, code and headers."""
+    assert result.error is not None
+    message = f"{where}: {result.error.message}"
+    return StatusError(message, result._status, result.error.error, result._headers)
 
 
 def error_result(err: LoraplexError) -> ItemResult:
@@ -93,9 +102,10 @@ def run_batch(
     items: Sequence[Any],
     limits: LimitSettings,
     tokens: TokenCounter | None = None,
+    usage: UsageLedger | None = None,
 ) -> list[ItemResult]:
     """Answer every item; a bad item fails alone, the rest of the batch is still served."""
-    return run_jobs(engine, [(task, items)], limits, tokens)[0]
+    return run_jobs(engine, [(task, items)], limits, tokens, usage)[0]
 
 
 def run_jobs(
@@ -103,6 +113,7 @@ def run_jobs(
     jobs: Sequence[tuple[str, Sequence[Any]]],
     limits: LimitSettings,
     tokens: TokenCounter | None = None,
+    usage: UsageLedger | None = None,
 ) -> list[list[ItemResult]]:
     """Several requests' ``(task, items)`` in ONE engine call (fan-out rows included); results per job."""
     if engine is None:
@@ -135,8 +146,8 @@ def run_jobs(
         ]
         for item, result in zip(items, results, strict=True):
             metrics.observe_item(item.tenant or "-", task, result.error.error if result.error else "ok")
-            if result.error is None and item.tenant:
-                USAGE.answered(item.tenant, len(targets_of(item)), result._tokens)
+            if usage is not None and result.error is None and item.tenant:
+                usage.answered(item.tenant, len(targets_of(item)), result._tokens)
         out.append(results)
     return out
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError as PydanticValidationError
@@ -27,7 +26,6 @@ from adapters_store.errors import (
     DatasetError,
     InvalidRequest,
     PayloadTooLarge,
-    ServiceUnavailable,
     UnsupportedMediaType,
     ValidationError,
 )
@@ -48,20 +46,6 @@ from serving.settings import JobSettings
 
 FORM_OVERHEAD = 64 << 10  # multipart boundaries and the small fields around the dataset file
 JOB_FIELDS = {"name", "strategy", "options", "alias", "examples", "text_column", "label_column"}
-
-
-@dataclass
-class JobsContext:
-    runner: Any = None
-    settings: JobSettings | None = None
-
-    def need_runner(self):
-        if self.runner is None or self.settings is None:
-            raise ServiceUnavailable("training jobs are not available yet; retry when /readyz is 200")
-        return self.runner
-
-
-JOBS = JobsContext()
 
 
 # -- intake ----------------------------------------------------------------------------------------
@@ -194,8 +178,8 @@ def build_job(tenant: str, fields: dict[str, Any], data: bytes, source: str, set
 
 
 # -- routes ----------------------------------------------------------------------------------------
-async def create(request: Request, tenant: str) -> dict[str, Any]:
-    runner, settings = JOBS.need_runner(), JOBS.settings
+async def create(ctx: ManagementContext, request: Request, tenant: str) -> dict[str, Any]:
+    runner, settings = ctx.need_runner(), ctx.job_settings
     fields, data, source = await read_job_body(request, settings)
     record, dataset = build_job(tenant, fields, data, source, settings)
     record = await run_in_threadpool(runner.submit, record, dataset)
@@ -214,17 +198,17 @@ def job_id(request: Request) -> str:
     return validate_name(request.path_params["job"], "job id")
 
 
-async def show(tenant: str, jid: str) -> dict[str, Any]:
-    return job_view(await run_in_threadpool(JOBS.need_runner().records.get, tenant, jid))
+async def show(ctx: ManagementContext, tenant: str, jid: str) -> dict[str, Any]:
+    return job_view(await run_in_threadpool(ctx.need_runner().records.get, tenant, jid))
 
 
-async def listing(tenant: str | None) -> dict[str, Any]:
-    records = await run_in_threadpool(JOBS.need_runner().records.list, tenant)
+async def listing(ctx: ManagementContext, tenant: str | None) -> dict[str, Any]:
+    records = await run_in_threadpool(ctx.need_runner().records.list, tenant)
     return {"jobs": [job_view(r) for r in records]}
 
 
-async def job_file(tenant: str, jid: str, file: str) -> Response:
-    records = JOBS.need_runner().records
+async def job_file(ctx: ManagementContext, tenant: str, jid: str, file: str) -> Response:
+    records = ctx.need_runner().records
     await run_in_threadpool(records.get, tenant, jid)  # 404 for a job that is not the caller's
     missing = (
         "no training curve yet (one is drawn after the first epoch)" if file == CURVE_FILE else "no log yet"
@@ -234,8 +218,8 @@ async def job_file(tenant: str, jid: str, file: str) -> Response:
     return Response(data, media_type=media, headers={"Cache-Control": "no-store"})
 
 
-async def cancel(tenant: str, jid: str) -> dict[str, Any]:
-    return job_view(await run_in_threadpool(JOBS.need_runner().cancel, tenant, jid))
+async def cancel(ctx: ManagementContext, tenant: str, jid: str) -> dict[str, Any]:
+    return job_view(await run_in_threadpool(ctx.need_runner().cancel, tenant, jid))
 
 
 ADMIN_JOBS = "/admin/tenants/{tenant}/jobs"
@@ -244,79 +228,79 @@ ADMIN_JOBS = "/admin/tenants/{tenant}/jobs"
 @route("/jobs", ["POST"], "tenant", status=202)
 async def create_own_job(request: Request, ctx: ManagementContext):
     """Start a training job for one of your adapters (JSON examples or a multipart 'dataset' file)."""
-    return await create(request, own(request))
+    return await create(ctx, request, own(request))
 
 
 @route("/jobs", ["GET"], "tenant")
 async def list_own_jobs(request: Request, ctx: ManagementContext):
     """Your training jobs, newest first."""
-    return await listing(own(request))
+    return await listing(ctx, own(request))
 
 
 @route("/jobs/{job}", ["GET"], "tenant")
 async def show_own_job(request: Request, ctx: ManagementContext):
     """One of your jobs: status, progress (epoch, step, loss, val metrics, ETA), result or reason."""
-    return await show(own(request), job_id(request))
+    return await show(ctx, own(request), job_id(request))
 
 
 @route("/jobs/{job}/log", ["GET"], "tenant")
 async def own_job_log(request: Request, ctx: ManagementContext):
     """The job process's output (last 64 KiB), plain text."""
-    return await job_file(own(request), job_id(request), LOG_FILE)
+    return await job_file(ctx, own(request), job_id(request), LOG_FILE)
 
 
 @route("/jobs/{job}/curve.png", ["GET"], "tenant")
 async def own_job_curve(request: Request, ctx: ManagementContext):
     """Training loss and validation metric per epoch (PNG)."""
-    return await job_file(own(request), job_id(request), CURVE_FILE)
+    return await job_file(ctx, own(request), job_id(request), CURVE_FILE)
 
 
 @route("/jobs/{job}/cancel", ["POST"], "tenant")
 async def cancel_own_job(request: Request, ctx: ManagementContext):
     """Cancel a queued or running job; nothing is registered."""
-    return await cancel(own(request), job_id(request))
+    return await cancel(ctx, own(request), job_id(request))
 
 
 @route("/admin/jobs", ["GET"], "admin")
 async def list_all_jobs(request: Request, ctx: ManagementContext):
     """Every tenant's training jobs, newest first."""
-    return await listing(None)
+    return await listing(ctx, None)
 
 
 @route(ADMIN_JOBS, ["POST"], "admin", status=202)
 async def create_job(request: Request, ctx: ManagementContext):
     """Start a training job for a tenant's adapter (JSON examples or a multipart 'dataset' file)."""
-    return await create(request, admin_tenant(request))
+    return await create(ctx, request, admin_tenant(request))
 
 
 @route(ADMIN_JOBS, ["GET"], "admin")
 async def list_jobs(request: Request, ctx: ManagementContext):
     """A tenant's training jobs, newest first."""
-    return await listing(admin_tenant(request))
+    return await listing(ctx, admin_tenant(request))
 
 
 @route(ADMIN_JOBS + "/{job}", ["GET"], "admin")
 async def show_job(request: Request, ctx: ManagementContext):
     """One job: status, progress, result or reason."""
-    return await show(admin_tenant(request), job_id(request))
+    return await show(ctx, admin_tenant(request), job_id(request))
 
 
 @route(ADMIN_JOBS + "/{job}/log", ["GET"], "admin")
 async def job_log(request: Request, ctx: ManagementContext):
     """The job process's output (last 64 KiB), plain text."""
-    return await job_file(admin_tenant(request), job_id(request), LOG_FILE)
+    return await job_file(ctx, admin_tenant(request), job_id(request), LOG_FILE)
 
 
 @route(ADMIN_JOBS + "/{job}/curve.png", ["GET"], "admin")
 async def job_curve(request: Request, ctx: ManagementContext):
     """Training loss and validation metric per epoch (PNG)."""
-    return await job_file(admin_tenant(request), job_id(request), CURVE_FILE)
+    return await job_file(ctx, admin_tenant(request), job_id(request), CURVE_FILE)
 
 
 @route(ADMIN_JOBS + "/{job}/cancel", ["POST"], "admin")
 async def cancel_job(request: Request, ctx: ManagementContext):
     """Cancel a queued or running job; nothing is registered."""
-    return await cancel(admin_tenant(request), job_id(request))
+    return await cancel(ctx, admin_tenant(request), job_id(request))
 
 
 JOB_ROUTES = [

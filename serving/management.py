@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,8 +37,11 @@ from adapters_store.names import LATEST, AdapterRef, validate_alias, validate_na
 from adapters_store.store import AdapterStore
 from serving.api_docs import bentoml_service_spec, docs_page, route_spec, spec_document, with_service_routes
 from serving.auth import Principal
+from serving.error_responses import error_response
 from serving.gateway import PRINCIPAL_KEY
+from serving.quotas import UsageLedger
 from serving.schemas import AliasRequest, RollbackRequest, version_view
+from serving.settings import JobSettings, LimitSettings
 from serving.uploads import bundle_from_upload, read_upload
 
 logger = logging.getLogger("loraplex.management")
@@ -47,7 +50,8 @@ ADAPTER = "/admin/tenants/{tenant}/adapters/{name}"
 
 @dataclass
 class ManagementContext:
-    """What the routes act on; the service fills it once the store is open and the engine built."""
+    """What the /v1 routes act on. One per app (``app.state.loraplex``), filled by the service instance
+    that mounts it once the store is open and the engine built; nothing of it is module-global."""
 
     store: AdapterStore | None = None
     base: BaseModelEntry | None = None
@@ -55,6 +59,12 @@ class ManagementContext:
     tokens: Any = None  # serving.auth.TokenBook: token changes made here take effect at once
     max_upload_bytes: int = 600 << 20
     max_management: int = 2
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    batcher: Any = None  # serving.fairness.FairBatcher: the OpenAI-style routes submit to it
+    quota_book: Any = None  # serving.quotas.QuotaBook
+    usage: UsageLedger = field(default_factory=UsageLedger)
+    jobs_runner: Any = None  # serving.jobs.JobRunner
+    job_settings: JobSettings | None = None
     _slots: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
 
     def slot(self) -> asyncio.Semaphore:
@@ -77,6 +87,21 @@ class ManagementContext:
             raise ServiceUnavailable("the adapter store is not open yet; retry when /readyz is 200")
         return self.store
 
+    def need_batcher(self):
+        if self.batcher is None:
+            raise ServiceUnavailable("the service is starting; retry when /readyz is 200")
+        return self.batcher
+
+    def need_book(self):
+        if self.quota_book is None:
+            raise ServiceUnavailable("quotas are not configured yet; retry when /readyz is 200")
+        return self.quota_book
+
+    def need_runner(self):
+        if self.jobs_runner is None or self.job_settings is None:
+            raise ServiceUnavailable("training jobs are not available yet; retry when /readyz is 200")
+        return self.jobs_runner
+
     def changed(self, tenant: str, name: str) -> None:
         """A version was registered or an alias moved: resolve afresh, keep what is loaded."""
         if self.engine is not None:
@@ -88,7 +113,14 @@ class ManagementContext:
             self.engine.invalidate(tenant, name, version)
 
 
-CONTEXT = ManagementContext()
+def context_of(request: Request) -> ManagementContext:
+    """The context of the app this request reached (``build_app`` gives every app its own)."""
+    ctx = getattr(request.app.state, "loraplex", None)
+    if not isinstance(ctx, ManagementContext):
+        raise ServiceUnavailable("the service is starting; retry when /readyz is 200")
+    return ctx
+
+
 Handler = Callable[[Request, ManagementContext], Awaitable[Any]]
 
 
@@ -100,20 +132,19 @@ def principal_of(request: Request) -> Principal:
 
 
 def route(path: str, methods: list[str], role: str, status: int = 200):
-    """Wrap a handler: check the role, map LoraplexError to its status with ``{error, message}``."""
+    """Wrap a handler: check the role, run it in its turn; a LoraplexError it raises is rendered by
+    the app's one handler (:mod:`serving.error_responses`)."""
 
     def deco(fn: Handler) -> Route:
         async def endpoint(request: Request) -> Response:
-            try:
-                p = principal_of(request)
-                p.require_admin() if role == "admin" else p.require_tenant()
-                async with CONTEXT.slot():
-                    result = await fn(request, CONTEXT)
-                if isinstance(result, Response):  # files (a job's log, its curve PNG)
-                    return result
-                return JSONResponse(result, status_code=status)
-            except LoraplexError as err:
-                return JSONResponse(err.to_dict(), status_code=err.status)
+            p = principal_of(request)
+            p.require_admin() if role == "admin" else p.require_tenant()
+            ctx = context_of(request)
+            async with ctx.slot():
+                result = await fn(request, ctx)
+            if isinstance(result, Response):  # files (a job's log, its curve PNG)
+                return result
+            return JSONResponse(result, status_code=status)
 
         endpoint.__doc__ = fn.__doc__
         endpoint.status_code = status  # type: ignore[attr-defined]  # for the OpenAPI document
@@ -421,34 +452,27 @@ ROUTES = [
 
 
 PAGED = {"show_adapter", "show_own_adapter"}
-# Routes other modules add (OpenAI-style inference, quotas and usage), with their OpenAPI entries.
-EXTRA_ROUTES: list[Route] = []
-EXTRA_PATHS: dict[str, dict[str, Any]] = {}
 
 
-def add_routes(routes: list[Route], paths: dict[str, dict[str, Any]] | None = None) -> None:
-    """Mount more routes in the /v1 app (call before ``build_app``); ``paths``: their OpenAPI entries
-    (keyed like ``/v1/embeddings``), replacing the generic ones built from docstrings."""
-    EXTRA_ROUTES.extend(r for r in routes if r not in EXTRA_ROUTES)
-    EXTRA_PATHS.update(paths or {})
-
-
-def all_routes() -> list[Route]:
+def all_routes(extra: Sequence[Route] = ()) -> list[Route]:
     """These routes, the tenant token routes (``serving.tokens_api``, which builds on ``route``) and
-    those added with ``add_routes``."""
+    ``extra`` (OpenAI-style inference, quotas, jobs, console helpers: the service passes them)."""
     from serving.tokens_api import TOKEN_ROUTES
 
-    return [*ROUTES, *TOKEN_ROUTES, *EXTRA_ROUTES]
+    return [*ROUTES, *TOKEN_ROUTES, *(r for r in extra if r not in ROUTES)]
 
 
-def openapi_spec(prefix: str = "/v1") -> dict[str, Any]:
-    """OpenAPI 3 description of these routes (``/v1/openapi.json`` adds BentoML's classify and embed)."""
+def openapi_spec(
+    prefix: str = "/v1", extra: Sequence[Route] = (), extra_paths: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """OpenAPI 3 description of these routes (``/v1/openapi.json`` adds BentoML's classify and embed);
+    ``extra_paths`` (keyed like ``/v1/embeddings``) replace the generic entries built from docstrings."""
     paths: dict[str, dict[str, Any]] = {}
-    for r in all_routes():
+    for r in all_routes(extra):
         params = PAGE_PARAMS if r.name in PAGED else QUERY_PARAMS.get(r.name, [])
         status = getattr(r.endpoint, "status_code", 200)
         paths.setdefault(prefix + r.path, {}).update(route_spec(r, status, params))
-    paths.update(EXTRA_PATHS)
+    paths.update(extra_paths or {})
     return spec_document(paths, "loraplex management API")
 
 
@@ -463,16 +487,29 @@ QUERY_PARAMS = {
 
 
 async def openapi_endpoint(request: Request) -> JSONResponse:
-    spec = openapi_spec()
+    spec = request.app.state.openapi()
     return JSONResponse(with_service_routes(spec, await run_in_threadpool(bentoml_service_spec)))
 
 
-def build_app() -> Starlette:
-    """The Starlette app the service mounts at ``/v1`` (BentoML's own routes take precedence)."""
+async def render_error(request: Request, err: Exception) -> Response:
+    assert isinstance(err, LoraplexError)
+    return error_response(err, request.scope["path"])  # the full path: Mount keeps it
+
+
+def build_app(
+    ctx: ManagementContext | None = None,
+    extra_routes: Sequence[Route] = (),
+    extra_paths: dict[str, dict[str, Any]] | None = None,
+) -> Starlette:
+    """The Starlette app the service mounts at ``/v1`` (BentoML's own routes take precedence), with its
+    own context in ``app.state.loraplex`` (the service instance fills it in)."""
     docs = [
         Route("/openapi.json", openapi_endpoint, methods=["GET"]),
         Route("/docs", docs_page, methods=["GET"]),
     ]
-    app = Starlette(routes=[*all_routes(), *docs])
+    routes = all_routes(extra_routes)
+    app = Starlette(routes=[*routes, *docs], exception_handlers={LoraplexError: render_error})
     app.router.redirect_slashes = False  # never a 307: see serving.gateway.check_path
+    app.state.loraplex = ctx if ctx is not None else ManagementContext()
+    app.state.openapi = lambda: openapi_spec(extra=extra_routes, extra_paths=extra_paths)
     return app

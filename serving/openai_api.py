@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import time
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -18,13 +17,15 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
-from adapters_store.errors import InvalidRequest, LoraplexError, NotFound, ServiceUnavailable, ValidationError
+from adapters_store.errors import InvalidRequest, NotFound, ServiceUnavailable, ValidationError
 from adapters_store.names import AdapterRef, validate_name
-from serving.management import principal_of
-from serving.openai_errors import openai_error
+from serving.gateway import parsed_body
+from serving.http_io import json_response
+from serving.inference import item_error
+from serving.management import ManagementContext, context_of, principal_of
 from serving.schemas import ADAPTER_REF_MAX, ClassifyItem, EmbedItem, ItemResult
 from serving.settings import LimitSettings
 
@@ -66,6 +67,10 @@ class _OpenAIRequest(BaseModel):
     def row_count(self) -> int:
         return len(self.texts) * len(self.models)
 
+    def adapter_refs(self, base_name: str | None) -> list[str | None]:
+        """The adapters this request names, for cold preloading (the base's own name is no adapter)."""
+        return [target(m, base_name) for m in self.models]
+
     def check(self, limits: LimitSettings) -> None:
         """The same bounds as ``/v1/embed`` items (422 naming the input)."""
         texts = self.texts
@@ -99,30 +104,17 @@ class ClassificationsRequest(_OpenAIRequest):
     """``{"model": "intent", "input": ["text", ...]}``"""
 
 
-@dataclass
-class OpenAIContext:
-    """Filled by the service: the fair batcher to submit to, the store and base for model listings."""
-
-    batcher: Any = None
-    store: Any = None
-    base: Any = None
-    limits: LimitSettings = field(default_factory=LimitSettings)
-
-
-OPENAI = OpenAIContext()
-
-
 def target(model: str, base_name: str | None) -> str | None:
     """A model name -> the engine's adapter reference (``None``: the bare base)."""
     return None if model == base_name else model
 
 
-async def answer(tenant: str, task: str, body: _OpenAIRequest) -> list[list[ItemResult]]:
-    """Per input, one result per model (all in one engine call); the first failed row raises."""
-    ctx = OPENAI
-    if ctx.batcher is None:
-        raise ServiceUnavailable("the service is starting; retry when /readyz is 200")
-    body.check(ctx.limits)
+async def answer(
+    ctx: ManagementContext, tenant: str, task: str, body: _OpenAIRequest
+) -> list[list[ItemResult]]:
+    """Per input, one result per model (all in one engine call); the first failed row raises.
+    ``body`` was parsed and checked against the limits by the gateway."""
+    batcher = ctx.need_batcher()
     base_name = ctx.base.name if ctx.base is not None else None
     targets = [target(m, base_name) for m in body.models]
     if task == "classify" and None in targets:
@@ -131,17 +123,11 @@ async def answer(tenant: str, task: str, body: _OpenAIRequest) -> list[list[Item
     items = [item_cls(text=t, adapters=targets) for t in body.texts]
     for item in items:
         item._tenant = tenant
-    results: list[ItemResult] = await ctx.batcher.submit(tenant, body.row_count(), (task, items))
+    results: list[ItemResult] = await batcher.submit(tenant, body.row_count(), (task, items))
     for i, result in enumerate(results):
         if result.error is not None:
-            raise _item_error(result, f"input[{i}]")
+            raise item_error(result, f"input[{i}]")
     return [r.results or [] for r in results]
-
-
-def _item_error(result: ItemResult, where: str) -> LoraplexError:
-    err = LoraplexError(f"{where}: {result.error.message}")
-    err.status, err.code = result._status, result.error.error
-    return err
 
 
 def usage(results: list[list[ItemResult]]) -> dict[str, int]:
@@ -167,16 +153,13 @@ def encode_embedding(vector: list[float], fmt: str) -> list[float] | str:
 
 
 def openai_route(path: str, methods: list[str]):
-    """Tenant token required; any LoraplexError is answered in OpenAI's error shape."""
+    """Tenant token required; a LoraplexError raised here is rendered in OpenAI's error shape by the
+    app's one error handler (:mod:`serving.error_responses` picks the shape by path)."""
 
     def deco(fn) -> Route:
-        async def endpoint(request: Request) -> JSONResponse:
-            try:
-                tenant = principal_of(request).require_tenant()
-                return JSONResponse(await fn(request, tenant))
-            except LoraplexError as err:
-                body = openai_error(err.status, err.code, err.message)
-                return JSONResponse(body, status_code=err.status, headers=err.headers())
+        async def endpoint(request: Request) -> Response:
+            tenant = principal_of(request).require_tenant()
+            return json_response(await fn(request, context_of(request), tenant))
 
         endpoint.__doc__ = fn.__doc__
         return Route(path, endpoint, methods=methods, name=fn.__name__)
@@ -184,19 +167,19 @@ def openai_route(path: str, methods: list[str]):
     return deco
 
 
-async def parse(request: Request, model: type[_OpenAIRequest]) -> _OpenAIRequest:
-    raw = await request.body()  # the gateway has already bounded, parsed and admitted it
-    try:
-        return model.model_validate_json(raw)
-    except Exception as e:
-        raise ValidationError(f"request body does not match the schema: {str(e)[:400]}") from None
+def parse(request: Request, model: type[_OpenAIRequest]) -> _OpenAIRequest:
+    """The body the gateway parsed, bounded and admitted: it is never read or parsed a second time."""
+    parsed = parsed_body(request.scope)
+    if not isinstance(parsed, model):
+        raise ServiceUnavailable("request reached a route without passing the gateway")
+    return parsed
 
 
 @openai_route("/embeddings", ["POST"])
-async def create_embeddings(request: Request, tenant: str) -> dict[str, Any]:
+async def create_embeddings(request: Request, ctx: ManagementContext, tenant: str) -> dict[str, Any]:
     """OpenAI embeddings: ``{"model", "input", "encoding_format"}`` -> ``{"object": "list", "data", "usage"}``."""
-    body = await parse(request, EmbeddingsRequest)
-    results = await answer(tenant, "embed", body)
+    body = parse(request, EmbeddingsRequest)
+    results = await answer(ctx, tenant, "embed", body)
     data = []
     for i, per_input in enumerate(results):
         for model, result in zip(body.models, per_input, strict=True):
@@ -217,11 +200,11 @@ async def create_embeddings(request: Request, tenant: str) -> dict[str, Any]:
 
 
 @openai_route("/classifications", ["POST"])
-async def create_classifications(request: Request, tenant: str) -> dict[str, Any]:
+async def create_classifications(request: Request, ctx: ManagementContext, tenant: str) -> dict[str, Any]:
     """Classify texts with adapters (OpenAI style): ``{"model", "input"}`` -> one entry per input and
     model with the top ``label`` and every label with its score, most probable first."""
-    body = await parse(request, ClassificationsRequest)
-    results = await answer(tenant, "classify", body)
+    body = parse(request, ClassificationsRequest)
+    results = await answer(ctx, tenant, "classify", body)
     data = []
     for i, per_input in enumerate(results):
         for model, result in zip(body.models, per_input, strict=True):
@@ -244,12 +227,9 @@ def _model_field(body: _OpenAIRequest) -> str:
     return body.model if isinstance(body.model, str) else ",".join(body.model)
 
 
-def model_entries(tenant: str) -> list[dict[str, Any]]:
+def model_entries(ctx: ManagementContext, tenant: str) -> list[dict[str, Any]]:
     """The tenant's adapters (by name; production, else latest) and the bare base."""
-    ctx = OPENAI
-    if ctx.store is None or ctx.base is None:
-        raise ServiceUnavailable("the adapter store is not open yet; retry when /readyz is 200")
-    store, out = ctx.store, []
+    store, out = ctx.need_store(), []
     for name in store.list_adapters(tenant):
         aliases = store.aliases(tenant, name)
         version = aliases.get("production", aliases.get("latest"))
@@ -285,18 +265,18 @@ def _epoch(stamp: str) -> int:
 
 
 @openai_route("/models", ["GET"])
-async def list_models(request: Request, tenant: str) -> dict[str, Any]:
+async def list_models(request: Request, ctx: ManagementContext, tenant: str) -> dict[str, Any]:
     """Your adapters and the base, as OpenAI models (``id`` is what ``model`` takes)."""
-    return {"object": "list", "data": await run_in_threadpool(model_entries, tenant)}
+    return {"object": "list", "data": await run_in_threadpool(model_entries, ctx, tenant)}
 
 
 @openai_route("/models/{model}", ["GET"])
-async def retrieve_model(request: Request, tenant: str) -> dict[str, Any]:
+async def retrieve_model(request: Request, ctx: ManagementContext, tenant: str) -> dict[str, Any]:
     """One model by id (404 if it is not yours)."""
     model = request.path_params["model"]
-    if OPENAI.base is None or model != OPENAI.base.name:
+    if ctx.base is None or model != ctx.base.name:
         validate_name(model.partition("@")[0], "model")
-    for entry in await run_in_threadpool(model_entries, tenant):
+    for entry in await run_in_threadpool(model_entries, ctx, tenant):
         if entry["id"] == model:
             return entry
     raise NotFound(f"model {model!r} does not exist")
@@ -340,4 +320,4 @@ def openapi_paths() -> dict[str, dict[str, Any]]:
     }
 
 
-__all__ = ["OPENAI", "OPENAI_ROUTES", "ClassificationsRequest", "EmbeddingsRequest"]
+__all__ = ["OPENAI_ROUTES", "ClassificationsRequest", "EmbeddingsRequest"]

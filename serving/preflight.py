@@ -30,10 +30,13 @@ class StartupCheck:
     tokens: TokenBook
 
 
-def check_startup(environ: Mapping[str, str] | None = None) -> StartupCheck:
-    """Settings, store, base, tokens, in that order; the first problem raises a LoraplexError whose
-    one-line message starts with the variable to fix."""
-    settings = ServiceSettings.from_env(environ)
+def check_startup(
+    environ: Mapping[str, str] | None = None, settings: ServiceSettings | None = None
+) -> StartupCheck:
+    """Settings (read from ``environ`` unless given), store, base, tokens, in that order; the first
+    problem raises a LoraplexError whose one-line message starts with the variable to fix."""
+    if settings is None:
+        settings = ServiceSettings.from_env(environ)
     store = open_checked_store(settings.store)
     base = checked_base(store, settings.base)
     try:

@@ -8,31 +8,16 @@ applies it here at once (other replicas within ``LORAPLEX_QUOTA_REFRESH_S``); ``
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from adapters_store.errors import ServiceUnavailable
 from adapters_store.names import validate_name
 from adapters_store.quotas import TenantQuota
 from serving.management import ManagementContext, json_body, route
-from serving.quotas import USAGE, QuotaBook, UsageLedger
+from serving.quotas import QuotaBook
 
-
-@dataclass
-class QuotaContext:
-    book: QuotaBook | None = None
-    usage: UsageLedger = field(default_factory=lambda: USAGE)
-
-    def need_book(self) -> QuotaBook:
-        if self.book is None:
-            raise ServiceUnavailable("quotas are not configured yet; retry when /readyz is 200")
-        return self.book
-
-
-QUOTAS = QuotaContext()
 QUOTA = "/admin/tenants/{tenant}/quota"
 
 
@@ -48,8 +33,8 @@ def _view(book: QuotaBook, tenant: str) -> dict[str, Any]:
 async def usage(request: Request, ctx: ManagementContext):
     """Per-tenant usage on this replica since it started (rows, tokens, requests, rejected), with
     each tenant's limits and rows in flight now."""
-    book = QUOTAS.need_book()
-    snap = QUOTAS.usage.snapshot()
+    book = ctx.need_book()
+    snap = ctx.usage.snapshot()
     for tenant, row in snap["tenants"].items():
         row["inflight_rows"] = book.inflight_rows(tenant)
         row["quota"] = book.quota(tenant).model_dump()
@@ -59,7 +44,7 @@ async def usage(request: Request, ctx: ManagementContext):
 @route("/admin/quotas", ["GET"], "admin")
 async def list_quotas(request: Request, ctx: ManagementContext):
     """Default per-tenant limits and every stored override."""
-    book = QUOTAS.need_book()
+    book = ctx.need_book()
     await run_in_threadpool(book.refresh, True)
     return {
         "defaults": book.defaults.model_dump(),
@@ -71,7 +56,7 @@ async def list_quotas(request: Request, ctx: ManagementContext):
 async def show_quota(request: Request, ctx: ManagementContext):
     """The limits one tenant is held to and its override, if any."""
     tenant = validate_name(request.path_params["tenant"], "tenant")
-    return _view(QUOTAS.need_book(), tenant)
+    return _view(ctx.need_book(), tenant)
 
 
 @route(QUOTA, ["PUT"], "admin")
@@ -80,7 +65,7 @@ async def set_quota(request: Request, ctx: ManagementContext):
     fields keep the default). Applies at once, no restart."""
     tenant = validate_name(request.path_params["tenant"], "tenant")
     quota = await json_body(request, TenantQuota)
-    book, store = QUOTAS.need_book(), ctx.need_store()
+    book, store = ctx.need_book(), ctx.need_store()
     await run_in_threadpool(store.set_quota, tenant, quota)
     book.set_override(tenant, quota)
     return _view(book, tenant)
@@ -90,7 +75,7 @@ async def set_quota(request: Request, ctx: ManagementContext):
 async def delete_quota(request: Request, ctx: ManagementContext):
     """Remove a tenant's override: the defaults apply again."""
     tenant = validate_name(request.path_params["tenant"], "tenant")
-    book, store = QUOTAS.need_book(), ctx.need_store()
+    book, store = ctx.need_book(), ctx.need_store()
     await run_in_threadpool(store.delete_quota, tenant)
     book.set_override(tenant, None)
     return _view(book, tenant)

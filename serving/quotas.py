@@ -190,4 +190,3 @@ class UsageLedger:
         }
 
 
-USAGE = UsageLedger()

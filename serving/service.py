@@ -1,6 +1,8 @@
 """The BentoML service: wiring and routes only (engine, auth, limits and management live elsewhere).
 
-Start it with environment variables only (see serving/settings.py)::
+Start it with environment variables only (see serving/settings.py); they are read once, when BentoML
+loads this module (:data:`SETTINGS`), and that one settings object gives the ``@bentoml.service``
+arguments, the engine settings, the limits and the queue of the service instance::
 
     LORAPLEX_STORE=/path/to/store LORAPLEX_BASE=minilm LORAPLEX_ADMIN_TOKEN=... \\
     LORAPLEX_TENANT_TOKENS="acme:tok-a,globex:tok-g" \\
@@ -29,24 +31,40 @@ from serving import metrics
 from serving.auth import TokenRefresher
 from serving.console_app import CONSOLE_ROUTES, console_app
 from serving.fairness import FairBatcher
-from serving.gateway import STATE, GatewayMiddleware
+from serving.gateway import GatewayMiddleware, GatewayState
 from serving.http_io import ClassifyInput, EmbedInput, ResultsOutput
 from serving.inference import error_result, row_count, run_jobs
 from serving.jobs import JobRunner
-from serving.jobs_routes import JOB_ROUTES, JOBS
+from serving.jobs_routes import JOB_ROUTES
 from serving.limits import InflightLimiter, TokenCounter
-from serving.management import CONTEXT, add_routes, build_app
-from serving.openai_api import OPENAI, OPENAI_ROUTES, ClassificationsRequest, EmbeddingsRequest, openapi_paths
+from serving.management import ManagementContext, build_app
+from serving.openai_api import OPENAI_ROUTES, ClassificationsRequest, EmbeddingsRequest, openapi_paths
 from serving.preflight import check_startup
 from serving.preload import ColdLoads
-from serving.quota_routes import QUOTA_ROUTES, QUOTAS
-from serving.quotas import USAGE, QuotaBook
+from serving.quota_routes import QUOTA_ROUTES
+from serving.quotas import QuotaBook, UsageLedger
 from serving.schemas import ClassifyItem, EmbedItem, ItemResult
-from serving.settings import ServiceSettings
+from serving.settings import LimitSettings, ServiceSettings, bentoml_config
 from serving.shutdown import install_drain_handler
 
 logger = logging.getLogger("loraplex.service")
-add_routes([*OPENAI_ROUTES, *QUOTA_ROUTES, *JOB_ROUTES, *CONSOLE_ROUTES], openapi_paths())
+
+
+def settings_at_load() -> tuple[ServiceSettings | None, LoraplexError | None]:
+    """The one read of the environment, when BentoML loads this module. A bad setting does not stop
+    the import (the decorator then takes the defaults): the service refuses to start with that error."""
+    try:
+        return ServiceSettings.from_env(), None
+    except LoraplexError as e:
+        return None, e
+
+
+SETTINGS, SETTINGS_ERROR = settings_at_load()
+# The /v1 app: management, OpenAI-style, quota, job and console routes. Its state (``app.state``) is
+# filled by the service instance; nothing here holds per-service state.
+V1_APP = build_app(
+    extra_routes=[*OPENAI_ROUTES, *QUOTA_ROUTES, *JOB_ROUTES, *CONSOLE_ROUTES], extra_paths=openapi_paths()
+)
 
 
 def enable_logging() -> None:
@@ -76,6 +94,11 @@ def token_limit(settings: ServiceSettings, base: BaseModelEntry | None) -> int:
     return min(settings.limits.max_tokens, n) if n else settings.limits.max_tokens
 
 
+def effective_limits(settings: ServiceSettings, base: BaseModelEntry | None = None) -> LimitSettings:
+    """The limits every layer applies: the configured ones, ``max_tokens`` capped by the base."""
+    return settings.limits.model_copy(update={"max_tokens": token_limit(settings, base)})
+
+
 def engine_settings(settings: ServiceSettings, base: BaseModelEntry | None = None):
     """Service settings -> EngineSettings; a runtime the engine does not run is refused at start."""
     from serving.engine import EngineSettings
@@ -97,8 +120,8 @@ def engine_settings(settings: ServiceSettings, base: BaseModelEntry | None = Non
 
 
 @bentoml.asgi_app(console_app(), path="/console", name="loraplex-console")
-@bentoml.asgi_app(build_app(), path="/v1", name="loraplex-management")
-@bentoml.service(name="loraplex", workers=1, traffic={"timeout": 120}, resources={"cpu": "2"})
+@bentoml.asgi_app(V1_APP, path="/v1", name="loraplex-management")
+@bentoml.service(name="loraplex", **bentoml_config(SETTINGS))
 class LoraplexService:
     """Many tenants' adapters on one shared backbone."""
 
@@ -107,14 +130,20 @@ class LoraplexService:
         """Runs once in the ``bentoml serve`` process before any worker starts: a bad setting stops
         the server with one line and exit status 2, instead of a worker restarted every ~10 s forever."""
         try:
-            check_startup()
+            if SETTINGS_ERROR is not None:
+                raise SETTINGS_ERROR
+            check_startup(settings=SETTINGS)
         except LoraplexError as e:
             print(f"error: {e.message} [{e.code}]", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
 
-    def __init__(self) -> None:
+    def __init__(self, settings: ServiceSettings | None = None, v1_app=None) -> None:
+        """``settings``: default the ones this module read at load (the decorator's); ``v1_app``: the
+        app whose ``state`` this instance fills (default the mounted one)."""
+        if settings is None and SETTINGS_ERROR is not None:
+            raise SETTINGS_ERROR
         enable_logging()
-        checked = check_startup()
+        checked = check_startup(settings=settings or SETTINGS)
         settings = checked.settings
         self.settings = settings
         self.engine = None
@@ -122,66 +151,73 @@ class LoraplexService:
         self.store, self.base = checked.store, checked.base
         self.engine_settings = engine_settings(settings, self.base)
         # The reject policy counts against what the engine will really feed the base.
-        self.limits = settings.limits.model_copy(update={"max_tokens": self.engine_settings.max_seq_len})
+        self.limits = effective_limits(settings, self.base)
         self.draining = False
+        self.usage = UsageLedger()  # this replica's per-tenant usage (GET /v1/admin/usage)
         install_drain_handler(settings.drain_s, self._start_draining)
-        STATE.tokens = CONTEXT.tokens = checked.tokens
-        STATE.metrics_public = settings.metrics_auth == "public" or settings.insecure_dev
         TokenRefresher(checked.tokens, settings.token_refresh_s).start()
-        STATE.limits = settings.limits
-        STATE.validators = {
-            "/v1/classify": ClassifyInput,
-            "/v1/embed": EmbedInput,
-            "/v1/embeddings": EmbeddingsRequest,
-            "/v1/classifications": ClassificationsRequest,
-        }
-        STATE.limiter = InflightLimiter(settings.limits.max_inflight)
-        STATE.is_ready = self.__is_ready__
-        STATE.cache_stats = lambda: self.engine.cache_stats() if self.engine is not None else {}
-        STATE.resident = lambda: self.engine.resident() if self.engine is not None else []
-        STATE.preload = ColdLoads(lambda: self.engine)
-        CONTEXT.store, CONTEXT.base = self.store, self.base
-        CONTEXT.max_upload_bytes = settings.limits.max_upload_bytes
-        CONTEXT.max_management = settings.limits.max_management
         self.tokens = self._token_counter()
-        self._setup_fairness(settings)
+        self.context = ManagementContext(
+            store=self.store,
+            base=self.base,
+            tokens=checked.tokens,
+            max_upload_bytes=self.limits.max_upload_bytes,
+            max_management=self.limits.max_management,
+            limits=self.limits,
+            usage=self.usage,
+        )
+        self.gateway = GatewayState(
+            tokens=checked.tokens,
+            limits=self.limits,
+            validators={
+                "/v1/classify": ClassifyInput,
+                "/v1/embed": EmbedInput,
+                "/v1/embeddings": EmbeddingsRequest,
+                "/v1/classifications": ClassificationsRequest,
+            },
+            is_ready=self.__is_ready__,
+            cache_stats=lambda: self.engine.cache_stats() if self.engine is not None else {},
+            resident=lambda: self.engine.resident() if self.engine is not None else [],
+            limiter=InflightLimiter(self.limits.max_inflight),
+            preload=ColdLoads(lambda: self.engine),
+            metrics_public=settings.metrics_auth == "public" or settings.insecure_dev,
+            base_name=self.base.name,
+        )
+        self._setup_fairness()
         self._start_jobs(settings)
+        app = V1_APP if v1_app is None else v1_app
+        app.state.loraplex, app.state.gateway = self.context, self.gateway
         metrics.set_ready(False)
         # Load the backbone off the startup path: /livez answers at once, /readyz once it is loaded.
         threading.Thread(target=self._load_engine, name="loraplex-engine-load", daemon=True).start()
 
     def _start_jobs(self, settings: ServiceSettings) -> None:
         """Training jobs run as subprocesses of this replica (``serving.jobs``); records in the store."""
-        JOBS.settings = settings.jobs
-        JOBS.runner = JobRunner(
-            self.store, settings.store, settings.base, settings.jobs, on_registered=CONTEXT.changed
+        runner = JobRunner(
+            self.store, settings.store, settings.base, settings.jobs, on_registered=self.context.changed
         )
-        JOBS.runner.start()
+        self.context.job_settings, self.context.jobs_runner = settings.jobs, runner
+        runner.start()
 
-    def _setup_fairness(self, settings: ServiceSettings) -> None:
+    def _setup_fairness(self) -> None:
         """Per-tenant quotas in the gateway; one fair queue in front of the engine for every route."""
-        limits = settings.limits
+        limits = self.limits
         defaults = TenantQuota(
             rps=limits.tenant_rps,
             burst=limits.tenant_burst,
             max_inflight_rows=limits.tenant_max_inflight_rows,
         )
-        book = QuotaBook(defaults, self.store.quotas, limits.quota_refresh_s, usage=USAGE)
+        book = QuotaBook(defaults, self.store.quotas, limits.quota_refresh_s, usage=self.usage)
         book.refresh(force=True)
         threading.Thread(target=_refresh_forever, args=(book, limits.quota_refresh_s), daemon=True).start()
-        STATE.quotas = QUOTAS.book = book
+        self.gateway.quotas = self.context.quota_book = book
         self.batcher = FairBatcher(
-            lambda jobs: run_jobs(self.engine, jobs, self.limits, self.tokens),
-            max_rows=settings.max_batch_size,
+            lambda jobs: run_jobs(self.engine, jobs, self.limits, self.tokens, self.usage),
+            max_rows=self.settings.max_batch_size,
             max_wait_s=limits.max_queue_ms / 1000,
-            on_expired=lambda job: USAGE.rejected(job.tenant, "queue"),
+            on_expired=lambda job: self.usage.rejected(job.tenant, "queue"),
         )
-        OPENAI.batcher, OPENAI.store, OPENAI.base, OPENAI.limits = (
-            self.batcher,
-            self.store,
-            self.base,
-            self.limits,
-        )
+        self.context.batcher = self.batcher
 
     async def _answer(self, task: str, items: list) -> list[ItemResult]:
         try:
@@ -207,7 +243,7 @@ class LoraplexService:
             self.load_error = f"{type(e).__name__}: {e}"
             logger.exception("loading the engine failed")
             return
-        self.engine = CONTEXT.engine = engine
+        self.engine = self.context.engine = engine
         metrics.set_ready(True)
         logger.info(
             "loraplex ready: base %s (%s...), runtime %s: %s",
@@ -220,8 +256,8 @@ class LoraplexService:
     def _start_draining(self) -> None:
         self.draining = True
         metrics.set_ready(False)
-        if JOBS.runner is not None:
-            JOBS.runner.stop()
+        if self.context.jobs_runner is not None:
+            self.context.jobs_runner.stop()
 
     def __is_ready__(self) -> bool:
         return self.engine is not None and not self.draining
@@ -246,4 +282,4 @@ def _refresh_forever(book: QuotaBook, every_s: float) -> None:
         book.refresh()
 
 
-LoraplexService.add_asgi_middleware(GatewayMiddleware)
+LoraplexService.add_asgi_middleware(GatewayMiddleware, source=V1_APP)

@@ -170,6 +170,12 @@ class ServiceSettings(BaseModel):
     )
     threads: int = Field(default=2, ge=1, le=256, description="Intra-op threads of the backbone.")
     max_batch_size: int = Field(default=64, ge=2, le=4096, description="Rows per adaptive batch.")
+    workers: int = Field(
+        default=1, ge=1, le=64, description="BentoML worker processes, each with its own engine and queue."
+    )
+    request_timeout_s: float = Field(
+        default=120.0, ge=1.0, le=3600.0, description="BentoML's per-request timeout (traffic.timeout)."
+    )
     drain_s: float = Field(
         default=2.0,
         ge=0.0,
@@ -240,6 +246,20 @@ class ServiceSettings(BaseModel):
             return cls(**data, limits=limit_settings, jobs=job_settings)
         except PydanticValidationError as e:
             raise settings_error(e, config_path, from_file) from None
+
+
+def bentoml_config(settings: ServiceSettings | None) -> dict[str, Any]:
+    """The ``@bentoml.service`` arguments derived from the settings (the defaults when the settings
+    could not be read: the service then refuses to start with that error, see serving/service.py)."""
+
+    def value(name: str) -> Any:
+        return getattr(settings, name) if settings is not None else ServiceSettings.model_fields[name].default
+
+    return {
+        "workers": value("workers"),
+        "traffic": {"timeout": value("request_timeout_s")},
+        "resources": {"cpu": str(value("threads"))},
+    }
 
 
 def settings_error(
@@ -340,6 +360,8 @@ _PLAIN_FIELDS = (
     "runtime",
     "threads",
     "max_batch_size",
+    "workers",
+    "request_timeout_s",
     "drain_s",
 )
 

@@ -1,0 +1,190 @@
+"""The HTTP layer's contract (issue 12 step 5, issue 18 "a lean HTTP path"):
+
+one settings object gives the BentoML decorator, the engine and the limits; importing serving reads no
+environment; per-service state lives on the service instance and its app, never in module globals;
+errors are rendered in one place; each inference body is parsed once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.routing import Mount
+
+from adapters_store import describe_base, open_store
+from serving.settings import JobSettings, LimitSettings, ServiceSettings, bentoml_config
+from tests.helpers.bundles import head_bundle
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "acme-token-0123456789"
+ADMIN_TOKEN = "admin-token-0123456789"
+
+
+# -- one settings object -----------------------------------------------------------------------------
+def test_one_settings_object_gives_the_decorator_the_engine_and_the_limits():
+    from serving.service import effective_limits, engine_settings
+
+    settings = ServiceSettings(
+        store="x",
+        threads=3,
+        workers=2,
+        request_timeout_s=33,
+        max_batch_size=7,
+        limits=LimitSettings(max_tokens=100, max_queue_ms=50, max_inputs=5),
+    )
+    assert bentoml_config(settings) == {
+        "workers": 2,
+        "traffic": {"timeout": 33.0},
+        "resources": {"cpu": "3"},
+    }
+    engine = engine_settings(settings)
+    assert (engine.threads, engine.max_batch_rows, engine.max_seq_len) == (3, 7, 100)
+    limits = effective_limits(settings)
+    assert (limits.max_queue_ms, limits.max_inputs, limits.max_tokens) == (50, 5, 100)
+    # Without settings (a bad environment) the decorator takes the defaults and the start fails later.
+    assert bentoml_config(None)["workers"] == 1
+
+
+_SPY = """
+import os, sys
+read = set()
+def note(k):
+    if "/serving/" in sys._getframe(2).f_code.co_filename:  # read by a serving module's own code
+        read.add(k)
+class Spy(dict):
+    def __getitem__(self, k):
+        note(k); return dict.__getitem__(self, k)
+    def get(self, k, d=None):
+        note(k); return dict.get(self, k, d)
+    def __contains__(self, k):
+        note(k); return dict.__contains__(self, k)
+os.environ = Spy(os.environ)
+import importlib, pkgutil, serving
+names = sorted(m.name for m in pkgutil.iter_modules(serving.__path__, "serving."))
+for name in names:
+    if name != "serving.service":
+        importlib.import_module(name)
+print(sorted(k for k in read if k.startswith("LORAPLEX_")))
+import serving.service as svc
+print(svc.SETTINGS is None, type(svc.SETTINGS_ERROR).__name__, svc.LoraplexService.config["traffic"])
+"""
+
+
+def test_importing_serving_reads_no_loraplex_variable_and_a_bad_one_stops_only_the_start(tmp_path):
+    poisoned = {
+        k: "poison" for k in ("LORAPLEX_MAX_BATCH_SIZE", "LORAPLEX_REQUEST_TIMEOUT_S", "LORAPLEX_THREADS")
+    }
+    env = {"PYTHONPATH": str(REPO), "HOME": str(tmp_path), "BENTOML_HOME": str(tmp_path / "b"), **poisoned}
+    env.update(BENTOML_DO_NOT_TRACK="True", LORAPLEX_STORE=str(tmp_path), PATH="/usr/bin:/bin")
+    out = subprocess.run(
+        [sys.executable, "-c", _SPY], env=env, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    modules_read, service_line = out.stdout.strip().splitlines()[-2:]
+    assert modules_read == "[]"  # no serving module but serving.service touches LORAPLEX_* at import
+    # serving.service reads the environment once; a bad value keeps the import alive (defaults in the
+    # decorator) and is the error the service then refuses to start with.
+    assert service_line == "True InvalidSettings {'timeout': 120.0}"
+
+
+def test_the_decorator_takes_the_settings_the_service_module_read(tmp_path):
+    code = (
+        "import serving.service as s; c = s.LoraplexService.config; "
+        "print(c['workers'], c['traffic']['timeout'], c['resources']['cpu'], s.SETTINGS.max_batch_size)"
+    )
+    env = {"PYTHONPATH": str(REPO), "HOME": str(tmp_path), "BENTOML_HOME": str(tmp_path / "b")}
+    env.update(
+        BENTOML_DO_NOT_TRACK="True",
+        PATH="/usr/bin:/bin",
+        LORAPLEX_STORE=str(tmp_path),
+        LORAPLEX_WORKERS="3",
+        LORAPLEX_REQUEST_TIMEOUT_S="45",
+        LORAPLEX_THREADS="4",
+        LORAPLEX_MAX_BATCH_SIZE="9",
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["3", "45.0", "4", "9"]
+
+
+# -- per-instance state --------------------------------------------------------------------------------
+def _store_with(tmp_path: Path, tiny_bert_dir: Path, name: str):
+    store = open_store(str(tmp_path / name))
+    base = store.register_base(describe_base("tiny", tiny_bert_dir))
+    store.put(head_bundle(base, tenant="acme", name=name, seed=3))
+    return store
+
+
+def _settings(store_dir: Path) -> ServiceSettings:
+    return ServiceSettings(
+        store=str(store_dir),
+        base="tiny",
+        admin_token=ADMIN_TOKEN,
+        tenant_tokens={"acme": (TOKEN,)},
+        threads=1,
+        token_refresh_s=300,
+        limits=LimitSettings(quota_refresh_s=0),
+        jobs=JobSettings(max_concurrent=0),
+    )
+
+
+class _Stack:
+    """One service instance with its own /v1 app and gateway, as BentoML would stack them."""
+
+    def __init__(self, settings: ServiceSettings):
+        from serving.gateway import GatewayMiddleware
+        from serving.management import build_app
+        from serving.openai_api import OPENAI_ROUTES
+        from serving.quota_routes import QUOTA_ROUTES
+        from serving.service import LoraplexService
+
+        self.v1 = build_app(extra_routes=[*OPENAI_ROUTES, *QUOTA_ROUTES])
+        self.service = LoraplexService.inner(settings=settings, v1_app=self.v1)
+        self.asgi = GatewayMiddleware(Starlette(routes=[Mount("/v1", app=self.v1)]), source=self.v1)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.service.engine is None:
+            assert self.service.load_error is None and time.monotonic() < deadline, self.service.load_error
+            time.sleep(0.05)
+
+    async def call(self, method: str, path: str, token: str = TOKEN, **kw) -> httpx.Response:
+        transport = httpx.ASGITransport(app=self.asgi)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await client.request(method, path, headers={"Authorization": f"Bearer {token}"}, **kw)
+
+
+@pytest.fixture
+def keep_sigterm():
+    previous = signal.getsignal(signal.SIGTERM)  # the service installs its drain handler
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_two_service_instances_in_one_process_share_no_state(tmp_path, tiny_bert_dir, keep_sigterm):
+    _store_with(tmp_path, tiny_bert_dir, "alpha")
+    _store_with(tmp_path, tiny_bert_dir, "beta")
+    a, b = _Stack(_settings(tmp_path / "alpha")), _Stack(_settings(tmp_path / "beta"))
+    assert a.v1.state.loraplex is not b.v1.state.loraplex and a.v1.state.gateway is not b.v1.state.gateway
+    assert a.service.usage is not b.service.usage and a.service.batcher is not b.service.batcher
+    a.wait_ready()
+    b.wait_ready()
+
+    async def scenario():
+        listed = [(await s.call("GET", "/v1/adapters")).json()["adapters"] for s in (a, b)]
+        embedded = await a.call("POST", "/v1/embeddings", json={"model": "tiny", "input": ["hello"]})
+        usage = [(await s.call("GET", "/v1/admin/usage", token=ADMIN_TOKEN)).json() for s in (a, b)]
+        return listed, embedded, usage
+
+    listed, embedded, usage = asyncio.run(scenario())
+    assert [[x["name"] for x in names] for names in listed] == [["alpha"], ["beta"]]
+    assert embedded.status_code == 200, embedded.text
+    assert usage[0]["tenants"]["acme"]["rows"] == 1 and "acme" not in usage[1]["tenants"]
