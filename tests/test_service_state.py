@@ -7,6 +7,7 @@ errors are rendered in one place; each inference body is parsed once.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import signal
 import subprocess
@@ -188,3 +189,127 @@ def test_two_service_instances_in_one_process_share_no_state(tmp_path, tiny_bert
     assert [[x["name"] for x in names] for names in listed] == [["alpha"], ["beta"]]
     assert embedded.status_code == 200, embedded.text
     assert usage[0]["tenants"]["acme"]["rows"] == 1 and "acme" not in usage[1]["tenants"]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_bert_dir):
+    previous = signal.getsignal(signal.SIGTERM)
+    tmp = tmp_path_factory.mktemp("stack")
+    _store_with(tmp, tiny_bert_dir, "alpha")
+    served = _Stack(_settings(tmp / "alpha"))
+    served.wait_ready()
+    yield served
+    signal.signal(signal.SIGTERM, previous)
+
+
+# -- errors rendered in one place ----------------------------------------------------------------------
+def test_every_error_response_comes_from_the_one_renderer(stack, monkeypatch):
+    from serving import error_responses
+
+    rendered = []
+    original = error_responses.render
+
+    def counting(err, path=""):
+        rendered.append((type(err).__name__, path))
+        return original(err, path)
+
+    monkeypatch.setattr(error_responses, "render", counting)
+
+    async def calls():
+        return [
+            await stack.call("GET", "/v1/models/nope"),  # OpenAI route raises NotFound
+            await stack.call("GET", "/v1/adapters/nope"),  # management route raises NotFound
+            await stack.call("POST", "/v1/embeddings", json={"model": "tiny", "input": []}),  # gateway 422
+            await stack.call("GET", "/v1/adapters", token="wrong-token-0123456789"),  # gateway 401
+            await stack.call("POST", "/v1/classifications", json={"model": "missing", "input": ["x"]}),
+        ]
+
+    models, adapters, empty, unauth, missing = asyncio.run(calls())
+    assert models.status_code == 404 and models.json()["error"]["type"] == "not_found_error"
+    assert adapters.status_code == 404 and adapters.json()["error"] == "not_found"
+    assert empty.status_code == 422 and empty.json()["error"]["code"] == "validation_error"
+    assert unauth.status_code == 401 and unauth.json()["error"] == "unauthorized"
+    # A failed row of an answered batch is raised again by the route and rendered the same way.
+    assert missing.status_code == 404 and missing.json()["error"]["message"].startswith("input[0]: ")
+    assert [path for _, path in rendered] == [
+        "/v1/models/nope",
+        "/v1/adapters/nope",
+        "/v1/embeddings",
+        "/v1/adapters",
+        "/v1/classifications",
+    ]
+
+
+def _builds_error_response(node: ast.Call) -> bool:
+    """``JSONResponse(..., status_code=4xx/5xx)``, or a body made with ``to_dict()``/``openai_error``."""
+    name = getattr(node.func, "id", getattr(node.func, "attr", ""))
+    if name in ("to_dict", "openai_error", "openai_error_bytes"):
+        return True
+    if name.endswith("Response"):
+        for kw in node.keywords:
+            if kw.arg == "status_code" and isinstance(kw.value, ast.Constant) and kw.value.value >= 400:
+                return True
+    return False
+
+
+def test_no_serving_module_but_the_renderer_builds_an_error_body():
+    allowed = {"error_responses.py", "openai_errors.py"}
+    offenders = []
+    for path in sorted((REPO / "serving").rglob("*.py")):
+        if path.name in allowed:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and _builds_error_response(node):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert offenders == []
+
+
+# -- each body parsed once; OpenAI-style requests preloaded --------------------------------------------
+def test_an_openai_request_body_is_parsed_once_and_its_models_preloaded(stack, monkeypatch):
+    from serving.openai_api import ClassificationsRequest
+
+    parses = []
+    original = ClassificationsRequest.model_validate_json.__func__
+
+    def counting(cls, data, *args, **kwargs):
+        parses.append(len(data))
+        return original(cls, data, *args, **kwargs)
+
+    monkeypatch.setattr(ClassificationsRequest, "model_validate_json", classmethod(counting))
+    preloaded = []
+    preload = stack.service.gateway.preload
+
+    async def recording(tenant, refs):
+        preloaded.append((tenant, list(refs)))
+        return await preload(tenant, refs)
+
+    monkeypatch.setattr(stack.service.gateway, "preload", recording)
+    stack.service.engine.invalidate("acme")  # cold again
+    body = {"model": "alpha", "input": ["one text"]}
+    answer = asyncio.run(stack.call("POST", "/v1/classifications", json=body))
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["data"][0]["adapter"] == "acme/alpha"
+    assert len(parses) == 1  # the gateway's parse; the route reads the parsed object
+    assert preloaded == [("acme", ["alpha"])]
+    assert stack.service.engine.is_resident("acme", "alpha")
+    # The base's own name is no adapter: nothing to load for it.
+    asyncio.run(stack.call("POST", "/v1/embeddings", json={"model": "tiny", "input": ["x"]}))
+    assert preloaded[-1] == ("acme", [None])
+
+
+def test_the_inference_routes_take_the_gateways_parsed_body_without_reading_it():
+    from starlette.requests import Request
+
+    from serving.auth import Principal
+    from serving.gateway import PARSED_KEY, PRINCIPAL_KEY
+    from serving.http_io import ClassifyInput
+
+    parsed = ClassifyInput.model_validate_json(b'{"items": [{"adapter": "a", "text": "t"}]}')
+
+    async def receive():
+        raise AssertionError("the body was read a second time")
+
+    state = {PRINCIPAL_KEY: Principal("tenant", "acme"), PARSED_KEY: parsed}
+    request = Request({"type": "http", "method": "POST", "headers": [], "state": state}, receive)
+    got = asyncio.run(ClassifyInput.from_http_request(request, None))
+    assert got is parsed and got.items[0].tenant == "acme"
