@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import json
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Literal
 
 from _bentoml_sdk.io_models import IODescriptor, IORootModel
 from bentoml.exceptions import BentoMLException
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field
 from starlette.responses import Response
 
 from serving.auth import Principal
 from serving.error_responses import error_response
 from serving.gateway import PRINCIPAL_KEY, parsed_body
 from serving.inference import item_error
-from serving.schemas import ClassifyItem, EmbedItem, ItemResult
+from serving.schemas import ClassifyItem, EmbedItem, Extra, ItemResult
 
 # Compact separators: the numbers dominate the body; spaces after ',' would add ~1 byte per float.
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -52,16 +52,25 @@ class _TenantStamped(IODescriptor):
         return parsed
 
 
+INCLUDE_HELP = (
+    "Extras to add to every answer: 'digest' (the adapter bundle's content digest), 'logits' (classify: "
+    "raw head outputs in the adapter's label order). Answers carry adapter, version, labels and scores "
+    "(or the embedding) without them."
+)
+
+
 class ClassifyInput(_TenantStamped):
-    """``{"items": [{"adapter": "intent@production", "text": "..."}, ...]}``"""
+    """``{"items": [{"adapter": "intent@production", "text": "..."}, ...], "include": ["digest"]}``"""
 
     items: list[ClassifyItem]
+    include: list[Extra] = Field(default_factory=list, max_length=2, description=INCLUDE_HELP)
 
 
 class EmbedInput(_TenantStamped):
     """``{"items": [{"adapter": null, "text": "..."}, ...]}``"""
 
     items: list[EmbedItem]
+    include: list[Literal["digest"]] = Field(default_factory=list, max_length=1, description=INCLUDE_HELP)
 
 
 class ResultsOutput(IORootModel[list[ItemResult]]):
@@ -82,3 +91,16 @@ def plain(result: ItemResult) -> dict[str, Any]:
     if result.results is not None:
         out["results"] = [plain(r) for r in result.results]
     return out
+
+
+def without_extras(results: list[ItemResult], include: list[str]) -> list[ItemResult]:
+    """Drop the extras the request did not ask for (in place; fan-out results too)."""
+    drop_digest, drop_logits = "digest" not in include, "logits" not in include
+    for r in results:
+        if drop_digest:
+            r.digest = None
+        if drop_logits:
+            r.logits = None
+        if r.results is not None:
+            without_extras(r.results, include)
+    return results

@@ -49,6 +49,7 @@ def to_result(task: str, answer: Any) -> ItemResult:
             digest=answer.digest,
             labels=answer.labels,
             scores=answer.scores,
+            logits=getattr(answer, "logits", None),
         )
     else:
         result = ItemResult(

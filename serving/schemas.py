@@ -7,13 +7,16 @@ item from its token (a private attribute, so no body field can set it).
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, model_validator
 
 from adapters_store.bundle import AdapterManifest
 
 ADAPTER_REF_MAX = 200
+# Extras an answer carries only when the request asks for them (``"include": [...]``): most callers
+# want labels and scores, and a digest is 64 characters on every item.
+Extra = Literal["digest", "logits"]
 
 
 class _Item(BaseModel):
@@ -99,10 +102,16 @@ class ItemResult(BaseModel):
 
     adapter: str | None = Field(default=None, description="Adapter name (null: bare backbone).")
     version: int | None = None
-    digest: str | None = Field(default=None, description="Content digest of the adapter bundle.")
+    digest: str | None = Field(
+        default=None, description="With include=['digest']: content digest of the adapter bundle."
+    )
     labels: list[str] | None = Field(default=None, description="classify: labels, most probable first.")
     scores: list[float] | None = Field(default=None, description="classify: softmax scores, same order.")
     embedding: list[float] | None = Field(default=None, description="embed: the vector.")
+    logits: list[float] | None = Field(
+        default=None,
+        description="classify, with include=['logits']: raw head outputs, in the adapter's label order.",
+    )
     results: list[ItemResult] | None = Field(
         default=None, description="Fan-out items: one result per adapter, in the order of 'adapters'."
     )

@@ -32,7 +32,7 @@ from serving.auth import TokenRefresher
 from serving.console_app import CONSOLE_ROUTES, console_app
 from serving.fairness import FairBatcher
 from serving.gateway import GatewayMiddleware, GatewayState
-from serving.http_io import ClassifyInput, EmbedInput, ResultsOutput
+from serving.http_io import ClassifyInput, EmbedInput, ResultsOutput, without_extras
 from serving.inference import error_result, row_count, run_jobs
 from serving.jobs import JobRunner
 from serving.jobs_routes import JOB_ROUTES
@@ -263,16 +263,18 @@ class LoraplexService:
         return self.engine is not None and not self.draining
 
     @bentoml.api(route="/v1/classify", input_spec=ClassifyInput, output_spec=ResultsOutput)
-    async def classify(self, items: list[ClassifyItem]) -> list[ItemResult]:
+    async def classify(self, items: list[ClassifyItem], include: list[str]) -> list[ItemResult]:
         """Classify texts or images with your adapters: labels (most probable first) and scores.
-        ``adapters: [...]`` instead of ``adapter`` fans one input out to several adapters."""
-        return await self._answer("classify", items)
+        ``adapters: [...]`` instead of ``adapter`` fans one input out to several adapters;
+        ``include: ["digest", "logits"]`` adds those to every answer."""
+        return without_extras(await self._answer("classify", items), include)
 
     @bentoml.api(route="/v1/embed", input_spec=EmbedInput, output_spec=ResultsOutput)
-    async def embed(self, items: list[EmbedItem]) -> list[ItemResult]:
+    async def embed(self, items: list[EmbedItem], include: list[str]) -> list[ItemResult]:
         """Embed texts with your adapter (or the bare shared backbone when ``adapter`` is null).
-        ``adapters: [...]`` instead of ``adapter`` fans one input out to several adapters."""
-        return await self._answer("embed", items)
+        ``adapters: [...]`` instead of ``adapter`` fans one input out to several adapters;
+        ``include: ["digest"]`` adds the adapter's digest to every answer."""
+        return without_extras(await self._answer("embed", items), include)
 
 
 def _refresh_forever(book: QuotaBook, every_s: float) -> None:

@@ -25,7 +25,7 @@ TTL_S = 0.5
 def classify(url: str, tenant: str, adapter: str) -> httpx.Response:
     return httpx.post(
         f"{url}/v1/classify",
-        json={"items": [{"adapter": adapter, "text": "where is my parcel"}]},
+        json={"items": [{"adapter": adapter, "text": "where is my parcel"}], "include": ["digest"]},
         headers=tenant_auth(tenant),
         timeout=60,
     )

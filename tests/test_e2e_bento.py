@@ -42,7 +42,7 @@ def test_build_then_serve_the_bento(tmp_path, tiny_bert_dir):
     try:
         r = httpx.post(
             f"{server.url}/v1/classify",
-            json={"items": [{"adapter": "intent", "text": "hi"}]},
+            json={"items": [{"adapter": "intent", "text": "hi"}], "include": ["digest"]},
             headers=tenant_auth("acme"),
             timeout=30,
         )

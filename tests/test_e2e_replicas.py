@@ -39,7 +39,7 @@ def replicas(tmp_path_factory, tiny_bert_dir, seaweed):
 def classify(url: str, tenant: str, adapter: str) -> httpx.Response:
     return httpx.post(
         f"{url}/v1/classify",
-        json={"items": [{"adapter": adapter, "text": "where is my parcel"}]},
+        json={"items": [{"adapter": adapter, "text": "where is my parcel"}], "include": ["digest"]},
         headers=tenant_auth(tenant),
         timeout=30,
     )

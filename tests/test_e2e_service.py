@@ -9,6 +9,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.helpers.bundles import head_bundle, save_peft_lora
@@ -50,7 +51,7 @@ def env(tmp_path_factory, tiny_bert_dir):
 def classify(c: httpx.Client, tenant: str, adapter: str, text: str = "cancel my order please", **kw):
     return c.post(
         "/v1/classify",
-        json={"items": [{"adapter": adapter, "text": text}]},
+        json={"items": [{"adapter": adapter, "text": text}], "include": ["digest"]},
         headers=tenant_auth(tenant),
         **kw,
     )
@@ -94,6 +95,30 @@ def test_classify_names_the_exact_version_and_digest(env):
     assert classify(c, "acme", "intent@latest").json()[0]["version"] == 2
     g = classify(c, "globex", "sentiment").json()[0]
     assert g["labels"][0] in ("c0", "c1", "c2") and g["digest"] == store.resolve("globex/sentiment").digest
+
+
+def test_answers_carry_labels_and_scores_and_extras_only_when_asked(env):
+    c, store = env["client"], env["store"]
+    items = [{"adapter": "intent", "text": "where is my parcel"}, {"adapters": ["intent@2"], "text": "hi"}]
+    lean = c.post("/v1/classify", json={"items": items}, headers=tenant_auth("acme"))
+    assert lean.status_code == 200, lean.text
+    assert set(lean.json()[0]) == {"adapter", "version", "labels", "scores"}
+    assert set(lean.json()[1]["results"][0]) == {"adapter", "version", "labels", "scores"}
+    full = c.post(
+        "/v1/classify", json={"items": items, "include": ["digest", "logits"]}, headers=tenant_auth("acme")
+    ).json()
+    first, manifest = full[0], store.resolve("acme/intent@production")
+    assert first["digest"] == manifest.digest and full[1]["results"][0]["digest"]
+    # Logits in the adapter's label order; their softmax is the (sorted) scores.
+    logits = np.asarray(first["logits"])
+    probs = dict(zip(manifest.labels, (np.exp(logits) / np.exp(logits).sum()).tolist(), strict=True))
+    assert [probs[label] for label in first["labels"]] == pytest.approx(first["scores"], abs=1e-5)
+    embed = c.post(
+        "/v1/embed", json={"items": [{"adapter": None, "text": "x"}]}, headers=tenant_auth("acme")
+    ).json()[0]
+    assert "digest" not in embed and len(embed["embedding"]) > 0
+    bad = c.post("/v1/classify", json={"items": items, "include": ["weights"]}, headers=tenant_auth("acme"))
+    assert bad.status_code == 422 and "include" in bad.json()["message"]
 
 
 def test_batch_of_inputs_in_one_request_and_embed(env):

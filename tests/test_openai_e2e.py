@@ -58,7 +58,7 @@ def embed(c: httpx.Client, adapter: str | None, texts: list[str], tenant: str = 
 def classify(c: httpx.Client, adapter: str, texts: list[str], tenant: str = "acme") -> list[dict]:
     r = c.post(
         "/v1/classify",
-        json={"items": [{"adapter": adapter, "text": t} for t in texts]},
+        json={"items": [{"adapter": adapter, "text": t} for t in texts], "include": ["digest"]},
         headers=tenant_auth(tenant),
     )
     assert r.status_code == 200, r.text

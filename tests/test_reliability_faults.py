@@ -71,7 +71,7 @@ def upload(client: httpx.Client, bundle: Bundle, **fields: str) -> httpx.Respons
 def classify(
     client: httpx.Client, tenant: str, adapter: str, text: str = "fingerprint input"
 ) -> httpx.Response:
-    body = {"items": [{"adapter": adapter, "text": text}]}
+    body = {"items": [{"adapter": adapter, "text": text}], "include": ["digest"]}
     return client.post("/v1/classify", json=body, headers=tenant_auth(tenant))
 
 
