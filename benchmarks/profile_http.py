@@ -56,6 +56,16 @@ GENERIC = (
     "weakref.py",
     "<frozen",
 )
+# py-spy counts a thread blocked in a timed wait as busy: such samples (leaf frame) are idle time.
+WAITING = (
+    "Condition.wait",
+    "Event.wait",
+    "Queue.get",
+    "Selector.select",
+    "JobRunner._sweep_loop",
+    "_refresh_forever",
+    "sleep",
+)
 BUCKETS = (  # (bucket, substrings of a frame "function (file:line)"), first match wins
     (
         "forward",
@@ -78,7 +88,14 @@ BUCKETS = (  # (bucket, substrings of a frame "function (file:line)"), first mat
     ("engine: plan, resolve, prepare", ("serving/engine/",)),
     (
         "auth, quotas, preload, metrics",
-        ("serving/auth.py", "serving/quotas.py", "serving/preload.py", "serving/metrics.py", "prometheus"),
+        (
+            "serving/auth.py",
+            "adapters_store/tokens.py",
+            "serving/quotas.py",
+            "serving/preload.py",
+            "serving/metrics.py",
+            "prometheus",
+        ),
     ),
     (
         "HTTP/ASGI (uvicorn, h11, Starlette, BentoML, asyncio)",
@@ -94,14 +111,22 @@ BUCKETS = (  # (bucket, substrings of a frame "function (file:line)"), first mat
             "socket.py",
             "serving/gateway.py",
             "serving/service.py",
+            # BentoML's per-request tracing and dependency injection (py-spy shortens their paths)
             "opentelemetry",
+            "trace/",
+            "asgi/__init__.py",
+            "context/",
+            "propagat",
+            "simple_di",
         ),
     ),
 )
 
 
 def bucket(stack: list[str]) -> str:
-    """The bucket of one sample (frames root -> leaf)."""
+    """The bucket of one sample (frames root -> leaf); ``idle`` for a thread waiting."""
+    if stack and any(w in stack[-1] for w in WAITING):
+        return "idle"
     for frame in reversed(stack):
         if any(g in frame for g in GENERIC):
             continue
@@ -135,7 +160,7 @@ def main() -> None:
     p.add_argument("--tenants", type=int, default=16)
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--seconds", type=float, default=20.0, help="seconds sampled under load")
-    p.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
+    p.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runtime", choices=["torch", "onnx", "auto"], default="auto")
     p.add_argument("--raw", type=Path, default=None, help="also write py-spy's raw stacks here")
@@ -169,7 +194,8 @@ def main() -> None:
         try:
             asyncio.run(raw_round(server.url, tokens, texts, args.clients, 5.0))  # warm: every adapter loaded
             raw_path = tmp / "stacks.txt"
-            cmd = [str(spy), "record", "--pid", str(server.proc.pid), "--subprocesses", "--format", "raw"]
+            cmd = [str(spy), "record", "--pid", str(server.proc.pid), "--subprocesses", "--nonblocking"]
+            cmd += ["--format", "raw"]
             cmd += ["--rate", str(args.rate), "--duration", str(int(args.seconds) + 2), "-o", str(raw_path)]
             sampler = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             time.sleep(1.0)  # py-spy attaches
@@ -187,6 +213,7 @@ def main() -> None:
 
 def report(args, samples: Counter, raw: str, load: dict, cpu: float) -> None:
     requests = load["requests"]
+    idle = samples.pop("idle", 0)
     total = sum(samples.values())
     load_avg = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     lines = [
@@ -196,7 +223,8 @@ def report(args, samples: Counter, raw: str, load: dict, cpu: float) -> None:
         f"{args.threads} threads, {args.tenants} LoRA tenants, {args.clients} clients, one sentence per request.",
         f"{requests} requests in {load['elapsed']:.1f} s ({requests / load['elapsed']:.0f} req/s), "
         f"{len(load['errors'])} errors; server CPU {cpu:.1f} s = {1000 * cpu / max(requests, 1):.2f} ms per request.",
-        f"py-spy: {total} samples of busy Python threads at {args.rate}/s.",
+        f"py-spy: {total} samples of busy Python threads at {args.rate}/s ({idle} more of threads "
+        "waiting, left out).",
         "",
         "| part | share of samples | ms per request |",
         "|---|---|---|",
