@@ -16,7 +16,6 @@ from adapters_store.errors import ValidationError
 from adapters_store.preparation import RowPreparation
 from serving.engine import lora_layers
 from serving.engine.backbone import Backbone, encode_audio, encode_images, encode_texts, pool, run_model
-from serving.engine.heads import apply_heads
 from serving.engine.items import InferenceItem, InferenceResult
 from serving.engine.loader import LoadedAdapter
 from serving.engine.lora_layers import gather_rows
@@ -131,13 +130,9 @@ def run_shared(
     if len(leaders) == len(rows):
         plan, adapters, ordered, hidden, pooled, mask = _forward(backbone, rows, settings, ort)
         out: list[InferenceResult | None] = [None] * len(rows)
-        groups = [
-            segment_features(
-                seg, ordered, adapters[seg.slot] if seg.slot >= 0 else None, hidden, mask, pooled, settings
-            )
-            for seg in plan.segments
-        ]
-        for seg, answers in zip(plan.segments, answer_groups(groups, settings), strict=True):
+        for seg in plan.segments:
+            adapter = adapters[seg.slot] if seg.slot >= 0 else None
+            answers = finish_segment(seg, ordered, adapter, hidden, mask, pooled, settings)
             for pos, answer in zip(range(seg.start, seg.end), answers, strict=True):
                 out[plan.order[pos]] = answer
         return out  # type: ignore[return-value]
@@ -184,7 +179,6 @@ def _run_sharing(
     counts = None if mask is None else [int(t) for t in mask.sum(dim=1).tolist()]
     features: dict[str, torch.Tensor] = {}  # pooling -> [pass rows, H], pooled once for every head
     groups = group_rows([r.adapter.digest if r.adapter else "" for r in rows])
-    parts: list[RowGroup] = []
     for idx in groups.values():
         adapter, where = rows[idx[0]].adapter, [position[pass_of[i]] for i in idx]
         at = torch.tensor(where)
@@ -194,14 +188,13 @@ def _run_sharing(
                 features[how] = pool(hidden, mask, pooled, how)
             tokens = [None] * len(idx) if counts is None else [counts[w] for w in where]
             feats = features[how].index_select(0, at)
-            parts.append(([rows[i] for i in idx], adapter, feats, tokens))
+            answers = answer_rows([rows[i] for i in idx], adapter, feats, tokens, settings)
         else:
             h = hidden.index_select(0, at)
             m = None if mask is None else mask.index_select(0, at)
             p = None if pooled is None else pooled.index_select(0, at)
             seg = Segment(0, 0, len(idx))
-            parts.append(segment_features(seg, [rows[i] for i in idx], adapter, h, m, p, settings))
-    for idx, answers in zip(groups.values(), answer_groups(parts, settings), strict=True):
+            answers = finish_segment(seg, [rows[i] for i in idx], adapter, h, m, p, settings)
         for i, answer in zip(idx, answers, strict=True):
             out[i] = answer
     return out  # type: ignore[return-value]
@@ -245,31 +238,6 @@ def finish_segment(
     settings: EngineSettings,
 ) -> list[InferenceResult]:
     """Pool rows [start, end) and apply the adapter's head; one result per row."""
-    return answer_rows(*segment_features(seg, ordered, adapter, hidden, mask, pooled, settings), settings)
-
-
-# One adapter's rows ready for their head: (rows, adapter or None, pooled features [rows, H], tokens)
-RowGroup = tuple[Sequence[PreparedRow], LoadedAdapter | None, torch.Tensor, Sequence[int | None]]
-
-
-def answer_groups(groups: Sequence[RowGroup], settings: EngineSettings) -> list[list[InferenceResult]]:
-    """Answer every group; the heads of all groups run as ONE batched computation (``apply_heads``)."""
-    with_head = [i for i, (_, a, _, _) in enumerate(groups) if a is not None and a.head is not None]
-    outs = apply_heads([groups[i][1].head for i in with_head], [groups[i][2] for i in with_head])
-    head_out = dict(zip(with_head, outs, strict=True))
-    return [answer_rows(*g, settings, head_out=head_out.get(i)) for i, g in enumerate(groups)]
-
-
-def segment_features(
-    seg: Segment,
-    ordered: Sequence[PreparedRow],
-    adapter: LoadedAdapter | None,
-    hidden: torch.Tensor,
-    mask: torch.Tensor | None,
-    pooled: torch.Tensor | None,
-    settings: EngineSettings,
-) -> RowGroup:
-    """Pool rows [start, end) the way their adapter asks."""
     h = hidden[seg.start : seg.end]
     m = None if mask is None else mask[seg.start : seg.end]
     tokens = [None] * seg.rows if m is None else [int(t) for t in m.sum(dim=1).tolist()]
@@ -277,7 +245,7 @@ def segment_features(
     if adapter is not None and adapter.pooler is not None and adapter.pooling == "pooler":
         p = adapter.pooler(h[:, 0])
     feats = pool(h, m, p, settings.base_pooling if adapter is None else adapter.pooling)
-    return ordered[seg.start : seg.end], adapter, feats, tokens
+    return answer_rows(ordered[seg.start : seg.end], adapter, feats, tokens, settings)
 
 
 def answer_rows(
@@ -286,16 +254,13 @@ def answer_rows(
     feats: torch.Tensor,
     tokens: Sequence[int | None],
     settings: EngineSettings,
-    head_out: torch.Tensor | None = None,
 ) -> list[InferenceResult]:
-    """Pooled features [rows, H] of one adapter's rows -> head (or its output ``head_out``, computed
-    batched by :func:`answer_groups`), normalisation, one result per row."""
+    """Pooled features [rows, H] of one adapter's rows -> head, normalisation, one result per row."""
     if adapter is None:
         feats = F.normalize(feats, dim=-1) if settings.base_normalize else feats
         return [_result(r, embedding=feats[i], tokens=tokens[i]) for i, r in enumerate(rows)]
     manifest = adapter.manifest
-    if head_out is None and adapter.head is not None:
-        head_out = adapter.head(feats)
+    head_out = adapter.head(feats) if adapter.head is not None else None
     embeds = head_out if manifest.task == "feature-extraction" and head_out is not None else feats
     embeds = F.normalize(embeds, dim=-1) if manifest.normalize else embeds
     answers = []
