@@ -175,6 +175,26 @@ def test_ia3_slots_equal_a_fresh_stack_and_reset_to_identity(mixed):
     np.testing.assert_allclose(got.mean[2], base.mean[2], atol=1e-5)
 
 
+def test_graph_equals_its_torch_twin_on_resident_slots(mixed, tiny_bert_dir):
+    """The stored graph and LoraTextFeatures (what export validated against) agree on served stacks."""
+    from transformers import AutoModel
+
+    from training.onnx_export.lora_graph import LoraTextFeatures
+
+    store, _, _ = mixed
+    bb = OrtBackbone.from_store(store, store.get_base("tiny"), variant="lora-fp32", threads=1)
+    tenants = ["i-default", "l-q8", "i-in", "l-v2", "i-out"]
+    slots = LoraSlots(bb.record, capacity=8)
+    stack, assigned = slots.assign(tenants, lambda t: LoraWeights.from_bundle(store.get(f"{t}/a")))
+    index = np.array([*assigned, stack.no_adapter_slot], np.int64)
+    ids = np.random.default_rng(4).integers(1000, 30000, size=(len(index), 9))
+    mask = np.ones_like(ids)
+    twin = LoraTextFeatures.for_record(AutoModel.from_pretrained(tiny_bert_dir), bb.record.lora).eval()
+    with torch.inference_mode():
+        ref = twin.run_named(*(torch.from_numpy(a) for a in (ids, mask, index)), stack.arrays)
+    np.testing.assert_allclose(bb.features(ids, mask, stack, index).mean, ref[0].numpy(), atol=1e-5)
+
+
 def test_graph_stored_before_ia3_still_serves_and_is_rebuilt(tmp_path, tiny_bert_dir):
     """A lora-fp32 manifest written before the IA3 fields existed loads; its IA3 rows run on torch; the
     next export (base register / demo) rebuilds it with IA3."""

@@ -20,6 +20,7 @@ Serving packs these with ``serving.onnx_backbone.LoraSlots`` / ``stack_loras``.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -115,9 +116,19 @@ class LoraTextFeatures(nn.Module):
                     side = "ia3_in" if target in self.ia3_in else "ia3_out"
                     self._feeds.append((IA3_INPUT.format(layer=layer_idx, target=name), wrapped, side))
 
+    @classmethod
+    def for_record(cls, model: nn.Module, record: LoraGraphRecord) -> LoraTextFeatures:
+        """The torch twin of a stored graph (same LoRA and IA3 modules), e.g. to check it."""
+        return cls(model, record.targets, record.ia3_in, record.ia3_out)
+
     @property
     def input_names(self) -> list[str]:
         return [name for name, _, _ in self._feeds]
+
+    def run_named(self, input_ids, attention_mask, adapter_index, arrays: Mapping[str, Any]):
+        """``forward`` with the stacks given by input name (a ``LoraStack.arrays``), in any order."""
+        stacks = [torch.as_tensor(arrays[name]) for name in self.input_names]
+        return self(input_ids, attention_mask, adapter_index, *stacks)
 
     def forward(self, input_ids, attention_mask, adapter_index, *stacks):
         for (_, module, attr), stack in zip(self._feeds, stacks, strict=True):
