@@ -13,7 +13,8 @@ import torch
 from adapters_store import describe_base, open_store
 from adapters_store.errors import UnsupportedAdapter
 from serving.engine import Engine, EngineSettings, InferenceItem, InferenceResult
-from serving.onnx_backbone import LoraSlots, LoraWeights, OrtBackbone, stack_loras
+from serving.onnx_adapters import LoraSlots, LoraWeights, stack_loras
+from serving.onnx_backbone import OrtBackbone
 from tests.test_engine_support import (
     apply_head,
     head_bundle,

@@ -55,7 +55,8 @@ class OrtRuntime:
 
     @classmethod
     def load(cls, store: Any, base: Any, runtime: str, threads: int, lora_slots: int = 64) -> OrtRuntime:
-        from serving.onnx_backbone import LoraSlots, OrtBackbone
+        from serving.onnx_adapters import LoraSlots
+        from serving.onnx_backbone import OrtBackbone
 
         plain = OrtBackbone.from_store(store, base, "int8" if runtime == "onnx-int8" else "fp32", threads)
         lora = slots = None
@@ -83,7 +84,7 @@ class OrtRuntime:
         return out
 
     def _lora_pass(self, plan: Any, adapters: list, inputs: dict) -> tuple[Any, Any]:
-        from serving.onnx_backbone import LoraWeights
+        from serving.onnx_adapters import LoraWeights
 
         # Keyed by content digest: a resident adapter is never packed again, a new version always is.
         by_digest = {a.digest: a for a in adapters if _adapts_backbone(a)}
