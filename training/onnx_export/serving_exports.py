@@ -4,8 +4,8 @@
 on onnxruntime without an extra step: the plain fp32 graph (head and bare-base rows) and, for text
 bases, the adapter graph: LoRA on the targets training adapts by default and IA3 on training's default
 IA3 modules (lora_graph.py), so the demo's LoRA and IA3 tenants both run on it. Both are validated
-against PyTorch before they are stored (see export.py). A base the exporter cannot take is still registered: the
-report says why, and the service then serves it on torch and logs the same reason.
+against PyTorch before they are stored (see export.py). A base the exporter cannot take is still
+registered: the report says why, and the service then serves it on torch and logs the same reason.
 
 >>> report = export_for_serving(open_store("/srv/loraplex"), "minilm")  # doctest: +SKIP
 >>> report.variants, round(report.seconds)  # doctest: +SKIP
