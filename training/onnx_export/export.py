@@ -35,8 +35,8 @@ from adapters_store.onnx_artifacts import (
     manifest_file,
 )
 from training.onnx_export.errors import OnnxExportError, OnnxToleranceError
-from training.onnx_export.probes import quality_probes, shape_probes
 from training.onnx_export.fusion import cpu_ms_per_call, fuse_transformer
+from training.onnx_export.probes import quality_probes, shape_probes
 from training.onnx_export.quantize import ALL_MATMUL, Int8Plan, quantize_int8, sensitivity_plan
 from training.onnx_export.specs import POOLING_OUTPUTS, ArchitectureSpec, spec_for
 from training.onnx_export.validate import Feed, Runner, ValidationFigures, check_fp32, measure
@@ -146,7 +146,9 @@ def validated_int8(
     if settings.int8_keep_fp32 is not None:
         order = sorted(sensitivity, key=lambda n: -sensitivity[n])
         if settings.int8_keep_fp32 >= len(order):
-            raise OnnxExportError(f"int8_keep_fp32 must be below the {len(order)} weight MatMuls of this graph")
+            raise OnnxExportError(
+                f"int8_keep_fp32 must be below the {len(order)} weight MatMuls of this graph"
+            )
         keep = tuple(order[: settings.int8_keep_fp32])
         plans = [Int8Plan(f"keep-{len(keep)}-fp32" if keep else ALL_MATMUL, keep_fp32=keep)]
     reference, attempts = torch_runner(module), []
@@ -193,41 +195,61 @@ def chosen_fp32(
     probes: list[Feed],
     settings: ExportSettings,
 ) -> tuple[bytes, OnnxExportManifest]:
-    """The plain graph or its ORT-fused rewrite, whichever is faster here; both validated vs torch."""
-    manifest = validated_fp32(entry, spec, module, plain, outputs, probes, settings.threads)
+    """The plain graph or its ORT-fused rewrite, whichever is faster here; the one kept is validated vs
+    torch (a fused graph that fails validation falls back to the plain one, unless fusion is forced)."""
     if spec.fusion is None or settings.fusion == "plain":
         why = "fusion not requested" if spec.fusion else f"no ORT fuser wired for {spec.name}"
-        return plain, _with_record(manifest, GraphOptimizationRecord(kept="plain", reason=why))
+        return plain, _validated(
+            entry, spec, module, plain, outputs, probes, settings, kept="plain", reason=why
+        )
     config = module.model.config
     fuser = f"onnxruntime.transformers {spec.fusion}"
     try:
         fused, counts = fuse_transformer(plain, spec.fusion, config.num_attention_heads, config.hidden_size)
-        fused_manifest = validated_fp32(entry, spec, module, fused, outputs, probes, settings.threads)
     except OnnxExportError as e:
         if settings.fusion == "fused":
             raise
-        log.warning("%s: fused graph not used (%s); keeping the plain graph", entry.name, e)
-        record = GraphOptimizationRecord(kept="plain", reason=f"fusion failed: {e}", fuser=fuser)
-        return plain, _with_record(manifest, record)
-    record = GraphOptimizationRecord(kept="fused", reason="forced by settings", fuser=fuser, fused_ops=counts)
+        why = f"fusion failed: {e}"
+        return plain, _validated(
+            entry, spec, module, plain, outputs, probes, settings, "plain", why, fuser=fuser
+        )
+    timing: dict[str, Any] = {}
+    kept, why = "fused", "forced by settings"
     if settings.fusion == "auto":
         feed = timing_feed(probes)
         ms = cpu_ms_per_call(
             {"plain": ort_runner(plain, settings.threads), "fused": ort_runner(fused, settings.threads)}, feed
         )
         kept = "fused" if ms["fused"] < ms["plain"] else "plain"
-        record = record.model_copy(
-            update={
-                "kept": kept,
-                "reason": f"faster here: {kept} {ms[kept]:.1f} CPU-ms per batch, "
-                f"other {max(ms.values()):.1f}",
-                "cpu_ms_per_batch": ms,
-                "timing_shape": list(feed["input_ids"].shape),
-            }
-        )
-    if record.kept == "plain":
-        return plain, _with_record(manifest, record)
-    return fused, _with_record(fused_manifest, record)
+        why = f"faster here: {kept} {ms[kept]:.1f} CPU-ms per batch, other {max(ms.values()):.1f}"
+        timing = {"cpu_ms_per_batch": ms, "timing_shape": list(feed["input_ids"].shape)}
+    extra = {"fuser": fuser, "fused_ops": counts, **timing}
+    if kept == "plain":
+        return plain, _validated(entry, spec, module, plain, outputs, probes, settings, "plain", why, **extra)
+    try:
+        return fused, _validated(entry, spec, module, fused, outputs, probes, settings, "fused", why, **extra)
+    except OnnxExportError as e:
+        if settings.fusion == "fused":
+            raise
+        log.warning("%s: fused graph not used (%s); keeping the plain graph", entry.name, e)
+        why = f"fusion failed validation: {e}"
+        return plain, _validated(entry, spec, module, plain, outputs, probes, settings, "plain", why, **extra)
+
+
+def _validated(
+    entry: BaseModelEntry,
+    spec: ArchitectureSpec,
+    module: torch.nn.Module,
+    graph: bytes,
+    outputs: list[str],
+    probes: list[Feed],
+    settings: ExportSettings,
+    kept: str,
+    reason: str,
+    **record: Any,
+) -> OnnxExportManifest:
+    manifest = validated_fp32(entry, spec, module, graph, outputs, probes, settings.threads)
+    return _with_record(manifest, GraphOptimizationRecord(kept=kept, reason=reason, **record))
 
 
 def _with_record(manifest: OnnxExportManifest, record: GraphOptimizationRecord) -> OnnxExportManifest:

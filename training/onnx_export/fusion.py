@@ -33,7 +33,9 @@ Feed = dict[str, np.ndarray]
 FUSED_OP_TYPES = ("Attention", "SkipLayerNormalization", "BiasGelu", "FastGelu", "EmbedLayerNormalization")
 
 
-def fuse_transformer(graph: bytes, model_type: str, num_heads: int, hidden_size: int) -> tuple[bytes, dict[str, int]]:
+def fuse_transformer(
+    graph: bytes, model_type: str, num_heads: int, hidden_size: int
+) -> tuple[bytes, dict[str, int]]:
     """The graph after ORT's transformer fusions, and how many of each fused op it now holds.
 
     ``opt_level=0``: only the Python fuser runs (no ORT session-level rewrite baked into the file), so
@@ -45,7 +47,9 @@ def fuse_transformer(graph: bytes, model_type: str, num_heads: int, hidden_size:
         src = Path(tmp) / "plain.onnx"
         src.write_bytes(graph)
         # the fuser logs every step at INFO and warns about shapes it cannot infer; keep exports quiet
-        with _quiet("onnxruntime.transformers", "fusion_base", "onnx_model", "onnx_model_bert", "fusion_utils"):
+        with _quiet(
+            "onnxruntime.transformers", "fusion_base", "onnx_model", "onnx_model_bert", "fusion_utils"
+        ):
             model = optimize_model(
                 str(src), model_type=model_type, num_heads=num_heads, hidden_size=hidden_size, opt_level=0
             )
@@ -73,7 +77,9 @@ def _quiet(*names: str):
             lg.setLevel(level)
 
 
-def cpu_ms_per_call(runners: dict[str, Callable[[Feed], object]], feed: Feed, rounds: int = 7) -> dict[str, float]:
+def cpu_ms_per_call(
+    runners: dict[str, Callable[[Feed], object]], feed: Feed, rounds: int = 7
+) -> dict[str, float]:
     """Median process CPU milliseconds per call of each runner, interleaved round by round.
 
     Process CPU time (all ORT threads together) rather than wall time: on a shared box wall time

@@ -67,7 +67,9 @@ def weight_matmuls(graph: onnx.ModelProto) -> list[str]:
     return [n.name for n in graph.graph.node if n.op_type == "MatMul" and n.input[1] in consts]
 
 
-def quantize_int8(fp32_graph: bytes, plan: Int8Plan = Int8Plan(ALL_MATMUL), preprocess: bool = False) -> bytes:
+def quantize_int8(
+    fp32_graph: bytes, plan: Int8Plan = Int8Plan(ALL_MATMUL), preprocess: bool = False
+) -> bytes:
     """Bytes of a dynamically int8-quantized copy of the graph (per-channel QInt8 weights)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -137,7 +139,9 @@ def _fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
 def fake_quantized(linears: Sequence[torch.nn.Linear]) -> Iterator[None]:
     """Temporarily make ``linears`` compute like ORT's dynamic int8 MatMul (bias stays fp32)."""
     saved = [lin.weight.data for lin in linears]
-    hooks = [lin.register_forward_pre_hook(lambda _m, args: (_fake_quant_activation(args[0]),)) for lin in linears]
+    hooks = [
+        lin.register_forward_pre_hook(lambda _m, args: (_fake_quant_activation(args[0]),)) for lin in linears
+    ]
     for lin in linears:
         lin.weight.data = _fake_quant_weight(lin.weight.data)
     try:
