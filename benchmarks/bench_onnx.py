@@ -157,7 +157,7 @@ def cpu_model() -> str:
 ROOF_SIZES = (1024, 2048)
 
 
-def gemm_roof(threads: int, reps: int = 6) -> float:
+def gemm_roof(threads: int, reps: int = 8) -> float:
     """The host's fp32 matmul roof: GFLOP/s of large square fp32 GEMMs (torch.mm = MKL/oneDNN sgemm) with
     ``threads`` threads, best over sizes and ``reps`` calls (the best is the roof, the rest is noise)."""
     before = torch.get_num_threads()
@@ -399,7 +399,7 @@ def markdown(rows: list[dict], setup: dict, results: dict, args) -> str:
     out += [
         "",
         f"CPU: {cpu_model()}. fp32 GEMM roof (torch.mm sgemm of {' and '.join(f'{n}^3' for n in ROOF_SIZES)}, "
-        "best of 6 each, measured next to each workload): "
+        "best of 8 each, measured next to each workload): "
         + ", ".join(f"{wl} {g:.0f} GFLOP/s" for wl, g in roofs.items()),
         "FLOPs: analytic BERT encoder count on the padded batch (QKVO + FFN GEMMs + attention QK^T and AV; "
         "embeddings, norms, softmax, pooling not counted), the same count for every path.",
@@ -449,13 +449,15 @@ def headline(results: dict) -> str:
     wl = max((w for w in results if w.startswith("short")), key=lambda w: results[w]["threads"])
     res, t, c = results[wl], results[wl]["times"], results[wl]["cpu_times"]
     flops = res["flops_per_call"]
+    # the roof is the host's: other processes can only lower a measurement, so take the best one
+    roof = max(r["roof_gflops"] for r in results.values())
     fp32_gflops = flops / statistics.median(t["ort_fp32"]) / 1e9
-    share = fp32_gflops / res["roof_gflops"]
+    share = fp32_gflops / roof
     int8 = ratio(t, "ort_fp32", "ort_int8")
     int8_cpu = ratio(c, "ort_fp32", "ort_int8")
     cos = res["quality"]["ort_int8"]
     rows = [
-        ("fp32 GEMM roof of the host", f"{res['roof_gflops']:.0f} GFLOP/s", "printed", ""),
+        ("fp32 GEMM roof of the host (best of every probe)", f"{roof:.0f} GFLOP/s", "printed", ""),
         (
             "ORT fp32 MiniLM achieved / roof",
             f"{fp32_gflops:.0f} GFLOP/s = {share:.2f}",
