@@ -157,18 +157,26 @@ def cpu_model() -> str:
 ROOF_SIZES = (1024, 2048)
 
 
-def gemm_roof(threads: int, reps: int = 8) -> float:
+def gemm_roof(threads: int, reps: int = 8) -> tuple[float, float]:
     """The host's fp32 matmul roof: GFLOP/s of large square fp32 GEMMs (torch.mm = MKL/oneDNN sgemm) with
-    ``threads`` threads, best over sizes and ``reps`` calls (the best is the roof, the rest is noise)."""
+    ``threads`` threads, best over sizes and ``reps`` calls (the best is the roof, the rest is noise).
+
+    Returns (wall-time roof, CPU-time roof): the second is FLOPs / (process CPU seconds / threads), which
+    other processes on a shared box barely disturb; compare it with ORT's CPU-time figure."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    best = 0.0
+    best_wall = best_cpu = 0.0
     for n in ROOF_SIZES:
         a, b = torch.randn(n, n), torch.randn(n, n)
         torch.mm(a, b)
-        best = max(best, 2 * n**3 / min(_timed(lambda a=a, b=b: torch.mm(a, b)) for _ in range(reps)) / 1e9)
+        for _ in range(reps):
+            t0, c0 = time.perf_counter(), time.process_time()
+            torch.mm(a, b)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            best_wall = max(best_wall, 2 * n**3 / wall / 1e9)
+            best_cpu = max(best_cpu, 2 * n**3 / (cpu / threads) / 1e9)
     torch.set_num_threads(before)
-    return best
+    return best_wall, best_cpu
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -311,7 +319,7 @@ def run_workload(setup: dict, feed: dict[str, np.ndarray], rounds: int, reps: in
     config = torch_mod.model.config
     return {
         "flops_per_call": encoder_flops(config, batch, int(ids.shape[1])),
-        "roof_gflops": gemm_roof(threads),
+        **dict(zip(("roof_gflops", "roof_cpu_gflops"), gemm_roof(threads), strict=True)),
         "batch": batch,
         "seq": int(ids.shape[1]),
         "tokens": int(mask.sum()),
@@ -451,8 +459,12 @@ def headline(results: dict) -> str:
     flops = res["flops_per_call"]
     # the roof is the host's: other processes can only lower a measurement, so take the best one
     roof = max(r["roof_gflops"] for r in results.values())
+    roof_cpu = max(r["roof_cpu_gflops"] for r in results.values())
     fp32_gflops = flops / statistics.median(t["ort_fp32"]) / 1e9
     share = fp32_gflops / roof
+    # the same on CPU time (FLOPs per CPU-second x threads): robust to other processes
+    fp32_cpu_gflops = flops / (statistics.median(c["ort_fp32"]) / res["threads"]) / 1e9
+    share_cpu = fp32_cpu_gflops / roof_cpu
     int8 = ratio(t, "ort_fp32", "ort_int8")
     int8_cpu = ratio(c, "ort_fp32", "ort_int8")
     cos = res["quality"]["ort_int8"]
@@ -463,6 +475,12 @@ def headline(results: dict) -> str:
             f"{fp32_gflops:.0f} GFLOP/s = {share:.2f}",
             f">= {ROOF_TARGET}",
             "met" if share >= ROOF_TARGET else "MISSED",
+        ),
+        (
+            "same on CPU time (roof, achieved per thread-CPU-second x threads)",
+            f"{fp32_cpu_gflops:.0f} / {roof_cpu:.0f} GFLOP/s = {share_cpu:.2f}",
+            f">= {ROOF_TARGET}",
+            "met" if share_cpu >= ROOF_TARGET else "MISSED",
         ),
         (
             "ORT int8 / ORT fp32 (min cosine)",
