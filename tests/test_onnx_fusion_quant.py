@@ -80,11 +80,13 @@ def test_serving_loads_a_fused_export(bert_store, tiny_bert_dir):
 
 
 def test_auto_fusion_keeps_the_graph_that_measured_faster(bert_store):
+    """The timing itself is real (tiny graphs, either may win); the rule is checked against it."""
     m = export_base(bert_store, "tiny-bert", settings=ExportSettings(threads=1)).manifest
     rec = m.graph_optimization
     ms = rec.cpu_ms_per_batch
     assert set(ms) == {"fused", "plain"} and all(v > 0 for v in ms.values())
-    assert rec.kept == min(ms, key=ms.get) and rec.timing_shape[0] == 32
+    assert rec.kept == ("fused" if ms["fused"] < export_mod.FUSED_MIN_GAIN * ms["plain"] else "plain")
+    assert rec.timing_shape[0] == 32
     graph, _ = _stored(bert_store, "fp32")
     fused_ops = any(n.op_type in FUSED_OP_TYPES for n in graph.graph.node)
     assert fused_ops == (rec.kept == "fused")
