@@ -9,10 +9,11 @@ read; nothing is unpickled.
 from __future__ import annotations
 
 import re
+import struct
+import warnings
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import load as load_safetensors
 from torch import nn
 
 from adapters_store.bundle import (
@@ -25,12 +26,15 @@ from adapters_store.bundle import (
 from adapters_store.errors import IncompatibleBase, UnsupportedAdapter, ValidationError
 from adapters_store.peft_spec import AdapterSpec, SavedModule
 from adapters_store.preparation import RowPreparation
-from adapters_store.validation import StoreLimits, validate_bundle
+from adapters_store.validation import StoreLimits, parse_safetensors, validate_bundle
 from serving.engine.backbone import Backbone, build_full_model
 from serving.engine.heads import HeadParams, head_from_classifier, head_from_file
 
 _LAYER_KEY = re.compile(r"^encoder\.layers?\.(?P<idx>\d+)\.(?P<rest>.+)$")  # layers: Wav2Vec2
 _LIMITS = StoreLimits()
+_FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# Shared tensors view the store's immutable bytes; nothing writes to a loaded adapter's weights.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 
 @dataclass
@@ -86,7 +90,9 @@ def load_adapter(bundle: Bundle, backbone: Backbone) -> LoadedAdapter:
     if m.kind == "partial":
         _load_partial(bundle, backbone, loaded)
     elif m.kind == "full":
-        loaded.full_model = build_full_model(backbone, _strip(_tensors(bundle, MODEL_WEIGHTS_FILE), backbone))
+        loaded.full_model = build_full_model(
+            backbone, _strip(_tensors(bundle, MODEL_WEIGHTS_FILE, share=True), backbone)
+        )
     if m.task != "feature-extraction" and loaded.head is None:
         raise ValidationError(
             f"{m.tenant}/{m.name}: task {m.task!r} needs a head (modules_to_save classifier)"
@@ -95,17 +101,32 @@ def load_adapter(bundle: Bundle, backbone: Backbone) -> LoadedAdapter:
     return loaded
 
 
-def _tensors(bundle: Bundle, name: str) -> dict[str, torch.Tensor]:
-    try:
-        tensors = load_safetensors(bytes(bundle.files[name]))
-    except Exception as e:  # safetensors raises its own error types for damaged files
-        raise ValidationError(f"{name} is not a readable safetensors file: {e}") from None
-    for key, t in tensors.items():
-        if not t.is_floating_point():
+def _tensors(bundle: Bundle, name: str, share: bool = False) -> dict[str, torch.Tensor]:
+    """The float tensors of one safetensors file, as float32. With ``share`` they are views into the
+    bundle's bytes (which they keep alive): a full fine-tune's ~90 MB is then never copied. Copying it
+    (what ``safetensors.torch.load`` does) holds the GIL for ~0.1 s and stalls every other thread of
+    the serving process, the warm tenants' batches included. Small files are copied, so a resident
+    adapter does not keep its whole file alive."""
+    data = bundle.files[name]
+    header = parse_safetensors(data, name, _LIMITS)  # bounds-checked: every span lies inside the file
+    body = 8 + struct.unpack("<Q", data[:8])[0]
+    tensors = {}
+    for key, meta in header.items():
+        dtype = _FLOAT_DTYPES.get(meta["dtype"])
+        if dtype is None:
             raise ValidationError(
-                f"{name}: tensor {key!r} has dtype {t.dtype}; weights must be floating point"
+                f"{name}: tensor {key!r} has dtype {meta['dtype']}; weights must be floating point"
             )
-    return {k: t.float() for k, t in tensors.items()}
+        start, end = meta["data_offsets"]
+        if end == start:
+            tensors[key] = torch.zeros(meta["shape"])
+            continue
+        t = torch.frombuffer(data, dtype=dtype, count=(end - start) // dtype.itemsize, offset=body + start)
+        t = t.view(meta["shape"])
+        if t.dtype != torch.float32 or not share or (body + start) % dtype.itemsize:
+            t = t.float() if t.dtype != torch.float32 else t.clone()  # torch copies with the GIL released
+        tensors[key] = t
+    return tensors
 
 
 def _strip(tensors: dict[str, torch.Tensor], backbone: Backbone) -> dict[str, torch.Tensor]:
@@ -178,7 +199,7 @@ def _load_partial(bundle: Bundle, backbone: Backbone, loaded: LoadedAdapter) -> 
         )
     per_layer: dict[int, dict[str, torch.Tensor]] = {}
     pooler: dict[str, torch.Tensor] = {}
-    for key, t in _strip(_tensors(bundle, MODEL_WEIGHTS_FILE), backbone).items():
+    for key, t in _strip(_tensors(bundle, MODEL_WEIGHTS_FILE, share=True), backbone).items():
         # Bundles hold checkpoint names; blocks are built under their in-memory names (ViT differs).
         if key.startswith("pooler.dense."):
             pooler[key.removeprefix("pooler.dense.")] = t
