@@ -40,7 +40,12 @@ class GraphInputRecord(BaseModel):
 
 
 class LoraGraphRecord(BaseModel):
-    """How the LoRA variant's extra inputs are laid out (see training/onnx_export/lora_graph.py)."""
+    """How the LoRA variant's extra inputs are laid out (see training/onnx_export/lora_graph.py).
+
+    One slot index serves both kinds: slot ``i`` holds adapter ``i``'s LoRA deltas (zeros where it has
+    none) and IA3 vectors (ones where it has none). Records written before IA3 joined the graph have no
+    IA3 fields; their graphs still serve LoRA, and IA3 rows run on torch.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -52,8 +57,21 @@ class LoraGraphRecord(BaseModel):
     index_input: str = Field(description="int64 [batch]: the adapter slot of each row")
     a_input: str = Field(description="pattern with {layer} and {target}: float32 [N, in, R] = A^T per slot")
     b_input: str = Field(description="pattern with {layer} and {target}: float32 [N, R, out] = (scale*B)^T")
-    in_features: dict[str, int]
-    out_features: dict[str, int]
+    in_features: dict[str, int] = Field(description="in features of every adapted module (LoRA or IA3)")
+    out_features: dict[str, int] = Field(description="out features of every adapted module")
+    ia3_input: str | None = Field(
+        default=None,
+        description="pattern with {layer} and {target}: float32 [N, dim] IA3 vector per slot (ones: none)",
+    )
+    ia3_in: list[str] = Field(
+        default_factory=list,
+        description="module paths whose INPUT takes an IA3 vector (PEFT's feedforward_modules side), "
+        "e.g. output.dense",
+    )
+    ia3_out: list[str] = Field(
+        default_factory=list,
+        description="module paths whose OUTPUT takes an IA3 vector, e.g. attention.self.key",
+    )
 
 
 class QuantAttempt(BaseModel):

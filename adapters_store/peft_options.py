@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import re._constants as _re_const  # the parse tree of re itself: no second regex engine
+import re._parser as _re_parser
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -253,12 +255,53 @@ def _positive(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
+MAX_PATTERN_CHARS = 512
+
+
 def _regex(pattern: str, where: str, used_as: str | None = None) -> None:
-    """The pattern must compile in the form PEFT's matching builds around it (checked before any use)."""
+    """The pattern must compile in the form PEFT's matching builds around it (checked before any use)
+    and must not be able to backtrack catastrophically: ``re`` has no timeout, and these patterns run
+    against every module path of the base at push and at load."""
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise ValidationError(
+            f"{PEFT_CONFIG_FILE}: {where} pattern is {len(pattern)} characters; at most {MAX_PATTERN_CHARS}"
+        )
     try:
         re.compile(used_as or pattern)
+        tree = _re_parser.parse(pattern)
     except re.error as e:
         raise ValidationError(f"{PEFT_CONFIG_FILE}: {where} {pattern!r} is not a valid regex ({e})") from None
+    if _nested_repeat(tree, inside=False):
+        raise ValidationError(
+            f"{PEFT_CONFIG_FILE}: {where} {pattern!r} is refused: a repeated group that itself repeats or "
+            "alternates (e.g. '(a+)+', '(a|ab)*') can backtrack exponentially; write it without a repeat "
+            "or alternation inside a repeat"
+        )
+
+
+def _nested_repeat(tree: Any, inside: bool) -> bool:
+    """True when an unbounded repeat contains a variable-length repeat or an alternation (star height
+    above one), the shape behind catastrophic backtracking. Possessive repeats never backtrack."""
+    for op, av in tree:
+        if op in (_re_const.MAX_REPEAT, _re_const.MIN_REPEAT):
+            unbounded = av[1] == _re_const.MAXREPEAT
+            if (inside and av[0] != av[1]) or _nested_repeat(av[2], inside or unbounded):
+                return True
+        elif op is _re_const.BRANCH:
+            if inside or any(_nested_repeat(branch, inside) for branch in av[1]):
+                return True
+        elif op is _re_const.SUBPATTERN:
+            if _nested_repeat(av[3], inside):
+                return True
+        elif op in (_re_const.ASSERT, _re_const.ASSERT_NOT):
+            if _nested_repeat(av[1], inside):
+                return True
+        elif op is _re_const.GROUPREF_EXISTS:
+            if any(b is not None and _nested_repeat(b, inside) for b in av[1:]):
+                return True
+        elif op is _re_const.ATOMIC_GROUP and _nested_repeat(av, inside):
+            return True
+    return False
 
 
 def check_options(cfg: Mapping[str, Any]) -> str:

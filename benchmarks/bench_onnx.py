@@ -290,11 +290,13 @@ def run_workload(setup: dict, feed: dict[str, np.ndarray], rounds: int, reps: in
 
 def lora_quality(lora_bb, stack, idx, ids, mask, entry) -> dict[str, float]:
     """Mixed-LoRA graph vs the same gathered LoRA in torch eager (max abs diff of mean-pooled)."""
-    module = LoraTextFeatures(load_base_model(entry), list(lora_bb.record.lora.targets)).eval()
-    tensors = [torch.from_numpy(v) for v in stack.arrays.values()]
+    module = LoraTextFeatures.for_record(load_base_model(entry), lora_bb.record.lora).eval()
     with torch.inference_mode():
-        ref = module(
-            torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(idx.astype(np.int64)), *tensors
+        ref = module.run_named(
+            torch.from_numpy(ids),
+            torch.from_numpy(mask),
+            torch.from_numpy(idx.astype(np.int64)),
+            stack.arrays,
         )
     got = lora_bb.features(ids, mask, stack, idx)
     return {"ort_lora_mixed_max_abs_diff_vs_torch": float(np.abs(got.mean - ref[0].numpy()).max())}

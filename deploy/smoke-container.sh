@@ -153,10 +153,51 @@ echo "$answer" | "$PY" -c "
 import json, sys
 a = json.load(sys.stdin)[0]
 assert a['digest'] == '$digest' and a['labels'] and len(a['scores']) == 2, a" || fail "classify answer: $answer"
+
 podman logs "$NAME" > "$WORK/container.log" 2>&1
 grep -q "runtime onnx" "$WORK/container.log" || fail "the server did not start on the onnx runtime"
 mem=$(podman stats --no-stream --format '{{.MemUsage}}' "$NAME" | cut -d/ -f1 | tr -d ' ')
 log "classified on onnxruntime; container memory $mem"
+
+# 4b. A training job inside the container (training/ and its packages ship in the bento): the tenant
+#     posts a small CSV, the job trains a head on the served backbone, registers and promotes it.
+"$PY" - "$WORK/job.csv" <<'PYEOF'
+import csv, sys
+rows = {
+    "billing": ["refund my invoice", "I was charged twice", "update my payment card", "wrong amount on my bill"],
+    "login": ["cannot sign in", "reset my password", "my account is locked", "two factor code never arrives"],
+    "shipping": ["where is my parcel", "the delivery is late", "track my order", "package arrived damaged"],
+}
+with open(sys.argv[1], "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["text", "label"])
+    for _ in range(3):
+        for label, texts in rows.items():
+            w.writerows([t, label] for t in texts)
+PYEOF
+job=$(curl -sf -X POST "$url/v1/jobs" -H "Authorization: Bearer $TENANT_TOKEN" \
+  -F "dataset=@$WORK/job.csv;type=text/csv" -F name=tickets -F strategy=head -F alias=production \
+  -F 'options={"epochs": 3}') || fail "submit a training job"
+job_id=$(echo "$job" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+job_t0=$(now)
+while :; do
+  status=$(curl -sf "$url/v1/jobs/$job_id" -H "Authorization: Bearer $TENANT_TOKEN" \
+    | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["status"])') || fail "job status"
+  case $status in succeeded) break ;; failed|cancelled)
+    curl -s "$url/v1/jobs/$job_id" -H "Authorization: Bearer $TENANT_TOKEN" >&2; fail "training job $status" ;;
+  esac
+  (( $(echo "$(now) - $job_t0 > 600" | bc) )) && fail "training job still $status after 600 s"
+  sleep 2
+done
+job_s=$(echo "$(now) - $job_t0" | bc)
+curl -sf "$url/v1/classify" -H "Authorization: Bearer $TENANT_TOKEN" -H 'Content-Type: application/json' \
+  -d '{"items": [{"adapter": "tickets", "text": "refund my invoice payment"}]}' \
+  | "$PY" -c "
+import json, sys
+a = json.load(sys.stdin)[0]
+assert sorted(a['labels']) == ['billing', 'login', 'shipping'] and a['version'] == 1, a" \
+  || fail "classify with the job's adapter"
+log "a training job in the container trained, registered and served in ${job_s}s"
 
 # 5. SIGTERM with requests in flight: readiness 503 first, every request answered, exit 0.
 for i in $(seq 8); do (for j in $(seq 10); do classify; done > "$WORK/inflight-$i.txt") & done
@@ -197,6 +238,7 @@ FROM a local Debian 12 stand-in for python:3.11-slim, real all-MiniLM-L6-v2, LOR
 | image build (podman build; reuses cached layers of an earlier run) | ${build_s%.*} s |
 | cold start: container start -> /readyz 200 | $(printf '%.1f' "$cold_s") s |
 | container memory after one adapter is loaded | $mem |
+| training job in the container (head, 36 rows, 3 epochs): submit -> succeeded, then served | $(printf '%.1f' "$job_s") s |
 | user in the container | uid $uid (bentoml), read-only root filesystem, no capabilities |
 | SIGTERM with 8 clients sending: readiness 503 seen / exit status / time to exit | $saw503 / $rc / $(printf '%.1f' "$stop_s") s |
 | in-flight answers during the drain (count code) | $codes |

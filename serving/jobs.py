@@ -79,8 +79,17 @@ class JobRunner:
         base: str,
         settings: JobSettings,
         on_registered: Callable[[str, str], None] = lambda tenant, name: None,
+        worker: int | None = None,
     ):
         self.store, self.store_url, self.base, self.settings = store, store_url, base, settings
+        if worker is None:
+            from bentoml import server_context
+
+            worker = server_context.worker_index
+        # Several BentoML workers share one host name: each owns its jobs under its own id, so a worker
+        # that restarts settles only its own jobs, never a live sibling's. The circus worker id is a
+        # stable slot, so a restarted worker gets its old id back.
+        self.replica = settings.replica if worker is None else f"{settings.replica}/worker-{worker}"
         self.records = JobRecords(store)
         self.on_registered = on_registered
         self._queue: queue.Queue[tuple[str, str]] = queue.Queue()
@@ -107,7 +116,7 @@ class JobRunner:
             raise TooManyRequests(
                 f"{self.settings.max_queued} jobs are already queued or running here; retry when one finishes"
             )
-        record.replica = self.settings.replica
+        record.replica = self.replica
         self.records.put_file(record.tenant, record.id, DATASET_FILE, dataset)
         self.records.save(record)  # the record last: a listed job always has its dataset
         self._queue.put((record.tenant, record.id))
@@ -153,7 +162,7 @@ class JobRunner:
         for record in self.records.list():
             if not record.active:
                 continue
-            mine = record.replica == self.settings.replica
+            mine = record.replica == self.replica
             stale = now - (record.heartbeat_at or record.created_at) > self.settings.stale_s
             if mine and record.status == "queued":
                 self._queue.put((record.tenant, record.id))  # nothing ran yet: run it now
@@ -183,7 +192,7 @@ class JobRunner:
                 now = time.time()
                 for r in self.records.list():
                     hb = r.heartbeat_at or r.created_at
-                    if r.active and r.replica != self.settings.replica and now - hb > self.settings.stale_s:
+                    if r.active and r.replica != self.replica and now - hb > self.settings.stale_s:
                         self._settle_interrupted(r)
             except Exception:
                 logger.exception("job sweep failed")

@@ -10,17 +10,15 @@ external data is refused; sessions are built from bytes, so no file path is ever
 >>> feats.pooled("mean").shape  # doctest: +SKIP
 (32, 384)
 
-The LoRA variant (``variant="lora-fp32"``) also takes stacked LoRA weights and a per-row slot index,
-so rows of different LoRA tenants run in one ORT call; see :class:`LoraStack` and :func:`stack_loras`.
+The adapter variant (``variant="lora-fp32"``) also takes stacked LoRA weights, IA3 vectors and a per-row
+slot index, so rows of different LoRA and IA3 tenants run in one ORT call; its inputs are packed by
+:mod:`serving.onnx_adapters` (:class:`LoraSlots`, :func:`stack_loras`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
-import threading
-from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -29,18 +27,21 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from adapters_store import peft_spec
 from adapters_store.base_models import BaseModelEntry
-from adapters_store.errors import IntegrityError, UnsafeFormat, UnsupportedAdapter, ValidationError
-from adapters_store.onnx_artifacts import (
-    VARIANTS,
-    LoraGraphRecord,
-    OnnxExportManifest,
-    Variant,
-    graph_file,
-    manifest_file,
-)
-from adapters_store.peft_spec import AdapterSpec
+from adapters_store.errors import IntegrityError, UnsafeFormat, ValidationError
+from adapters_store.onnx_artifacts import VARIANTS, OnnxExportManifest, Variant, graph_file, manifest_file
+from serving.onnx_adapters import LoraSlots, LoraStack, LoraWeights, lora_spec, stack_loras
+
+__all__ = [
+    "BackboneFeatures",
+    "LoraSlots",
+    "LoraStack",
+    "LoraWeights",
+    "OrtBackbone",
+    "OrtLoraBackbone",
+    "OrtSettings",
+    "stack_loras",
+]
 
 HIDDEN_OUTPUT = "last_hidden_state"
 
@@ -216,224 +217,11 @@ def text_feed(
     }
 
 
-# --- LoRA in ONNX --------------------------------------------------------------------------------
-_PATH = re.compile(r"^(?:.+\.)?encoder\.layer\.(?P<layer>\d+)\.(?P<module>.+)$")
-
-
-def _f32(t: Any) -> np.ndarray:
-    arr = t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
-    return np.ascontiguousarray(arr, dtype=np.float32)
-
-
-@dataclass(frozen=True)
-class LoraWeights:
-    """One LoRA adapter as the graph wants it: per (layer, target) A^T [in, r] and (scale * B)^T [r, out]."""
-
-    deltas: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]]
-
-    @property
-    def rank(self) -> int:
-        return max((a.shape[1] for a, _ in self.deltas.values()), default=1)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.deltas.values())
-
-    @classmethod
-    def from_peft(cls, config: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> LoraWeights:
-        """PEFT ``adapter_config.json`` (parsed) + ``adapter_model.safetensors`` tensors -> LoraWeights, by the
-        one reading of PEFT's rules (:func:`adapters_store.peft_spec.resolve`)."""
-        shapes = {k: ("F32", list(np.shape(v))) for k, v in tensors.items()}
-        return cls.from_spec(peft_spec.resolve(config, shapes, model_type=None), tensors)
-
-    @classmethod
-    def from_spec(cls, spec: AdapterSpec, tensors: Mapping[str, Any]) -> LoraWeights:
-        """The modules an :class:`AdapterSpec` names, scaling folded into B: the graph's layout."""
-        if spec.peft_type != "LORA":
-            raise UnsupportedAdapter(f"ONNX LoRA serves peft_type LORA, not {spec.peft_type!r}")
-        deltas = {}
-        for path, mod in spec.modules.items():
-            m = _PATH.match(path)
-            if m is None:  # e.g. LoRA on the pooler or the embeddings: never silently dropped
-                raise UnsupportedAdapter(
-                    f"LoRA on {mod.key!r} is outside the encoder layers the ONNX graph adapts"
-                )
-            a, b = (_f32(tensors[t]) for t in mod.weights)
-            deltas[(int(m["layer"]), m["module"])] = (
-                np.ascontiguousarray(a.T),
-                np.ascontiguousarray((b * mod.scaling).T),
-            )
-        return cls(deltas)
-
-    @classmethod
-    def from_paths(cls, lora: Mapping[str, tuple[Any, Any]]) -> LoraWeights:
-        """From ``{"encoder.layer.3.attention.self.query": (A^T [in, r], (scale * B)^T [r, out])}``, the
-        layout the torch engine already keeps per loaded adapter (torch tensors or numpy arrays)."""
-        deltas = {}
-        for path, (at, bt) in lora.items():
-            m = _PATH.match(path)
-            if m is None:
-                raise UnsupportedAdapter(
-                    f"LoRA on {path!r} is outside the encoder layers the ONNX graph adapts"
-                )
-            deltas[(int(m["layer"]), m["module"])] = (_f32(at), _f32(bt))
-        return cls(deltas)
-
-    @classmethod
-    def from_bundle(cls, bundle: Any) -> LoraWeights:
-        """A ``lora`` bundle from the store: the manifest's spec (schema 2), or the files' (schema 1)."""
-        from safetensors.numpy import load
-
-        from adapters_store.bundle import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
-
-        if bundle.manifest.kind != "lora":
-            raise UnsupportedAdapter(f"ONNX LoRA serves 'lora' bundles, not {bundle.manifest.kind!r}")
-        tensors = load(bytes(bundle.files[PEFT_WEIGHTS_FILE]))
-        if bundle.manifest.peft is not None:
-            return cls.from_spec(bundle.manifest.peft, tensors)
-        return cls.from_peft(peft_spec.parse_peft_config(bundle.files[PEFT_CONFIG_FILE]), tensors)
-
-
-@dataclass(frozen=True)
-class LoraStack:
-    """Graph inputs for one mixed batch: slot ``i`` holds adapter ``i``; the last slot is all zeros."""
-
-    arrays: dict[str, np.ndarray]  # a_input/b_input names -> [N + 1, in, R] / [N + 1, R, out]
-    no_adapter_slot: int  # index of the zero slot, for rows without an adapter
-    rank: int  # R: the largest rank in the batch; smaller ranks are zero-padded (exact)
-
-
-def _check_fits(spec: LoraGraphRecord, ad: LoraWeights) -> None:
-    """A target the graph lacks is refused (no silent drop), and so is a shape the base does not have."""
-    extra = sorted({m for (_, m) in ad.deltas} - set(spec.targets))
-    if extra or any(layer >= spec.num_layers for (layer, _) in ad.deltas):
-        raise UnsupportedAdapter(
-            f"LoRA targets {extra or 'beyond the last layer'} are not in this base's ONNX LoRA graph "
-            f"(targets {spec.targets}); re-export with those targets or use runtime 'torch'"
-        )
-    for (layer, t), (at, bt) in ad.deltas.items():
-        if at.shape[0] != spec.in_features[t] or bt.shape[1] != spec.out_features[t]:
-            raise ValidationError(
-                f"LoRA layer {layer} {t}: A^T {list(at.shape)} / B^T {list(bt.shape)} do not fit "
-                f"[{spec.in_features[t]}, r] / [r, {spec.out_features[t]}] of this base"
-            )
-
-
-def stack_loras(record: OnnxExportManifest, adapters: Sequence[LoraWeights]) -> LoraStack:
-    """Pack adapters for the LoRA graph, slot ``i`` = adapter ``i`` (one-off; serving keeps
-    :class:`LoraSlots`)."""
-    spec = _lora_spec(record)
-    targets, layers = spec.targets, spec.num_layers
-    for ad in adapters:
-        _check_fits(spec, ad)
-    rank = max([ad.rank for ad in adapters] + [1])
-    n = len(adapters) + 1
-    arrays = {}
-    for layer in range(layers):
-        for t in targets:
-            a = np.zeros((n, spec.in_features[t], rank), np.float32)
-            b = np.zeros((n, rank, spec.out_features[t]), np.float32)
-            for i, ad in enumerate(adapters):
-                if (layer, t) in ad.deltas:
-                    at, bt = ad.deltas[(layer, t)]
-                    a[i, :, : at.shape[1]], b[i, : bt.shape[0]] = at, bt
-            arrays[lora_input(spec.a_input, layer, t)] = a
-            arrays[lora_input(spec.b_input, layer, t)] = b
-    return LoraStack(arrays, no_adapter_slot=len(adapters), rank=rank)
-
-
-class LoraSlots:
-    """The LoRA graph's inputs kept across calls, one slot per resident adapter (as vLLM keeps LoRA
-    slots): a batch only packs the adapters that are not resident yet. Packing 16 adapters on every
-    call cost 6% of a short batch. Slots are reused least-recently-used first; slot ``capacity`` stays
-    all zeros for rows without a LoRA. Ranks are zero-padded to the largest seen (exact)."""
-
-    def __init__(self, record: OnnxExportManifest, capacity: int = 64):
-        if not 1 <= capacity <= 4096:
-            raise ValidationError(f"LoRA slot capacity must be 1..4096, got {capacity}")
-        self.spec = _lora_spec(record)
-        self.capacity = capacity
-        self.rank = 0
-        self.arrays: dict[str, np.ndarray] = {}
-        self.writes = 0  # adapters packed into a slot so far (the rest of the uses were resident)
-        self._slots: OrderedDict[str, int] = OrderedDict()  # key -> slot, least recently used first
-        self._lock = threading.Lock()
-
-    def assign(self, keys: Sequence[str], load: Callable[[str], LoraWeights]) -> tuple[LoraStack, list[int]]:
-        """Slots for ``keys`` (distinct, e.g. content digests), packing ``load(key)`` for the missing
-        ones; returns the stack to feed and each key's slot. The stack is only valid until the next
-        call (slots are rewritten in place), so callers run the graph before assigning again."""
-        if len(set(keys)) != len(keys):
-            raise ValidationError("LoRA slot keys must be distinct")
-        if len(keys) > self.capacity:
-            raise UnsupportedAdapter(
-                f"{len(keys)} LoRA adapters in one batch; the ONNX slots hold {self.capacity}"
-            )
-        with self._lock:
-            wanted = set(keys)
-            out = []
-            for key in keys:
-                slot = self._slots.get(key)
-                if slot is None:
-                    weights = load(key)
-                    _check_fits(self.spec, weights)
-                    slot = self._free_slot(wanted)
-                    self._write(slot, weights)
-                    self._slots[key] = slot
-                self._slots.move_to_end(key)
-                out.append(slot)
-            return LoraStack(self.arrays, no_adapter_slot=self.capacity, rank=self.rank), out
-
-    def _free_slot(self, keep: set[str]) -> int:
-        if len(self._slots) < self.capacity:
-            return len(self._slots)
-        victim = next(k for k in self._slots if k not in keep)  # exists: len(keep) <= capacity
-        return self._slots.pop(victim)
-
-    def _write(self, slot: int, weights: LoraWeights) -> None:
-        if weights.rank > self.rank:
-            self._grow(weights.rank)
-        for layer in range(self.spec.num_layers):
-            for t in self.spec.targets:
-                a = self.arrays[lora_input(self.spec.a_input, layer, t)]
-                b = self.arrays[lora_input(self.spec.b_input, layer, t)]
-                a[slot], b[slot] = 0.0, 0.0
-                if (layer, t) in weights.deltas:
-                    at, bt = weights.deltas[(layer, t)]
-                    a[slot, :, : at.shape[1]], b[slot, : bt.shape[0]] = at, bt
-        self.writes += 1
-
-    def _grow(self, rank: int) -> None:
-        n, old = self.capacity + 1, self.rank
-        for layer in range(self.spec.num_layers):
-            for t in self.spec.targets:
-                a_name, b_name = (
-                    lora_input(self.spec.a_input, layer, t),
-                    lora_input(self.spec.b_input, layer, t),
-                )
-                a = np.zeros((n, self.spec.in_features[t], rank), np.float32)
-                b = np.zeros((n, rank, self.spec.out_features[t]), np.float32)
-                if old:
-                    a[:, :, :old], b[:, :old] = self.arrays[a_name], self.arrays[b_name]
-                self.arrays[a_name], self.arrays[b_name] = a, b
-        self.rank = rank
-
-
-def lora_input(pattern: str, layer: int, target: str) -> str:
-    return pattern.format(layer=layer, target=target.replace(".", "_"))
-
-
-def _lora_spec(record: OnnxExportManifest) -> LoraGraphRecord:
-    if record.lora is None:
-        raise ValidationError(f"the {record.variant!r} export of {record.base!r} has no LoRA inputs")
-    return record.lora
-
-
 class OrtLoraBackbone(OrtBackbone):
     """The ``lora-fp32`` export: the backbone with gathered LoRA deltas on its target Linears."""
 
     def __init__(self, record: OnnxExportManifest, graph: bytes, settings: OrtSettings | None = None):
-        _lora_spec(record)
+        lora_spec(record)
         super().__init__(record, graph, settings)
 
     def features(

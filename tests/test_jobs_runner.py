@@ -74,6 +74,25 @@ def test_restart_fails_own_running_jobs_requeues_queued_and_completes_committed_
     assert after["finished"].status == "succeeded" and after["finished"].version == 3
 
 
+def test_a_restarting_worker_settles_only_its_own_jobs_not_a_sibling_workers(tmp_path, tiny_bert_dir):
+    """Workers of one replica share its host name; worker 1 restarting must not fail worker 0's live job."""
+    store = store_with_base(tmp_path, tiny_bert_dir)
+    records = JobRecords(store)
+    settings = JobSettings(replica="host", stale_s=60)
+    w0, w1 = (JobRunner(store, store.url, "tiny", settings, worker=i) for i in (0, 1))
+    assert w0.replica != w1.replica
+    now = time.time()
+    sibling = record(id="j0", status="running", replica=w0.replica, heartbeat_at=now)
+    own = record(id="j1", status="running", replica=w1.replica, heartbeat_at=now)
+    for r in (sibling, own):
+        records.save(r)
+    w1.recover()
+    assert records.get("acme", "j0").status == "running"
+    assert records.get("acme", "j1").status == "failed"
+    # Outside BentoML there is no worker index: the id is the configured replica, as before.
+    assert runner(store).replica == "me"
+
+
 def submit(jr: JobRunner, r: JobRecord) -> JobRecord:
     rows = toy_rows(per_class=60)
     return jr.submit(r, dataset_jsonl([x["text"] for x in rows], [x["label"] for x in rows]))

@@ -315,6 +315,43 @@ def test_an_unknown_option_with_a_value_is_refused_not_ignored(plain, tmp_path, 
     assert store.list_adapters("acme") == ["x"]
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"target_modules": r"(?:\w+\.)*query"},  # a repeat inside a repeat
+        {"rank_pattern": {"(q|qu)*ery": 2}},  # an ambiguous alternation inside a repeat
+        {"exclude_modules": r"(a?)*b"},
+        {"modules_to_save": ["(classifier+)+"]},
+        {"target_modules": "query|" + "x" * 600},  # over the length cap
+    ],
+)
+def test_a_pattern_that_can_backtrack_exponentially_is_refused_before_it_runs(
+    bad, plain, tmp_path, tiny_bert_dir
+):
+    """``re`` has no timeout: a tenant regex like '(a+)+' run over the base's module paths would hang a worker."""
+    store = open_store(tmp_path / "store")
+    base = store.register_base(describe_base("tiny", tiny_bert_dir))
+    cfg, weights = plain
+    with pytest.raises(ValidationError, match="backtrack|at most 512"):
+        bundle_from_peft_files(json.dumps({**cfg, **bad}).encode(), weights, "acme", "y", base)
+    assert store.list_tenants() == []
+
+
+def test_the_backtracking_guard_keeps_the_patterns_peft_users_write(plain, tmp_path, tiny_bert_dir):
+    store = open_store(tmp_path / "store")
+    base = store.register_base(describe_base("tiny", tiny_bert_dir))
+    cfg, weights = plain
+    for i, ok in enumerate(
+        [
+            {"target_modules": r".*\.(query|value)"},
+            {"target_modules": r".*encoder.*(query|key|value)", "rank_pattern": {"query|value": 4}},
+            {"target_modules": r"(?:.*\.)?layer\.\d+\.attention\.self\.(query|value)"},
+        ]
+    ):
+        bundle = bundle_from_peft_files(json.dumps({**cfg, **ok}).encode(), weights, "acme", f"ok{i}", base)
+        assert store.put(bundle).version == 1
+
+
 def test_a_schema_1_manifest_without_a_spec_still_loads_and_answers_the_same(served):
     store, engine, refs = served
     tenant = refs["rank-pattern-regex"][0]

@@ -2,9 +2,10 @@
 
 ``loraplex base register`` and ``loraplex demo`` call :func:`export_for_serving`, so a new user serves
 on onnxruntime without an extra step: the plain fp32 graph (head and bare-base rows) and, for text
-bases, the LoRA graph on the targets training adapts by default. Both are validated against PyTorch
-before they are stored (see export.py). A base the exporter cannot take is still registered: the
-report says why, and the service then serves it on torch and logs the same reason.
+bases, the adapter graph: LoRA on the targets training adapts by default and IA3 on training's default
+IA3 modules (lora_graph.py), so the demo's LoRA and IA3 tenants both run on it. Both are validated
+against PyTorch before they are stored (see export.py). A base the exporter cannot take is still
+registered: the report says why, and the service then serves it on torch and logs the same reason.
 
 >>> report = export_for_serving(open_store("/srv/loraplex"), "minilm")  # doctest: +SKIP
 >>> report.variants, round(report.seconds)  # doctest: +SKIP
@@ -83,11 +84,11 @@ def export_for_serving(store: Any, base_name: str, settings: Any = None) -> Serv
     variants.append("fp32")
     reused += ["fp32"] if report.reused else []
     if spec.modality != "text":
-        return done(f"no LoRA graph for {spec.modality} bases (their LoRA rows run on torch)")
+        return done(f"no adapter graph for {spec.modality} bases (their LoRA and IA3 rows run on torch)")
     try:
         lora = export_lora_base(store, base_name, default_lora_targets(entry.model_type), settings)
     except OnnxExportError as e:
-        return done(f"LoRA graph not stored ({e}); LoRA rows run on torch")
+        return done(f"adapter graph not stored ({e}); LoRA and IA3 rows run on torch")
     variants.append("lora-fp32")
     reused += ["lora-fp32"] if lora.reused else []
     return done()

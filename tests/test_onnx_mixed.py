@@ -1,0 +1,237 @@
+"""A batch mixing every shared-backbone kind runs in ONE onnxruntime call, and each row equals the torch
+engine's row and the tenant alone through PEFT (1e-4): heads, the bare base, LoRA of different ranks and
+targets (one rank-padded), IA3 on both sides (feed-forward input, key/value output)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from adapters_store import describe_base, open_store
+from adapters_store.errors import UnsupportedAdapter
+from serving.engine import Engine, EngineSettings, InferenceItem, InferenceResult
+from serving.onnx_adapters import LoraSlots, LoraWeights, stack_loras
+from serving.onnx_backbone import OrtBackbone
+from tests.test_engine_support import (
+    apply_head,
+    head_bundle,
+    import_peft,
+    mean_pool,
+    peft_reference,
+    save_ia3,
+    save_lora,
+)
+from training.onnx_export import export_base, export_lora_base
+
+torch.set_num_threads(1)
+TOL = 1e-4
+LABELS = ["neg", "neu", "pos"]
+TEXTS = ["reset my password", "the invoice is wrong and late", "no", "where is my parcel now please"]
+# (tenant, rank, alpha, targets, labels): ranks 2..8 in one batch, so the smaller ones are zero-padded
+LORAS = [
+    ("l-qv4", 4, 8, ["query", "value"], None),
+    ("l-q8", 8, 16, ["query"], None),
+    ("l-v2", 2, 6, ["value"], None),
+    ("l-cls6", 6, 12, ["query", "value"], LABELS),
+]
+# (tenant, targets, feedforward): training's default (both sides), output side only, input side only
+IA3S = [
+    ("i-default", ["key", "value", "output.dense"], ["output.dense"]),
+    ("i-out", ["key", "value"], []),
+    ("i-in", ["output.dense"], ["output.dense"]),
+]
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory, tiny_bert_dir):
+    root = tmp_path_factory.mktemp("onnx-mixed")
+    store = open_store(str(root / "store"))
+    base = store.register_base(describe_base("tiny", tiny_bert_dir))
+    refs: dict[str, dict] = {}
+    bundle, head = head_bundle(base, "h-cls", "a", 300, LABELS, hidden=16)
+    store.put(bundle)
+    refs["h-cls"] = {"head": head, "kind": "head-cls"}
+    bundle, head = head_bundle(base, "h-emb", "a", 301, None, pooling="cls")
+    store.put(bundle)
+    refs["h-emb"] = {"head": head, "kind": "head-emb"}
+    for i, (tenant, r, alpha, targets, labels) in enumerate(LORAS):
+        n = len(labels) if labels else None
+        d = save_lora(tiny_bert_dir, root / tenant, 10 + i, r, alpha, targets, n)
+        store.put(import_peft(d, tenant, "a", base, labels=labels))
+        refs[tenant] = {"peft": peft_reference(tiny_bert_dir, d, n), "kind": "logits" if n else "embed"}
+    for i, (tenant, targets, ff) in enumerate(IA3S):
+        d = save_ia3(tiny_bert_dir, root / tenant, seed=20 + i, targets=targets, feedforward=ff)
+        store.put(import_peft(d, tenant, "a", base))
+        refs[tenant] = {"peft": peft_reference(tiny_bert_dir, d), "kind": "embed"}
+    export_base(store, "tiny")
+    report = export_lora_base(store, "tiny", targets=("query", "value"))
+    return store, refs, report
+
+
+def _items(refs: dict) -> list[InferenceItem]:
+    items = []
+    for j, (tenant, ref) in enumerate(refs.items()):
+        task = "classify" if ref["kind"] in ("logits", "head-cls") else "embed"
+        items += [InferenceItem(tenant, "a", task, text=TEXTS[(j + k) % len(TEXTS)]) for k in range(2)]
+    return items + [InferenceItem("anyone", None, "embed", text=t) for t in TEXTS[:2]]
+
+
+def _alone(ref: dict, text: str, base_dir, tok) -> torch.Tensor:
+    """The tenant's own model on ``text`` alone (PEFT for LoRA/IA3; base + head for heads)."""
+    from transformers import BertModel
+
+    enc = tok([text], return_tensors="pt")
+    with torch.inference_mode():
+        if ref["kind"] == "logits":
+            return ref["peft"](**enc).logits[0]
+        if ref["kind"] == "embed":
+            return mean_pool(ref["peft"](**enc).last_hidden_state, enc["attention_mask"])[0]
+        hidden = BertModel.from_pretrained(base_dir).eval()(**enc).last_hidden_state
+        if ref["kind"] == "head-cls":
+            return apply_head(ref["head"], mean_pool(hidden, enc["attention_mask"]))[0]
+        return apply_head(ref["head"], hidden[:, 0])[0]
+
+
+def _values(result: InferenceResult) -> np.ndarray:
+    assert isinstance(result, InferenceResult), result
+    return np.asarray(result.logits if result.logits is not None else result.embedding)
+
+
+def test_export_records_ia3_on_both_sides(mixed):
+    _, _, report = mixed
+    spec = report.manifest.lora
+    assert spec.targets == ["attention.self.query", "attention.self.value"]
+    assert spec.ia3_in == ["attention.output.dense", "output.dense"]  # PEFT's feed-forward rule
+    assert spec.ia3_out == ["attention.self.key", "attention.self.value"]
+    assert report.manifest.validation.max_scaled_diff <= 1e-4
+
+
+def test_every_kind_in_one_ort_call_equals_torch_and_peft(mixed, tiny_bert_dir):
+    from transformers import AutoTokenizer
+
+    store, refs, _ = mixed
+    items = _items(refs)
+    torch_engine = Engine(store, base="tiny", settings=EngineSettings(threads=1, max_batch_rows=64))
+    ort_engine = Engine(
+        store, base="tiny", settings=EngineSettings(threads=1, runtime="onnx", max_batch_rows=64)
+    )
+    want, got = torch_engine.infer(items), ort_engine.infer(items)
+    assert ort_engine.ort.calls == 1 and ort_engine.ort.fallbacks == {}  # ONE ORT call, nothing on torch
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    for item, w, g in zip(items, want, got, strict=True):
+        assert (g.adapter, g.digest) == (w.adapter, w.digest)
+        np.testing.assert_allclose(_values(g), _values(w), atol=TOL, err_msg=f"{item.tenant} vs torch")
+        if item.adapter is not None:
+            alone = _alone(refs[item.tenant], item.text, tiny_bert_dir, tok).numpy()
+            np.testing.assert_allclose(_values(g), alone, atol=TOL, err_msg=f"{item.tenant} vs alone")
+    # the adapters really change the backbone: no two LoRA/IA3 tenants agree on the same text
+    same = [InferenceItem(t, "a", "embed", text=TEXTS[0]) for t, *_ in [*LORAS[:3], *IA3S]]
+    vecs = [_values(r) for r in ort_engine.infer(same)]
+    assert min(np.abs(a - b).max() for i, a in enumerate(vecs) for b in vecs[:i]) > 1e-3
+    writes = ort_engine.ort.slots.writes
+    again = ort_engine.infer(items)
+    assert ort_engine.ort.slots.writes == writes  # resident LoRA and IA3 slots are not packed again
+    for g, a in zip(got, again, strict=True):
+        np.testing.assert_allclose(_values(a), _values(g), atol=1e-6)
+
+
+def test_ia3_outside_the_graph_falls_back_to_torch(mixed, tiny_bert_dir, tmp_path):
+    store, _, _ = mixed
+    base = store.get_base("tiny")
+    d = save_ia3(tiny_bert_dir, tmp_path / "iq", seed=40, targets=["query"], feedforward=[])
+    store.put(import_peft(d, "i-query", "a", base))
+    items = [
+        InferenceItem("i-query", "a", "embed", text=TEXTS[1]),
+        InferenceItem("l-q8", "a", "embed", text="x"),
+    ]
+    ort_engine = Engine(store, base="tiny", settings=EngineSettings(threads=1, runtime="onnx"))
+    got = ort_engine.infer(items)
+    assert ort_engine.ort.calls == 0 and ort_engine.ort.fallbacks == {"adapter outside the graph": 1}
+    want = Engine(store, base="tiny", settings=EngineSettings(threads=1)).infer(items)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(_values(g), _values(w), atol=TOL)
+    record = ort_engine.ort.lora.record
+    with pytest.raises(UnsupportedAdapter, match="IA3 output-side modules \\['attention.self.query'\\]"):
+        stack_loras(record, [LoraWeights.from_bundle(store.get("i-query/a"))])
+
+
+def test_ia3_slots_equal_a_fresh_stack_and_reset_to_identity(mixed):
+    """A slot that held an IA3 adapter and is then reused by a LoRA gets unit vectors back."""
+    store, _, _ = mixed
+    bb = OrtBackbone.from_store(store, store.get_base("tiny"), variant="lora-fp32", threads=1)
+    weights = {t: LoraWeights.from_bundle(store.get(f"{t}/a")) for t in ("i-default", "i-in", "l-q8", "l-v2")}
+    slots = LoraSlots(bb.record, capacity=2)
+    ids = np.random.default_rng(3).integers(1000, 30000, size=(3, 7))
+    mask = np.ones_like(ids)
+    for batch in (["i-default", "i-in"], ["l-q8", "l-v2"], ["i-in", "l-q8"]):
+        stack, assigned = slots.assign(batch, weights.__getitem__)
+        fresh = stack_loras(bb.record, [weights[t] for t in batch])
+        got = bb.features(ids, mask, stack, np.array([*assigned, stack.no_adapter_slot]))
+        want = bb.features(ids, mask, fresh, np.array([0, 1, fresh.no_adapter_slot]))
+        np.testing.assert_allclose(got.mean, want.mean, atol=1e-5, err_msg=str(batch))
+    base = bb.features(ids, mask)  # no stack: the identity slot is the plain base
+    np.testing.assert_allclose(got.mean[2], base.mean[2], atol=1e-5)
+
+
+def test_graph_equals_its_torch_twin_on_resident_slots(mixed, tiny_bert_dir):
+    """The stored graph and LoraTextFeatures (what export validated against) agree on served stacks."""
+    from transformers import AutoModel
+
+    from training.onnx_export.lora_graph import LoraTextFeatures
+
+    store, _, _ = mixed
+    bb = OrtBackbone.from_store(store, store.get_base("tiny"), variant="lora-fp32", threads=1)
+    tenants = ["i-default", "l-q8", "i-in", "l-v2", "i-out"]
+    slots = LoraSlots(bb.record, capacity=8)
+    stack, assigned = slots.assign(tenants, lambda t: LoraWeights.from_bundle(store.get(f"{t}/a")))
+    index = np.array([*assigned, stack.no_adapter_slot], np.int64)
+    ids = np.random.default_rng(4).integers(1000, 30000, size=(len(index), 9))
+    mask = np.ones_like(ids)
+    twin = LoraTextFeatures.for_record(AutoModel.from_pretrained(tiny_bert_dir), bb.record.lora).eval()
+    with torch.inference_mode():
+        ref = twin.run_named(*(torch.from_numpy(a) for a in (ids, mask, index)), stack.arrays)
+    np.testing.assert_allclose(bb.features(ids, mask, stack, index).mean, ref[0].numpy(), atol=1e-5)
+
+
+def test_graph_stored_before_ia3_still_serves_and_is_rebuilt(tmp_path, tiny_bert_dir):
+    """A lora-fp32 manifest written before the IA3 fields existed loads; its IA3 rows run on torch; the
+    next export (base register / demo) rebuilds it with IA3."""
+    store = open_store(str(tmp_path / "store"))
+    base = store.register_base(describe_base("tiny", tiny_bert_dir))
+    d = save_ia3(
+        tiny_bert_dir,
+        tmp_path / "ia3",
+        seed=7,
+        targets=["key", "value", "output.dense"],
+        feedforward=["output.dense"],
+    )
+    store.put(import_peft(d, "i", "a", base))
+    d = save_lora(tiny_bert_dir, tmp_path / "lora", 8, 4, 8, ["query", "value"])
+    store.put(import_peft(d, "l", "a", base))
+    export_base(store, "tiny")
+    export_lora_base(store, "tiny", targets=("query", "value"), ia3=([], []))
+    name = "backbone-lora-fp32.json"
+    old = json.loads(store.get_artifact("tiny", base.fingerprint, name))
+    for key in ("ia3_input", "ia3_in", "ia3_out"):  # what an older exporter wrote
+        del old["lora"][key]
+    store.put_artifact("tiny", base.fingerprint, name, json.dumps(old).encode())
+    engine = Engine(store, base="tiny", settings=EngineSettings(threads=1, runtime="onnx"))
+    assert "graph without IA3" in engine.runtime_note
+    lora_row, ia3_row = (
+        InferenceItem("l", "a", "embed", text="hi"),
+        InferenceItem("i", "a", "embed", text="hi"),
+    )
+    engine.infer([lora_row])
+    engine.infer([lora_row, ia3_row])
+    assert engine.ort.calls == 1 and engine.ort.fallbacks == {"adapter outside the graph": 1}
+    report = export_lora_base(store, "tiny", targets=("query", "value"))
+    assert not report.reused and report.manifest.lora.ia3_out == [
+        "attention.self.key",
+        "attention.self.value",
+    ]
+    engine = Engine(store, base="tiny", settings=EngineSettings(threads=1, runtime="onnx"))
+    engine.infer([lora_row, ia3_row])
+    assert engine.ort.calls == 1 and engine.ort.fallbacks == {}
