@@ -112,6 +112,15 @@ def test_a_full_fine_tune_stays_leased_until_its_request_is_answered(store):
     assert engine.cache_stats()["batch_path_loads"] == 0
 
 
+def test_the_engine_names_full_fine_tunes_from_its_alias_cache_only(store):
+    """The batcher runs full fine-tunes' rows after the shared ones; deciding that never reads the store."""
+    engine = Engine(store, base="tiny", settings=EngineSettings(threads=1))
+    assert not engine.is_full("acme", "ft")  # not resolved yet: no store read to find out
+    anyio.run(ColdLoads(lambda: engine), "acme", ["ft", "warm"])
+    assert engine.is_full("acme", "ft") and not engine.is_full("acme", "warm")
+    assert not engine.is_full("acme", "missing")
+
+
 def test_a_warm_tenant_whose_alias_answer_expired_does_not_wait_behind_a_cold_load(store):
     """With the alias answer expired, a resident adapter only needs a store read to confirm its
     version: that must not queue behind another tenant's (here: endless) cold load."""

@@ -171,6 +171,12 @@ class Engine:
         hit = self._resolver.peek(tenant, adapter)
         return hit is not None and (hit.digest in self._cache or hit.digest in self._full)
 
+    def is_full(self, tenant: str, adapter: str) -> bool:
+        """True when ``adapter`` resolves (from the alias cache only; never a store read) to a full
+        fine-tune: its rows run their own backbone pass, so the batcher runs them after the shared rows."""
+        hit = self._resolver.peek(tenant, adapter)
+        return hit is not None and hit.manifest.kind == "full"
+
     def unloaded(self, tenant: str, adapters: Sequence[str]) -> list[str]:
         """Those of ``adapters`` whose current version is not loaded. Resolves them (an expired alias
         answer is a store read) but loads nothing, so a warm tenant whose alias answer expired is not
