@@ -81,6 +81,10 @@ class QuantAttempt(BaseModel):
     min_cosine: float
     mean_cosine: float
     accepted: bool
+    kept_fp32: int | None = Field(default=None, description="how many weight MatMuls this plan kept in fp32")
+    predicted_min_cosine: float | None = Field(
+        default=None, description="the PyTorch fake-quant estimate that proposed the plan"
+    )
 
 
 class QuantizationRecord(BaseModel):
@@ -90,9 +94,30 @@ class QuantizationRecord(BaseModel):
 
     scheme: str = "dynamic int8, per-channel QInt8 weights, MatMul only"
     plan: str
-    excluded_patterns: list[str]
+    excluded_patterns: list[str] = Field(default_factory=list, description="older exports: regexes kept fp32")
     attempts: list[QuantAttempt]
     min_cosine_required: float
+    kept_fp32: list[str] = Field(default_factory=list, description="weight MatMul nodes left in fp32")
+    sensitivity: dict[str, float] = Field(
+        default_factory=dict,
+        description="per weight MatMul: 1 - min cosine vs torch fp32 with only that MatMul quantized "
+        "(PyTorch fake-quant on the probe set); the most sensitive are the ones kept in fp32",
+    )
+
+
+class GraphOptimizationRecord(BaseModel):
+    """fp32 graph rewrites tried at export (ORT transformer fusions) and which graph was kept, with why."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kept: Literal["fused", "plain"]
+    reason: str
+    fuser: str | None = Field(default=None, description="e.g. 'onnxruntime.transformers bert'")
+    fused_ops: dict[str, int] = Field(default_factory=dict, description="fused op type -> count")
+    cpu_ms_per_batch: dict[str, float] = Field(
+        default_factory=dict, description="'fused'/'plain' -> median process CPU ms per call at export"
+    )
+    timing_shape: list[int] = Field(default_factory=list, description="[batch, seq] of the timed input")
 
 
 class ValidationFigures(BaseModel):
@@ -134,4 +159,5 @@ class OnnxExportManifest(BaseModel):
     validated_against: str = Field(description="what the figures compare to, e.g. 'torch fp32'")
     lora: LoraGraphRecord | None = None
     quantization: QuantizationRecord | None = None
+    graph_optimization: GraphOptimizationRecord | None = None
     created_at: str = Field(default_factory=utc_now)

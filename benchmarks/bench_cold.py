@@ -13,7 +13,9 @@ the warm tenants round-robin (closed loop, minimal asyncio HTTP/1.1 client); in 
 
 Per round: a quiet phase (warm clients only) then a storm phase (warm + storm), ``--seconds`` each.
 Figure: warm p99 in the storm phase / warm p99 in the quiet phase, median of per-round ratios (target
-<= 1.5). The cache's ``batch_path_loads`` (cold loads that ran inside a batch) is reported too.
+<= 1.5). The cache's ``batch_path_loads`` (cold loads that ran inside a batch) is reported too. The
+server runs the service's default runtime (``auto``, on the graphs ``loraplex base register`` builds);
+``--runtime torch`` for the torch runtime.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,12 +39,21 @@ sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
 import torch  # noqa: E402
-from bench_http import LABELS, build_store, one_peft_lora, percentile, seeded_weights  # noqa: E402
+from bench_http import (  # noqa: E402
+    LABELS,
+    build_store,
+    default_runtime,
+    one_peft_lora,
+    percentile,
+    seeded_weights,
+)
+from machine import facts_line, run_facts  # noqa: E402
 from texts import sentences  # noqa: E402
 
 from adapters_store.peft_import import bundle_from_peft_files  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
+LOAD_AT_START = os.getloadavg()[0]
 
 
 def full_bundle(base_dir: Path, base, tenant: str, seed: int):
@@ -154,8 +164,13 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=10.0, help="seconds per phase")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--runtime", choices=["torch", "auto"], default="torch")
+    p.add_argument(
+        "--runtime", choices=["torch", "auto"], default=default_runtime(), help="the service's default"
+    )
+    p.add_argument("--quick", action="store_true", help="2 rounds of 6 s (a smoke run)")
     args = p.parse_args()
+    if args.quick:
+        args.rounds, args.seconds = 2, 6.0
     torch.set_num_threads(args.threads)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
@@ -240,9 +255,9 @@ def main() -> None:
 
 def report(args, rounds: list[dict], cache: dict) -> None:
     ratios = [r["p99_ratio"] for r in rounds]
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((x.split(":", 1)[1].strip() for x in cpu.splitlines() if x.startswith("Model name")), "?")
+    facts = run_facts(LOAD_AT_START)
     result = {
+        "facts": facts,
         "args": vars(args),
         "rounds": rounds,
         "p99_ratio_median": statistics.median(ratios),
@@ -253,8 +268,7 @@ def report(args, rounds: list[dict], cache: dict) -> None:
         "lora_loads": cache.get("loads"),
         "lora_loads_before_timing": cache.get("warm_loads"),
         "batch_path_loads": cache.get("batch_path_loads"),
-        "cpu_model": model,
-        "load_average_1m_at_end": os.getloadavg()[0],
+        "runtime": cache.get("runtime"),
     }
     md = "\n".join(
         [
@@ -281,8 +295,8 @@ def report(args, rounds: list[dict], cache: dict) -> None:
             f"| cold loads that ran inside a batch | {result['batch_path_loads']} |",
             f"| errors | {result['errors']} |",
             "",
-            f"CPU: {model}; {args.threads} threads; runtime {args.runtime}; 1-min load average "
-            f"{result['load_average_1m_at_end']:.1f} at the end (the machine is shared: noisy).",
+            f"{args.threads} threads; runtime {args.runtime} -> "
+            f"{(result['runtime'] or {}).get('name', '?')}. " + facts_line(facts),
         ]
     )
     print(md)

@@ -7,13 +7,24 @@ interleaved round by round; every ratio is the median of per-round ratios.
 Paths (batch of 32 sentences of ~20 tokens, classification):
   (a) the plain HF base model alone (tokenize, forward, pooler)
   (b) the engine, 32 rows over 16 LoRA tenants (r=8, query+value, PEFT SEQ_CLS classifier)
-  (c) the engine, 32 rows from a pool of 64 tenants of every shared-backbone kind
+  (c) the engine, 64 tenants of every kind (LoRA on several modules, IA3, heads, partial) in two
+      batches of 32
   (d) PEFT ``adapter_names`` mixed batch over the same 16 adapters as (b)
   (e) naive: PEFT ``set_adapter`` then a forward of one row, for each row
-  (f) the engine with ``runtime="onnx"`` on the same rows as (b): the base exported with the project's
-      own ``loraplex onnx export`` code (fp32 + the query/value LoRA graph), LoRA adapters resident in
-      the graph's slots; the 16 classifiers still run in torch. The targets are judged on (b), the
-      default torch runtime; (f) is what a deployment that ran the export step gets.
+  (f) the engine with ``runtime="onnx"`` on the same rows as (b): the base's graphs as ``loraplex base
+      register`` stores them (fp32 + the LoRA graph), LoRA adapters resident in the graph's slots; the
+      16 classifiers still run in torch
+  (g) the engine on the service's DEFAULT runtime (``auto``: onnxruntime when the graphs are stored),
+      64 shared-backbone tenants in two batches of 32, each holding every kind: heads, LoRA of ranks
+      4-32, IA3 (input and output scaling) and bare-base rows; passes the graphs cannot take fall back
+      to torch, and the report lists them (``OrtRuntime.fallbacks``)
+  (h) the base alone on onnxruntime (the stored fp32 graph: tokenize, forward, mean pooling), the
+      same 64 rows
+Ratios compare time per row.
+
+Targets: (g)/(h) >= 0.92 (the mix on the default runtime costs little over the base on it) and
+(b)/(a) >= 0.95 (the torch runtime, kept as the fallback). ``--quick`` runs 4 rounds and a smaller
+memory part (a smoke run; its figures are not the targets').
 """
 
 from __future__ import annotations
@@ -35,13 +46,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from machine import facts_line, run_facts  # noqa: E402  (benchmarks/ is the script's folder)
 from safetensors.torch import save as save_safetensors  # noqa: E402
-from texts import sentences  # noqa: E402  (benchmarks/ is the script's folder)
+from texts import sentences  # noqa: E402
 
 from adapters_store import Bundle, describe_base, open_store  # noqa: E402
 from adapters_store.bundle import HEAD_WEIGHTS_FILE, MODEL_WEIGHTS_FILE  # noqa: E402
 from adapters_store.peft_import import bundle_from_peft_files, import_peft_dir  # noqa: E402
 from serving.engine import Engine, EngineSettings, InferenceItem, InferenceResult  # noqa: E402
+from serving.settings import ServiceSettings  # noqa: E402
+
+DEFAULT_RUNTIME = ServiceSettings.model_fields["runtime"].default  # what `loraplex serve` uses
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LOAD_AT_START = os.getloadavg()
@@ -128,6 +143,19 @@ def build_tenants(store, base, base_dir: Path, work: Path) -> dict[str, list]:
             )
         )
         mix.append((f"h{i:02d}", "intent"))
+    ranks: list[tuple[str, str | None]] = []
+    for i in range(16):  # LoRA embedders of several ranks on the modules the LoRA graph takes
+        r = (4, 8, 16, 32)[i % 4]
+        d = peft_lora(base_dir, work / f"s{i}", 500 + i, r, ["query", "value"], cls=False)
+        store.put(import_peft_dir(d, f"s{i:02d}", "emb", base))
+        ranks.append((f"s{i:02d}", "emb"))
+    shared = round_robin(
+        [(f"t{i:02d}", "sent") for i in range(16)],
+        ranks,
+        [(f"ia{i}", "emb") for i in range(8)],
+        [(f"h{i:02d}", "intent") for i in range(12)],
+        [(f"b{i:02d}", None) for i in range(12)],  # bare-base embeddings
+    )
     top = partial_top_layer(base_dir)
     for i in range(4):
         files = {MODEL_WEIGHTS_FILE: save_safetensors({k: v + 0.01 * i for k, v in top.items()})}
@@ -145,7 +173,15 @@ def build_tenants(store, base, base_dir: Path, work: Path) -> dict[str, list]:
             )
         )
         mix.append((f"p{i}", "top"))
-    return {"lora16": lora16, "mix": mix}
+    return {"lora16": lora16, "mix": mix, "shared": shared}
+
+
+def round_robin(*groups: list) -> list:
+    """One of each group in turn: every 32-row batch of the mix holds every kind, as a server's does."""
+    out = []
+    for i in range(max(len(g) for g in groups)):
+        out += [g[i] for g in groups if i < len(g)]
+    return out
 
 
 def partial_top_layer(base_dir: Path) -> dict[str, torch.Tensor]:
@@ -156,17 +192,28 @@ def partial_top_layer(base_dir: Path) -> dict[str, torch.Tensor]:
 
 
 # -- throughput --------------------------------------------------------------------------------------
+def mix_items(mix: list, start: int, texts: list[str]) -> list[InferenceItem]:
+    """``len(texts)`` rows from ``mix`` starting at ``start`` (wrapping): classify where a row's adapter
+    classifies, embed otherwise (LoRA/IA3 embedders are named 'emb'; bare-base rows have no adapter)."""
+    picks = [mix[(start + j) % len(mix)] for j in range(len(texts))]
+    return [
+        InferenceItem(t, n, "embed" if n in ("emb", None) else "classify", text=x)
+        for (t, n), x in zip(picks, texts, strict=True)
+    ]
+
+
 def make_paths(
     engine: Engine,
     base_dir: Path,
-    lora16: list[Path],
-    mix: list[tuple[str, str]],
+    tenants: dict,
     texts: list[str],
     onnx_engine: Engine | None = None,
+    default_engine: Engine | None = None,
 ):
     from peft import PeftModel
     from transformers import AutoTokenizer, BertForSequenceClassification, BertModel
 
+    lora16, mix = tenants["lora16"], tenants["mix"]
     tok = AutoTokenizer.from_pretrained(base_dir)
     plain = BertModel.from_pretrained(base_dir).eval()
     peft_model = PeftModel.from_pretrained(
@@ -179,7 +226,6 @@ def make_paths(
     peft_model.eval()
     names = [f"a{j % 16}" for j in range(len(texts))]
     items_b = [InferenceItem(f"t{j % 16:02d}", "sent", "classify", text=t) for j, t in enumerate(texts)]
-    counter = {"c": 0}
 
     def enc(batch):
         return tok(batch, padding=True, truncation=True, max_length=256, return_tensors="pt")
@@ -191,15 +237,12 @@ def make_paths(
         out = engine.infer(items_b)
         assert all(isinstance(r, InferenceResult) for r in out), out[0]
 
+    # Mixes: every call answers all 64 tenants in two batches of 32, so each timed call does the same
+    # work (one half alone could be all LoRA, the other all heads). Times are per row (see ``ROWS``).
     def c():
-        start = counter["c"] = (counter["c"] + 32) % len(mix)
-        picks = [mix[(start + j) % len(mix)] for j in range(len(texts))]
-        items = [
-            InferenceItem(t, n, "classify" if n != "emb" else "embed", text=x)
-            for (t, n), x in zip(picks, texts, strict=True)
-        ]
-        out = engine.infer(items)
-        assert all(isinstance(r, InferenceResult) for r in out), out
+        for start in (0, 32):
+            out = engine.infer(mix_items(mix, start, texts))
+            assert all(isinstance(r, InferenceResult) for r in out), out
 
     def d():
         peft_model(**enc(texts), adapter_names=names).logits.tolist()
@@ -219,11 +262,35 @@ def make_paths(
             assert onnx_engine.ort.calls == calls + 1, "the batch fell back to torch"
 
         paths["f"] = f
+    if default_engine is not None:
+        shared = tenants["shared"]
+
+        def g():
+            for start in (0, 32):
+                out = default_engine.infer(mix_items(shared, start, texts))
+                assert all(isinstance(r, InferenceResult) for r in out), out
+
+        paths["g"] = g
+        if default_engine.ort is not None:
+            ort_base = default_engine.ort.plain
+
+            def h():
+                for _ in range(2):  # the same 64 rows as (g)
+                    inputs = enc(texts)
+                    hidden, _ = ort_base.hidden_and_pooler(inputs)
+                    mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                    ((hidden * mask).sum(1) / mask.sum(1)).tolist()
+
+            paths["h"] = h
     return paths
 
 
+ROWS = {"c": 64, "g": 64, "h": 64}  # rows per call; every other path answers one batch of 32
+
+
 def interleaved(paths: dict, rounds: int, repeats: int = 3) -> dict[str, list[float]]:
-    """Per round, each path's best of ``repeats`` batches (the machine is shared: min filters stalls)."""
+    """Per round, each path's best of ``repeats`` calls (the machine is shared: min filters stalls),
+    in seconds per row."""
     times: dict[str, list[float]] = {k: [] for k in paths}
     with torch.inference_mode():
         for fn in paths.values():  # warm-up
@@ -235,7 +302,7 @@ def interleaved(paths: dict, rounds: int, repeats: int = 3) -> dict[str, list[fl
                     t0 = time.perf_counter()
                     fn()
                     best = min(best, time.perf_counter() - t0)
-                times[key].append(best)
+                times[key].append(best / ROWS.get(key, 32))
     return times
 
 
@@ -340,10 +407,20 @@ def _fmt(r: tuple[float, float, float, float], digits: int) -> str:
 
 
 # -- report --------------------------------------------------------------------------------------------
-def report(times: dict, mem: dict, lora_bytes: int, n: int, rounds: int) -> tuple[str, dict]:
+def runtime_facts(engine: Engine | None) -> dict:
+    """Which runtime the default engine chose, why, and which passes it sent to torch."""
+    if engine is None:
+        return {}
+    stats = engine.cache_stats()["runtime"]
+    return {"runtime": stats["name"], "note": stats["note"], "onnx_passes": stats["onnx_passes"]} | {
+        "torch_fallbacks": stats["torch_fallbacks"]
+    }
+
+
+def report(times: dict, mem: dict, lora_bytes: int, n: int, rounds: int, runtime: dict) -> tuple[str, dict]:
     r_ba, r_bd, r_be = ratio(times, "b", "a"), ratio(times, "b", "d"), ratio(times, "b", "e")
     r_ca, r_da = ratio(times, "c", "a"), ratio(times, "d", "a")
-    sps = {k: 32 / statistics.median(v) for k, v in times.items()}
+    sps = {k: 1 / statistics.median(v) for k, v in times.items()}
     growth_ratio = mem["rss_growth_mb"] / (lora_bytes / 2**20)
     cold_p50 = statistics.median(mem["cold"]) * 1000
     cold_p90 = sorted(mem["cold"])[int(0.9 * len(mem["cold"]))] * 1000
@@ -393,6 +470,20 @@ def report(times: dict, mem: dict, lora_bytes: int, n: int, rounds: int) -> tupl
             if "f" in times
             else []
         ),
+        *(
+            [
+                (
+                    f"(g)/(h) engine, default runtime ({DEFAULT_RUNTIME}), 64-tenant shared mix vs the "
+                    "base alone on onnxruntime",
+                    _fmt(ratio(times, "g", "h"), 3),
+                    ">= 0.92",
+                    ratio(times, "g", "h")[0] >= 0.92,
+                ),
+                ("(h)/(a) base alone: onnxruntime vs torch", _fmt(ratio(times, "h", "a"), 3), "-", None),
+            ]
+            if "h" in times
+            else []
+        ),
         ("(d)/(a) PEFT mixed vs base", _fmt(r_da, 3), "-", None),
         (
             f"RSS growth, {n} LoRA r=8 resident / adapters' bytes",
@@ -431,24 +522,38 @@ def report(times: dict, mem: dict, lora_bytes: int, n: int, rounds: int) -> tupl
         "d": "(d) PEFT adapter_names",
         "e": "(e) naive set_adapter + 1 row",
         "f": "(f) engine, runtime onnx, 16 LoRA tenants",
+        "g": f"(g) engine, default runtime ({DEFAULT_RUNTIME}), 64-tenant shared mix",
+        "h": "(h) base alone, onnxruntime",
     }
     lines += [f"| {names[k]} | {sps[k]:.0f} |" for k in names if k in sps]
+    if runtime:
+        passes = runtime["onnx_passes"] + sum(runtime["torch_fallbacks"].values())
+        fallbacks = ", ".join(f"{k}: {v}" for k, v in runtime["torch_fallbacks"].items()) or "none"
+        lines += [
+            "",
+            f"(g) default runtime `{DEFAULT_RUNTIME}` -> {runtime['runtime']} ({runtime['note']}). Backbone "
+            f"passes of (g) on onnxruntime: {runtime['onnx_passes']} of {passes}; sent to torch, by reason: "
+            f"{fallbacks}.",
+        ]
+    facts = run_facts(LOAD_AT_START[0])
     lines += [
         "",
         f"{rounds} interleaved rounds, batch 32 x ~20 tokens, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; ratios are medians of per-round throughput ratios (range over rounds), each round "
-        "timing a path as its best of 3 batches ((e): 1); load average at start "
-        f"{LOAD_AT_START[0]:.1f}, at end {os.getloadavg()[0]:.1f} (2 shared cores).",
+        "timing a path as its best of 3 batches ((e): 1). " + facts_line(facts),
     ]
     data = {
+        "facts": facts,
+        "default_runtime": runtime,
         "ratios": {"b/a": r_ba, "b/d": r_bd, "b/e": r_be, "c/a": r_ca, "d/a": r_da}
         | (
             {"f/a": ratio(times, "f", "a"), "f/d": ratio(times, "f", "d"), "f/e": ratio(times, "f", "e")}
             if "f" in times
             else {}
-        ),
+        )
+        | ({"g/h": ratio(times, "g", "h"), "h/a": ratio(times, "h", "a")} if "h" in times else {}),
         "sentences_per_s": sps,
-        "round_times_s": times,
+        "round_seconds_per_row": times,
         "memory": {**mem, "cold": None},
         "cold_load_ms": {"p50": cold_p50, "p90": cold_p90, "samples": len(mem["cold"])},
         "rss_growth_ratio": growth_ratio,
@@ -464,10 +569,13 @@ def main() -> None:
     ap.add_argument("--tenants", type=int, default=1000, help="resident LoRA tenants for the memory figure")
     ap.add_argument("--cycles", type=int, default=1000)
     ap.add_argument(
-        "--no-onnx", action="store_true", help="skip path (f): no ONNX export, torch runtime only"
+        "--no-onnx", action="store_true", help="skip paths (f)-(h): no ONNX export, torch runtime only"
     )
+    ap.add_argument("--quick", action="store_true", help="4 rounds, 200 tenants, 200 cycles (smoke run)")
     ap.add_argument("--memory-part", metavar="STORE", help=argparse.SUPPRESS)  # internal: child process
     args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.tenants, args.cycles = 4, 200, 200
     torch.set_num_threads(2)
     if args.memory_part:
         print(json.dumps(memory_and_cold_load(open_store(args.memory_part), args.tenants, args.cycles)))
@@ -486,23 +594,24 @@ def main() -> None:
         )
         lora_bytes = put_synthetic_loras(store, base, template.read_bytes(), args.tenants)
         print(f"setup {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        engine = Engine(store, base="minilm", settings=EngineSettings(threads=2))
-        onnx_engine = None
+        engine = Engine(store, base="minilm", settings=EngineSettings(threads=2, runtime="torch"))
+        onnx_engine = default_engine = None
         if not args.no_onnx:
-            from training.onnx_export import export_base, export_lora_base
+            from training.onnx_export.serving_exports import export_for_serving
 
-            t0 = time.perf_counter()
-            export_base(store, "minilm")
-            export_lora_base(store, "minilm", targets=("query", "value"))
-            print(f"onnx export {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            # The graphs `loraplex base register` builds and stores for a text base.
+            print(export_for_serving(store, "minilm").summary(), file=sys.stderr)
             onnx_engine = Engine(store, base="minilm", settings=EngineSettings(threads=2, runtime="onnx"))
+            default_engine = Engine(
+                store, base="minilm", settings=EngineSettings(threads=2, runtime=DEFAULT_RUNTIME)
+            )
         texts = sentences(32)
-        times = interleaved(
-            make_paths(engine, base_dir, tenants["lora16"], tenants["mix"], texts, onnx_engine), args.rounds
-        )
-        del engine, onnx_engine
+        paths = make_paths(engine, base_dir, tenants, texts, onnx_engine, default_engine)
+        times = interleaved(paths, args.rounds)
+        runtime = runtime_facts(default_engine)
+        del engine, onnx_engine, default_engine, paths
         mem = memory_in_child(work / "store", args)
-    table, data = report(times, mem, lora_bytes, args.tenants, args.rounds)
+    table, data = report(times, mem, lora_bytes, args.tenants, args.rounds, runtime)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "engine.json").write_text(json.dumps(data, indent=2))
     (RESULTS / "engine.md").write_text(table + "\n")

@@ -119,8 +119,13 @@ class FairBatcher:
         max_wait_s: float,
         on_expired: Callable[[Job], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        runs_alone: Callable[[Any], bool] | None = None,
     ):
         self._process, self.max_rows, self.max_wait_s = process, max_rows, max_wait_s
+        # Payloads that need a pass of their own (a full fine-tune's rows run a whole second backbone):
+        # taken in the same fair order, but run and answered after the batch's other rows, so the
+        # shared rows never wait for that pass.
+        self._runs_alone = runs_alone
         self._on_expired, self._clock = on_expired, clock
         self._queue = FairQueue()
         self._cond = threading.Condition()
@@ -161,8 +166,21 @@ class FairBatcher:
                     self._on_expired(job)
                 message = f"request waited over {self.max_wait_s:g} s for the engine; retry shortly"
                 _settle(job, error=TooManyRequests(message, retry_after=1.0))
-            if batch:
-                self._run_batch(batch)
+            for part in self._split(batch):
+                self._run_batch(part)
+
+    def _split(self, batch: list[Job]) -> list[list[Job]]:
+        if not batch or self._runs_alone is None:
+            return [batch] if batch else []
+        alone = []
+        for job in batch:
+            try:
+                alone.append(bool(self._runs_alone(job.payload)))
+            except Exception:  # the predicate only orders work; it never fails a request
+                logger.exception("batch split failed")
+                alone.append(False)
+        shared = [job for job, a in zip(batch, alone, strict=True) if not a]
+        return [part for part in (shared, [j for j, a in zip(batch, alone, strict=True) if a]) if part]
 
     def _run_batch(self, batch: list[Job]) -> None:
         try:

@@ -185,3 +185,48 @@ def test_batcher_answers_429_when_a_request_waited_too_long():
     assert first == 0
     assert isinstance(second, TooManyRequests) and second.headers() == {"Retry-After": "1"}
     assert expired == ["a"]
+
+
+def test_rows_that_run_alone_are_answered_after_the_shared_rows_of_their_batch():
+    """A full fine-tune's row runs a whole backbone pass of its own; the warm shared rows taken in the
+    same batch are answered first instead of waiting for it."""
+    gate, full_gate, calls = threading.Event(), threading.Event(), []
+
+    def process(payloads):
+        calls.append(list(payloads))
+        if payloads == ["first"]:
+            gate.wait(5)
+        if any(p.startswith("full") for p in payloads):
+            full_gate.wait(5)
+        return [p.upper() for p in payloads]
+
+    async def main():
+        batcher = FairBatcher(process, max_rows=8, max_wait_s=30, runs_alone=lambda p: p.startswith("full"))
+        first = asyncio.ensure_future(batcher.submit("z", 1, "first"))
+        await asyncio.sleep(0.05)  # the worker is busy: the next three land in one batch
+        full = asyncio.ensure_future(batcher.submit("a", 1, "full-a"))
+        warm = [asyncio.ensure_future(batcher.submit(t, 1, f"warm-{t}")) for t in ("b", "c")]
+        await asyncio.sleep(0.05)
+        gate.set()
+        answered = await asyncio.wait_for(asyncio.gather(*warm), timeout=2)  # while full-a still runs
+        assert not full.done()
+        full_gate.set()
+        out = [await first, await full, *answered]
+        batcher.close()
+        return out
+
+    assert asyncio.run(main()) == ["FIRST", "FULL-A", "WARM-B", "WARM-C"]
+    assert calls == [["first"], ["warm-b", "warm-c"], ["full-a"]]
+
+
+def test_a_failing_split_predicate_only_loses_the_ordering():
+    def boom(payload):
+        raise RuntimeError("bug")
+
+    async def main():
+        batcher = FairBatcher(lambda ps: [p * 2 for p in ps], max_rows=4, max_wait_s=30, runs_alone=boom)
+        out = await asyncio.gather(*(batcher.submit("a", 1, i) for i in range(3)))
+        batcher.close()
+        return out
+
+    assert asyncio.run(main()) == [0, 2, 4]

@@ -171,6 +171,29 @@ class Engine:
         hit = self._resolver.peek(tenant, adapter)
         return hit is not None and (hit.digest in self._cache or hit.digest in self._full)
 
+    def is_full(self, tenant: str, adapter: str) -> bool:
+        """True when ``adapter`` resolves (from the alias cache only; never a store read) to a full
+        fine-tune: its rows run their own backbone pass, so the batcher runs them after the shared rows."""
+        hit = self._resolver.peek(tenant, adapter)
+        return hit is not None and hit.manifest.kind == "full"
+
+    def unloaded(self, tenant: str, adapters: Sequence[str]) -> list[str]:
+        """Those of ``adapters`` whose current version is not loaded. Resolves them (an expired alias
+        answer is a store read) but loads nothing, so a warm tenant whose alias answer expired is not
+        queued behind other tenants' cold loads. Unresolvable ones are left to ``infer`` to report."""
+        out = []
+        for adapter in dict.fromkeys(adapters):
+            try:
+                digest = self._resolver.resolve(tenant, adapter).digest
+            except LoraplexError:
+                continue
+            except Exception:  # a store bug: infer reports it on the row
+                log.exception("resolving %s/%s failed", tenant, adapter)
+                continue
+            if digest not in self._cache and digest not in self._full:
+                out.append(adapter)
+        return out
+
     def hold(self, tenant: str, adapters: Sequence[str]) -> list[Lease]:
         """Resolve and load ``tenant``'s ``adapters`` now, outside any batch, and lease them so they stay
         resident until the caller releases the leases (after its rows were answered). A request does this

@@ -11,6 +11,7 @@ must match the registry entry), never from anything a tenant supplied.
 from __future__ import annotations
 
 import io
+import logging
 import time
 import warnings
 from typing import Any, Literal
@@ -25,6 +26,7 @@ from adapters_store.bundle import sha256_hex
 from adapters_store.errors import IncompatibleBase
 from adapters_store.onnx_artifacts import (
     GraphInputRecord,
+    GraphOptimizationRecord,
     LoraGraphRecord,
     OnnxExportManifest,
     QuantAttempt,
@@ -33,14 +35,20 @@ from adapters_store.onnx_artifacts import (
     manifest_file,
 )
 from training.onnx_export.errors import OnnxExportError, OnnxToleranceError
+from training.onnx_export.fusion import cpu_ms_per_call, fuse_transformer
 from training.onnx_export.probes import quality_probes, shape_probes
-from training.onnx_export.quantize import INT8_PLANS, quantize_int8
+from training.onnx_export.quantize import ALL_MATMUL, Int8Plan, quantize_int8, sensitivity_plan
 from training.onnx_export.specs import POOLING_OUTPUTS, ArchitectureSpec, spec_for
 from training.onnx_export.validate import Feed, Runner, ValidationFigures, check_fp32, measure
 from training.onnx_export.wrappers import features_module, pooler_of
 
 EXPORTERS = {"legacy": "torch.onnx legacy (dynamo=False)", "dynamo": "torch.onnx dynamo (torch.export)"}
 Exporter = Literal["legacy", "dynamo"]
+Fusion = Literal["auto", "fused", "plain"]
+# auto keeps the fused graph only if it costs clearly less CPU: on the EPYC hosts the two measured
+# within a few % of each other and a bare "<" flipped between runs (docs/onnx.md)
+FUSED_MIN_GAIN = 0.95
+log = logging.getLogger(__name__)
 
 
 class ExportSettings(BaseModel):
@@ -53,7 +61,16 @@ class ExportSettings(BaseModel):
     preprocess_int8: bool = Field(
         default=False, description="run ORT's quant_pre_process first (measured: no cosine change on MiniLM)"
     )
-    int8_plan: str | None = Field(default=None, description="force one int8 plan by name; default tries all")
+    int8_keep_fp32: int | None = Field(
+        default=None,
+        ge=0,
+        description="force how many of the most sensitive MatMuls stay fp32; default: the fewest that pass",
+    )
+    fusion: Fusion = Field(
+        default="auto",
+        description="ORT transformer fusions (spec.fusion families): 'auto' times fused and plain "
+        "at export and keeps the faster; 'fused' or 'plain' force one (both are validated vs torch)",
+    )
     exporter: Exporter = Field(
         default="legacy", description="legacy tracing gave faster ORT graphs on MiniLM here (bench_onnx.py)"
     )
@@ -91,17 +108,22 @@ def export_base(
     torch.set_num_threads(settings.threads)
     spec = spec_for(entry.model_type)
     model = load_base_model(entry)
+    if spec.fusion and settings.fusion != "plain":
+        model.set_attn_implementation("eager")  # the only attention pattern ORT's fuser recognises
     module = features_module(model, spec.modality)
     outputs = spec.output_names(has_pooler=pooler_of(model) is not None)
     probes = shape_probes(spec, model.config)
-    fp32 = export_graph(module, spec, probes[0], outputs, exporter=settings.exporter)
-    fp32_manifest = validated_fp32(entry, spec, module, fp32, outputs, probes, settings.threads)
+    plain = export_graph(module, spec, probes[0], outputs, exporter=settings.exporter)
+    fp32, fp32_manifest = chosen_fp32(entry, spec, module, plain, outputs, probes, settings)
     fp32_manifest = fp32_manifest.model_copy(update={"exporter": EXPORTERS[settings.exporter]})
     if variant == "fp32":
         put_graph(store, fp32_manifest, fp32)
         return ExportReport(manifest=fp32_manifest, reused=False, seconds=time.perf_counter() - t0)
     quality = quality_probes(spec, resolve_source(entry), model.config)
     int8, int8_manifest = validated_int8(entry, spec, module, fp32, outputs, quality, settings)
+    int8_manifest = int8_manifest.model_copy(
+        update={"graph_optimization": fp32_manifest.graph_optimization, "exporter": fp32_manifest.exporter}
+    )
     also = []
     if settings.force or stored_manifest(store, entry, "fp32") is None:
         put_graph(store, fp32_manifest, fp32)
@@ -121,13 +143,17 @@ def validated_int8(
     probes: list[Feed],
     settings: ExportSettings,
 ) -> tuple[bytes, OnnxExportManifest]:
-    """Try the int8 plans fastest-first; keep the first whose min cosine vs torch passes the gate."""
+    """Try int8 plans fewest-fp32-MatMuls first; keep the first whose min cosine vs torch passes the gate."""
     bound = spec.tolerance.int8_min_cosine
-    plans = [p for p in INT8_PLANS if settings.int8_plan in (None, p.name)]
-    if not plans:
-        raise OnnxExportError(
-            f"unknown int8 plan {settings.int8_plan!r}; known: {[p.name for p in INT8_PLANS]}"
-        )
+    plans, sensitivity = sensitivity_plan(module, fp32, probes, bound)
+    if settings.int8_keep_fp32 is not None:
+        order = sorted(sensitivity, key=lambda n: -sensitivity[n])
+        if settings.int8_keep_fp32 >= len(order):
+            raise OnnxExportError(
+                f"int8_keep_fp32 must be below the {len(order)} weight MatMuls of this graph"
+            )
+        keep = tuple(order[: settings.int8_keep_fp32])
+        plans = [Int8Plan(f"keep-{len(keep)}-fp32" if keep else ALL_MATMUL, keep_fp32=keep)]
     reference, attempts = torch_runner(module), []
     for plan in plans:
         graph = quantize_int8(fp32, plan, preprocess=settings.preprocess_int8)
@@ -135,13 +161,19 @@ def validated_int8(
         ok = figures.min_cosine >= bound
         attempts.append(
             QuantAttempt(
-                plan=plan.name, min_cosine=figures.min_cosine, mean_cosine=figures.mean_cosine, accepted=ok
+                plan=plan.name,
+                min_cosine=figures.min_cosine,
+                mean_cosine=figures.mean_cosine,
+                accepted=ok,
+                kept_fp32=len(plan.keep_fp32),
+                predicted_min_cosine=plan.predicted_min_cosine,
             )
         )
         if ok:
             record = QuantizationRecord(
                 plan=plan.name,
-                excluded_patterns=list(plan.exclude),
+                kept_fp32=list(plan.keep_fp32),
+                sensitivity=sensitivity,
                 attempts=attempts,
                 min_cosine_required=bound,
             )
@@ -155,6 +187,81 @@ def validated_int8(
         bound=bound,
         metric="min_cosine",
     )
+
+
+def chosen_fp32(
+    entry: BaseModelEntry,
+    spec: ArchitectureSpec,
+    module: torch.nn.Module,
+    plain: bytes,
+    outputs: list[str],
+    probes: list[Feed],
+    settings: ExportSettings,
+) -> tuple[bytes, OnnxExportManifest]:
+    """The plain graph or its ORT-fused rewrite, whichever is faster here; the one kept is validated vs
+    torch (a fused graph that fails validation falls back to the plain one, unless fusion is forced)."""
+    if spec.fusion is None or settings.fusion == "plain":
+        why = "fusion not requested" if spec.fusion else f"no ORT fuser wired for {spec.name}"
+        return plain, _validated(
+            entry, spec, module, plain, outputs, probes, settings, kept="plain", reason=why
+        )
+    config = module.model.config
+    fuser = f"onnxruntime.transformers {spec.fusion}"
+    try:
+        fused, counts = fuse_transformer(plain, spec.fusion, config.num_attention_heads, config.hidden_size)
+    except OnnxExportError as e:
+        if settings.fusion == "fused":
+            raise
+        why = f"fusion failed: {e}"
+        return plain, _validated(
+            entry, spec, module, plain, outputs, probes, settings, "plain", why, fuser=fuser
+        )
+    timing: dict[str, Any] = {}
+    kept, why = "fused", "forced by settings"
+    if settings.fusion == "auto":
+        feed = timing_feed(probes)
+        ms = cpu_ms_per_call(
+            {"plain": ort_runner(plain, settings.threads), "fused": ort_runner(fused, settings.threads)}, feed
+        )
+        kept = "fused" if ms["fused"] < FUSED_MIN_GAIN * ms["plain"] else "plain"
+        why = f"faster here: {kept} {ms[kept]:.1f} CPU-ms per batch, other {max(ms.values()):.1f}"
+        timing = {"cpu_ms_per_batch": ms, "timing_shape": list(feed["input_ids"].shape)}
+    extra = {"fuser": fuser, "fused_ops": counts, **timing}
+    if kept == "plain":
+        return plain, _validated(entry, spec, module, plain, outputs, probes, settings, "plain", why, **extra)
+    try:
+        return fused, _validated(entry, spec, module, fused, outputs, probes, settings, "fused", why, **extra)
+    except OnnxExportError as e:
+        if settings.fusion == "fused":
+            raise
+        log.warning("%s: fused graph not used (%s); keeping the plain graph", entry.name, e)
+        why = f"fusion failed validation: {e}"
+        return plain, _validated(entry, spec, module, plain, outputs, probes, settings, "plain", why, **extra)
+
+
+def _validated(
+    entry: BaseModelEntry,
+    spec: ArchitectureSpec,
+    module: torch.nn.Module,
+    graph: bytes,
+    outputs: list[str],
+    probes: list[Feed],
+    settings: ExportSettings,
+    kept: str,
+    reason: str,
+    **record: Any,
+) -> OnnxExportManifest:
+    manifest = validated_fp32(entry, spec, module, graph, outputs, probes, settings.threads)
+    return _with_record(manifest, GraphOptimizationRecord(kept=kept, reason=reason, **record))
+
+
+def _with_record(manifest: OnnxExportManifest, record: GraphOptimizationRecord) -> OnnxExportManifest:
+    return manifest.model_copy(update={"graph_optimization": record})
+
+
+def timing_feed(probes: list[Feed]) -> Feed:
+    """The probe closest to serving's typical call: the largest batch, and its longest sequence."""
+    return max(probes, key=lambda f: tuple(next(iter(f.values())).shape[:2]))
 
 
 def validated_fp32(

@@ -64,6 +64,9 @@ class ArchitectureSpec:
     """Text only: batch x seq pairs above this are skipped (long sequences are still probed at the
     smaller batches); keeps the export quick enough to run at every base registration."""
     opset: int = 17
+    fusion: str | None = None
+    """``model_type`` for onnxruntime.transformers' fuser (None: no fusion tried). Traced with eager
+    attention, since only that pattern fuses into ORT's Attention op."""
 
     @property
     def input_names(self) -> list[str]:
@@ -96,6 +99,7 @@ BERT_FAMILY = ArchitectureSpec(
     probe_seq_lens=(8, 32, 256),
     # 32 x 256 alone was most of the validation time on MiniLM; 5 x 256 still probes long inputs
     probe_max_tokens=2048,
+    fusion="bert",
 )
 
 VIT = ArchitectureSpec(

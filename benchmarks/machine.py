@@ -1,0 +1,34 @@
+"""Where and when a benchmark ran: every results table names the CPU model, the date and the load."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from datetime import UTC, datetime
+
+
+def cpu_model() -> str:
+    """``lscpu``'s model name (the figures depend on the host: see issue 18)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    except OSError:
+        return "unknown CPU"
+    return next((x.split(":", 1)[1].strip() for x in out.splitlines() if x.startswith("Model name")), "?")
+
+
+def run_facts(load_at_start: float) -> dict:
+    """Date (UTC), CPU model, cores and the 1-minute load average at the start and at the end."""
+    return {
+        "date_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"),
+        "cpu_model": cpu_model(),
+        "cpus": os.cpu_count(),
+        "load_average_1m_start": round(load_at_start, 2),
+        "load_average_1m_end": round(os.getloadavg()[0], 2),
+    }
+
+
+def facts_line(facts: dict) -> str:
+    return (
+        f"Run {facts['date_utc']} UTC on {facts['cpu_model']} ({facts['cpus']} CPUs); 1-minute load average "
+        f"{facts['load_average_1m_start']:.1f} at the start, {facts['load_average_1m_end']:.1f} at the end."
+    )
