@@ -148,7 +148,7 @@ classify() {
     -H 'Content-Type: application/json' -d '{"items": [{"adapter": "sentiment", "text": "great service"}]}'
 }
 answer=$(curl -sf "$url/v1/classify" -H "Authorization: Bearer $TENANT_TOKEN" -H 'Content-Type: application/json' \
-  -d '{"items": [{"adapter": "sentiment", "text": "great service"}]}') || fail "classify"
+  -d '{"items": [{"adapter": "sentiment", "text": "great service"}], "include": ["digest"]}') || fail "classify"
 echo "$answer" | "$PY" -c "
 import json, sys
 a = json.load(sys.stdin)[0]

@@ -92,6 +92,15 @@ def targets_of(item: Any) -> list[str | None]:
     return list(targets) if targets is not None else [item.adapter]
 
 
+def runs_alone(engine: Any, job: tuple[str, Sequence[Any]]) -> bool:
+    """True when a request names a full fine-tune the engine knows (alias cache only): its rows run a
+    backbone pass of their own, so the fair batcher answers the shared rows of the batch first."""
+    if engine is None:
+        return False
+    _, items = job
+    return any(a is not None and engine.is_full(item.tenant, a) for item in items for a in targets_of(item))
+
+
 def row_count(items: Sequence[Any]) -> int:
     """Engine rows of a request: every item times the adapters it fans out to."""
     return sum(len(targets_of(item)) for item in items)

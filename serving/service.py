@@ -33,7 +33,7 @@ from serving.console_app import CONSOLE_ROUTES, console_app
 from serving.fairness import FairBatcher
 from serving.gateway import GatewayMiddleware, GatewayState
 from serving.http_io import ClassifyInput, EmbedInput, ResultsOutput, without_extras
-from serving.inference import error_result, row_count, run_jobs
+from serving.inference import error_result, row_count, run_jobs, runs_alone
 from serving.jobs import JobRunner
 from serving.jobs_routes import JOB_ROUTES
 from serving.limits import InflightLimiter, TokenCounter
@@ -216,6 +216,7 @@ class LoraplexService:
             max_rows=self.settings.max_batch_size,
             max_wait_s=limits.max_queue_ms / 1000,
             on_expired=lambda job: self.usage.rejected(job.tenant, "queue"),
+            runs_alone=lambda job: runs_alone(self.engine, job),
         )
         self.context.batcher = self.batcher
 

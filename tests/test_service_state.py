@@ -313,3 +313,28 @@ def test_the_inference_routes_take_the_gateways_parsed_body_without_reading_it()
     request = Request({"type": "http", "method": "POST", "headers": [], "state": state}, receive)
     got = asyncio.run(ClassifyInput.from_http_request(request, None))
     assert got is parsed and got.items[0].tenant == "acme"
+
+
+def test_the_service_batcher_answers_shared_rows_before_a_full_fine_tunes_own_pass(
+    tmp_path, tiny_bert_dir, keep_sigterm
+):
+    """A full fine-tune's rows run a second backbone; the warm rows taken in the same batch go first."""
+    from types import SimpleNamespace
+
+    from serving.fairness import Job
+    from tests.test_engine_kinds import _full_bundle
+
+    store = _store_with(tmp_path, tiny_bert_dir, "alpha")
+    store.put(_full_bundle(tiny_bert_dir, store.get_base("tiny"), "acme", seed=5)[0])
+    stack = _Stack(_settings(tmp_path / "alpha"))
+    stack.wait_ready()
+    answered = asyncio.run(stack.call("POST", "/v1/classifications", json={"model": "ft", "input": ["a"]}))
+    assert answered.status_code == 200, answered.text  # now the engine knows "ft" is a full fine-tune
+
+    def job(adapter: str) -> Job:
+        item = SimpleNamespace(tenant="acme", adapter=adapter, targets=None)
+        return Job("acme", 1, ("classify", [item]), enqueued=0.0)
+
+    full, warm, other = job("ft"), job("alpha"), job("alpha")
+    parts = stack.service.batcher._split([full, warm, other])
+    assert parts == [[warm, other], [full]]
