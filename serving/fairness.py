@@ -170,17 +170,18 @@ class FairBatcher:
                 self._run_batch(part)
 
     def _split(self, batch: list[Job]) -> list[list[Job]]:
-        if not batch or self._runs_alone is None:
+        if self._runs_alone is None:
             return [batch] if batch else []
-        alone = []
+        shared: list[Job] = []
+        alone: list[Job] = []
         for job in batch:
             try:
-                alone.append(bool(self._runs_alone(job.payload)))
+                runs_alone = bool(self._runs_alone(job.payload))
             except Exception:  # the predicate only orders work; it never fails a request
                 logger.exception("batch split failed")
-                alone.append(False)
-        shared = [job for job, a in zip(batch, alone, strict=True) if not a]
-        return [part for part in (shared, [j for j, a in zip(batch, alone, strict=True) if a]) if part]
+                runs_alone = False
+            (alone if runs_alone else shared).append(job)
+        return [part for part in (shared, alone) if part]
 
     def _run_batch(self, batch: list[Job]) -> None:
         try:
