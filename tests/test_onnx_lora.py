@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -14,6 +15,7 @@ from serving.onnx_backbone import (
     LoraWeights,
     OrtBackbone,
     OrtLoraBackbone,
+    load_export,
     stack_loras,
 )
 from training.onnx_export.lora_graph import export_lora_base
@@ -241,3 +243,11 @@ def test_resident_slots_equal_a_fresh_stack_through_eviction_and_rank_growth(lor
     assert slots.writes == len(loads)
     with pytest.raises(UnsupportedAdapter, match="slots hold 3"):
         slots.assign(list(dirs)[:4], load)
+
+
+def test_lora_graph_is_traced_with_eager_attention_like_the_plain_graph(lora_setup):
+    """The SDPA trace guards every softmax with IsNaN + Where (ops the plain fp32 graph does not run)."""
+    store, entry, _, _ = lora_setup
+    _, graph = load_export(store, entry, "lora-fp32")
+    ops = [n.op_type for n in onnx.load_from_string(graph).graph.node]
+    assert "Softmax" in ops and "IsNaN" not in ops
