@@ -82,6 +82,10 @@ class GatewayState:
     returns the function that releases them once the request is answered."""
     # Per-tenant quotas: admit(tenant, rows) raises 429 (see serving.quotas); release(tenant, rows).
     quotas: Any = None
+    inference: Callable[[str, Any, str, Any], Awaitable[int]] | None = None
+    """Answers ``/v1/classify`` and ``/v1/embed`` here, once the request is authenticated, parsed,
+    admitted and preloaded: ``(path, parsed body, tenant, send) -> status`` (serving.http_io.
+    inference_handler). None: the request goes on to the routes behind the gateway."""
     metrics_public: bool = False  # /metrics without a token (LORAPLEX_METRICS_AUTH=public, insecure dev)
     base_name: str | None = None  # an OpenAI-style 'model' naming the base is no adapter to preload
 
@@ -245,7 +249,10 @@ class GatewayMiddleware:
                     if parsed is not None and state.preload is not None:
                         refs = request_adapters(parsed, state.base_name)
                         release = await state.preload(principal.tenant, refs)
-                    status = await self._call_app(state, scope, receive, send, path)
+                    if parsed is not None and state.inference is not None and path in INFERENCE_PATHS:
+                        status = await self._answer(state.inference, path, parsed, principal, send)
+                    else:
+                        status = await self._call_app(state, scope, receive, send, path)
                 finally:
                     if quotas is not None:
                         quotas.release(principal.tenant, rows)
@@ -315,6 +322,16 @@ class GatewayMiddleware:
                 raise
             return await send_error(send, err, path)
         return rewriter.status
+
+    async def _answer(self, handler, path: str, parsed: BaseModel, principal: Principal, send) -> int:
+        try:
+            return await handler(path, parsed, principal.tenant, send)
+        except LoraplexError as err:
+            return await send_error(send, err, path)
+        except Exception:  # as BentoML's API wrapper did: logged, and a 500 in our shape
+            logger.exception("answering %s failed", path)
+            err = StatusError("an unexpected error has occurred; see the server log", 500, "internal_error")
+            return await send_error(send, err, path)
 
     def _publish_cache_stats(self, state: GatewayState) -> None:
         try:
