@@ -189,10 +189,11 @@ class ServiceSettings(BaseModel):
     )
     inference_telemetry: bool = Field(
         default=False,
-        description="BentoML's per-request access-log line, OpenTelemetry span and request metrics for "
-        "the inference routes (/v1/classify, /v1/embed, /v1/embeddings, /v1/classifications). Off by "
-        "default: they cost more server CPU per request than loraplex's own code; loraplex's metrics "
-        "count every request either way, and every other route keeps them.",
+        description="BentoML's per-request OpenTelemetry span and access-log line for the inference "
+        "routes (/v1/classify, /v1/embed, /v1/embeddings, /v1/classifications). Off by default: the "
+        "span alone costs more server CPU per request than loraplex's own HTTP code "
+        "(benchmarks/bench_asgi_layers.py); loraplex's metrics count every request either way, and "
+        "every other route keeps both.",
     )
     limits: LimitSettings = Field(default_factory=LimitSettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
@@ -273,7 +274,7 @@ def bentoml_config(settings: ServiceSettings | None) -> dict[str, Any]:
         "resources": {"cpu": str(value("threads"))},
     }
     if not value("inference_telemetry"):
-        # Skipped paths also leave out BentoML's request metrics (they share the access log's list).
+        # BentoML's request metrics share this list but only skip their last-request timestamp.
         config["logging"] = {"access": {"skip_paths": [*BENTOML_LOG_SKIP_PATHS, *INFERENCE_ROUTES]}}
         config["tracing"] = {"excluded_urls": [f"{re.escape(p)}$" for p in INFERENCE_ROUTES]}
     return config
