@@ -5,6 +5,8 @@ resolved to a :class:`~serving.auth.Principal` (401 without one), the route's ro
 the in-flight limit is taken (429), the body limit applied (413 from ``Content-Length`` or while
 streaming), inference bodies are validated (400/415/422 with our messages), and the principal is put
 in ``scope["state"]`` for the routes, with the parsed inference body (routes never parse it again).
+After quotas and cold preloading, ``/v1/classify`` and ``/v1/embed`` are answered right here by the
+state's ``inference`` handler: nothing behind the gateway runs for them.
 Any 4xx/5xx that some inner layer (BentoML, Starlette) wrote in its own shape is rewritten to
 ``{"error", "message"}``. Every error is rendered by :mod:`serving.error_responses`.
 

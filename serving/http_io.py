@@ -1,9 +1,11 @@
-"""BentoML IO specs for the inference routes, and the one JSON encoder of successful answers.
+"""The inference routes' bodies and answers: the gateway's handler, BentoML IO specs, one JSON encoder.
 
-The gateway parses and checks an inference body once and leaves the parsed object in the ASGI scope;
-the input specs hand that object to the route (stamping the caller's tenant, resolved from the token,
-on every item) instead of reading and parsing the body again. The output spec renders a failed item
-through the one error renderer, and encodes answers from plain lists in one ``json.dumps`` call.
+Over HTTP, ``/v1/classify`` and ``/v1/embed`` are answered by the gateway (:func:`inference_handler`)
+once it has parsed and checked the body: nothing behind it runs. The IO specs serve the
+``@bentoml.api`` methods that stay for the OpenAPI document and in-process calls: the input specs take
+the parsed object from the ASGI scope (stamping the caller's tenant, resolved from the token, on every
+item) instead of reading and parsing the body again. Both render a failed item through the one error
+renderer and encode answers from plain lists in one ``json.dumps`` call.
 """
 
 from __future__ import annotations
