@@ -14,6 +14,7 @@ from pathlib import Path
 from adapters_store import open_store
 from adapters_store.base_models import BaseModelEntry, resolve_source
 from adapters_store.errors import InvalidRequest, InvalidSettings, NotFound, StoreUnavailable
+from adapters_store.onnx_artifacts import manifest_file
 from adapters_store.registry import local_path
 from adapters_store.store import AdapterStore
 from serving.auth import TokenBook, token_book_from_settings
@@ -40,6 +41,7 @@ def check_startup(
     store = open_checked_store(settings.store)
     base = checked_base(store, settings.base)
     token_counter_file(settings, base)
+    check_export(settings, store, base)
     try:
         tokens = token_book_from_settings(settings, store)
     except StoreUnavailable as e:
@@ -88,3 +90,21 @@ def token_counter_file(settings: ServiceSettings, base: BaseModelEntry) -> Path 
             f"{base.name!r} has none at {path}; use 'truncate' for this base"
         )
     return path
+
+
+def check_export(settings: ServiceSettings, store: AdapterStore, base: BaseModelEntry) -> None:
+    """``onnx`` / ``onnx-int8`` insist on the base's export (``auto`` falls back to torch and says why).
+    Only presence is checked here; the worker checks the graph itself before serving on it."""
+    variant = {"onnx": "fp32", "onnx-int8": "int8"}.get(settings.runtime)
+    if variant is None:
+        return
+    try:
+        stored = store.has_artifact(base.name, base.fingerprint, manifest_file(variant))
+    except StoreUnavailable as e:
+        raise StoreUnavailable(f"LORAPLEX_STORE: {e.message}") from None
+    if not stored:
+        quantize = " --quantize int8" if variant == "int8" else ""
+        raise InvalidSettings(
+            f"LORAPLEX_RUNTIME: {settings.runtime!r} needs base {base.name!r}'s {variant} ONNX export, and "
+            f"none is stored; run 'loraplex onnx export --base {base.name}{quantize}', or use 'auto'"
+        )
