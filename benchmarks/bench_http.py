@@ -16,8 +16,8 @@ which spends about as much CPU per request as the server's HTTP layer does); ``-
 passes settings to the server.
 
 Comparison in the same run, interleaved round by round: the in-process engine (this process, same
-EngineSettings, server idle meanwhile) answering the same kind of rows in batches of 64 mixed across
-the 50 tenants: its best case. ratio = HTTP requests/s / in-process rows/s per round; the figure is
+EngineSettings, server idle meanwhile) answering the same kind of rows in full batches of 64 (the server's
+largest batch) mixed across the 50 tenants. ratio = HTTP requests/s / in-process rows/s per round; the figure is
 the median of per-round ratios (target >= 0.80, 0 errors). The same per CPU-second: HTTP requests per
 CPU-second of the server's process tree (``bentoml serve`` and its workers, from /proc via psutil)
 over in-process rows per CPU-second of this process (target >= 0.85). The load generator shares the

@@ -5,6 +5,8 @@ resolved to a :class:`~serving.auth.Principal` (401 without one), the route's ro
 the in-flight limit is taken (429), the body limit applied (413 from ``Content-Length`` or while
 streaming), inference bodies are validated (400/415/422 with our messages), and the principal is put
 in ``scope["state"]`` for the routes, with the parsed inference body (routes never parse it again).
+After quotas and cold preloading, ``/v1/classify`` and ``/v1/embed`` are answered right here by the
+state's ``inference`` handler: nothing behind the gateway runs for them.
 Any 4xx/5xx that some inner layer (BentoML, Starlette) wrote in its own shape is rewritten to
 ``{"error", "message"}``. Every error is rendered by :mod:`serving.error_responses`.
 
@@ -82,6 +84,10 @@ class GatewayState:
     returns the function that releases them once the request is answered."""
     # Per-tenant quotas: admit(tenant, rows) raises 429 (see serving.quotas); release(tenant, rows).
     quotas: Any = None
+    inference: Callable[[str, Any, str, Any], Awaitable[int]] | None = None
+    """Answers ``/v1/classify`` and ``/v1/embed`` here, once the request is authenticated, parsed,
+    admitted and preloaded: ``(path, parsed body, tenant, send) -> status`` (serving.http_io.
+    inference_handler). None: the request goes on to the routes behind the gateway."""
     metrics_public: bool = False  # /metrics without a token (LORAPLEX_METRICS_AUTH=public, insecure dev)
     base_name: str | None = None  # an OpenAI-style 'model' naming the base is no adapter to preload
 
@@ -245,7 +251,10 @@ class GatewayMiddleware:
                     if parsed is not None and state.preload is not None:
                         refs = request_adapters(parsed, state.base_name)
                         release = await state.preload(principal.tenant, refs)
-                    status = await self._call_app(state, scope, receive, send, path)
+                    if parsed is not None and state.inference is not None and path in INFERENCE_PATHS:
+                        status = await self._answer(state.inference, path, parsed, principal, send)
+                    else:
+                        status = await self._call_app(state, scope, receive, send, path)
                 finally:
                     if quotas is not None:
                         quotas.release(principal.tenant, rows)
@@ -315,6 +324,16 @@ class GatewayMiddleware:
                 raise
             return await send_error(send, err, path)
         return rewriter.status
+
+    async def _answer(self, handler, path: str, parsed: BaseModel, principal: Principal, send) -> int:
+        try:
+            return await handler(path, parsed, principal.tenant, send)
+        except LoraplexError as err:
+            return await send_error(send, err, path)
+        except Exception:  # as BentoML's API wrapper did: logged, and a 500 in our shape
+            logger.exception("answering %s failed", path)
+            err = StatusError("an unexpected error has occurred; see the server log", 500, "internal_error")
+            return await send_error(send, err, path)
 
     def _publish_cache_stats(self, state: GatewayState) -> None:
         try:

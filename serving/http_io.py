@@ -1,14 +1,17 @@
-"""BentoML IO specs for the inference routes, and the one JSON encoder of successful answers.
+"""The inference routes' bodies and answers: the gateway's handler, BentoML IO specs, one JSON encoder.
 
-The gateway parses and checks an inference body once and leaves the parsed object in the ASGI scope;
-the input specs hand that object to the route (stamping the caller's tenant, resolved from the token,
-on every item) instead of reading and parsing the body again. The output spec renders a failed item
-through the one error renderer, and encodes answers from plain lists in one ``json.dumps`` call.
+Over HTTP, ``/v1/classify`` and ``/v1/embed`` are answered by the gateway (:func:`inference_handler`)
+once it has parsed and checked the body: nothing behind it runs. The IO specs serve the
+``@bentoml.api`` methods that stay for the OpenAPI document and in-process calls: the input specs take
+the parsed object from the ASGI scope (stamping the caller's tenant, resolved from the token, on every
+item) instead of reading and parsing the body again. Both render a failed item through the one error
+renderer and encode answers from plain lists in one ``json.dumps`` call.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any, Literal
 
@@ -18,7 +21,7 @@ from pydantic import ConfigDict, Field
 from starlette.responses import Response
 
 from serving.auth import Principal
-from serving.error_responses import error_response
+from serving.error_responses import StatusError, error_response, json_headers, send_error
 from serving.gateway import PRINCIPAL_KEY, parsed_body
 from serving.inference import item_error
 from serving.schemas import ClassifyItem, EmbedItem, Extra, ItemResult
@@ -79,10 +82,44 @@ class ResultsOutput(IORootModel[list[ItemResult]]):
     @classmethod
     async def to_http_response(cls, obj: Any, serde) -> Response:
         results: list[ItemResult] = list(obj.root if isinstance(obj, IORootModel) else obj)
-        for i, result in enumerate(results):
-            if result.error is not None:
-                return error_response(item_error(result, f"items[{i}]"))
+        failed = first_failed(results)
+        if failed is not None:
+            return error_response(failed)
         return json_response([plain(r) for r in results])
+
+
+def first_failed(results: list[ItemResult]) -> StatusError | None:
+    """The error of the first failed item (``items[2]: ...``), which fails the whole request."""
+    for i, result in enumerate(results):
+        if result.error is not None:
+            return item_error(result, f"items[{i}]")
+    return None
+
+
+# Answered in the gateway (the fewest layers between the socket and the engine): path -> task.
+INFERENCE_TASKS = {"/v1/classify": "classify", "/v1/embed": "embed"}
+Answer = Callable[[str, list], Awaitable[list[ItemResult]]]
+
+
+def inference_handler(answer: Answer):
+    """The gateway's handler of ``/v1/classify`` and ``/v1/embed``: ``answer(task, items)`` (the
+    service's fair batcher) and the answer sent straight to the socket, with the same status codes,
+    bodies and headers as the ``@bentoml.api`` routes, but without Starlette's router, BentoML's API
+    wrapper and IO descriptors."""
+
+    async def handle(path: str, parsed: ClassifyInput | EmbedInput, tenant: str, send) -> int:
+        for item in parsed.items:
+            item._tenant = tenant
+        results = without_extras(await answer(INFERENCE_TASKS[path], parsed.items), parsed.include)
+        failed = first_failed(results)
+        if failed is not None:
+            return await send_error(send, failed, path)
+        body = _dumps([plain(r) for r in results]).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": json_headers(body, 200)})
+        await send({"type": "http.response.body", "body": body})
+        return 200
+
+    return handle
 
 
 def plain(result: ItemResult) -> dict[str, Any]:

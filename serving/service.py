@@ -32,7 +32,7 @@ from serving.auth import TokenRefresher
 from serving.console_app import CONSOLE_ROUTES, console_app
 from serving.fairness import FairBatcher
 from serving.gateway import GatewayMiddleware, GatewayState
-from serving.http_io import ClassifyInput, EmbedInput, ResultsOutput, without_extras
+from serving.http_io import ClassifyInput, EmbedInput, ResultsOutput, inference_handler, without_extras
 from serving.inference import error_result, row_count, run_jobs, runs_alone
 from serving.jobs import JobRunner
 from serving.jobs_routes import JOB_ROUTES
@@ -82,6 +82,22 @@ def enable_logging() -> None:
         handler._loraplex = True  # type: ignore[attr-defined]
         root.addHandler(handler)
         root.propagate = False
+
+
+def http_stack() -> str:
+    """The event loop this worker runs on and the HTTP parser uvicorn's ``http="auto"`` resolves to
+    (BentoML starts uvicorn with loop and http on auto): uvloop and httptools, both dependencies, cost
+    the server less CPU per request than asyncio's own loop and the pure-Python h11."""
+    import asyncio
+
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    try:
+        loop = type(asyncio.get_running_loop())
+        loop_name = f"{loop.__module__}.{loop.__qualname__}"
+    except RuntimeError:  # an in-process instance outside any loop
+        loop_name = "none running"
+    return f"event loop {loop_name}, HTTP parser {AutoHTTPProtocol.__module__}.{AutoHTTPProtocol.__name__}"
 
 
 def token_limit(settings: ServiceSettings, base: BaseModelEntry | None) -> int:
@@ -143,6 +159,7 @@ class LoraplexService:
         if settings is None and SETTINGS_ERROR is not None:
             raise SETTINGS_ERROR
         enable_logging()
+        logger.info("HTTP: %s", http_stack())
         checked = check_startup(settings=settings or SETTINGS)
         settings = checked.settings
         self.settings = settings
@@ -180,6 +197,7 @@ class LoraplexService:
             resident=lambda: self.engine.resident() if self.engine is not None else [],
             limiter=InflightLimiter(self.limits.max_inflight),
             preload=ColdLoads(lambda: self.engine),
+            inference=inference_handler(self._answer),
             metrics_public=settings.metrics_auth == "public" or settings.insecure_dev,
             base_name=self.base.name,
         )

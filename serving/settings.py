@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +26,10 @@ from adapters_store.tokens import entry_digest
 
 ENV_PREFIX = "LORAPLEX_"
 CONFIG_ENV = "LORAPLEX_CONFIG"
+# The routes that run the engine: their per-request BentoML telemetry follows ``inference_telemetry``.
+INFERENCE_ROUTES = ("/v1/classify", "/v1/embed", "/v1/embeddings", "/v1/classifications")
+# BentoML's own default access-log skip list (probes and the scrape), kept when we extend it.
+BENTOML_LOG_SKIP_PATHS = ("/metrics", "/healthz", "/livez", "/readyz")
 
 
 class LimitSettings(BaseModel):
@@ -182,6 +187,14 @@ class ServiceSettings(BaseModel):
         le=300.0,
         description="After SIGTERM: seconds of /readyz 503 while still serving.",
     )
+    inference_telemetry: bool = Field(
+        default=False,
+        description="BentoML's per-request OpenTelemetry span and access-log line for the inference "
+        "routes (/v1/classify, /v1/embed, /v1/embeddings, /v1/classifications). Off by default: the "
+        "span alone costs more server CPU per request than loraplex's own HTTP code "
+        "(benchmarks/bench_asgi_layers.py); loraplex's metrics count every request either way, and "
+        "every other route keeps both.",
+    )
     limits: LimitSettings = Field(default_factory=LimitSettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
 
@@ -255,11 +268,16 @@ def bentoml_config(settings: ServiceSettings | None) -> dict[str, Any]:
     def value(name: str) -> Any:
         return getattr(settings, name) if settings is not None else ServiceSettings.model_fields[name].default
 
-    return {
+    config = {
         "workers": value("workers"),
         "traffic": {"timeout": value("request_timeout_s")},
         "resources": {"cpu": str(value("threads"))},
     }
+    if not value("inference_telemetry"):
+        # BentoML's request metrics share this list but only skip their last-request timestamp.
+        config["logging"] = {"access": {"skip_paths": [*BENTOML_LOG_SKIP_PATHS, *INFERENCE_ROUTES]}}
+        config["tracing"] = {"excluded_urls": [f"{re.escape(p)}$" for p in INFERENCE_ROUTES]}
+    return config
 
 
 def settings_error(
@@ -363,6 +381,7 @@ _PLAIN_FIELDS = (
     "workers",
     "request_timeout_s",
     "drain_s",
+    "inference_telemetry",
 )
 
 

@@ -71,6 +71,8 @@ def test_demo_serves_and_its_curl_commands_work(tmp_path):
         for _, _, body in (answers[0], answers[1], answers[2], answers[6]):
             top = json.loads(body)[0]["scores"][0]
             assert top >= 0.6, body  # every printed classify example answers confidently
+        runtime = json.loads(answers[8][2])["runtime"]  # issue 18: onnxruntime with no extra step
+        assert runtime["name"] == "onnx" and runtime["onnx_passes"] >= 4, answers[8]
         listed = subprocess.run(
             [sys.executable, "-m", "training.cli", "adapters", "list", "--json"],
             capture_output=True,

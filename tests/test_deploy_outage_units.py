@@ -33,6 +33,7 @@ class FlakyStore:
 class _Manifest:
     def __init__(self, tenant, name, version):
         self.tenant, self.name, self.version = tenant, name, version
+        self.created_at = f"2026-11-30T00:00:0{version % 10}Z"
         self.digest = f"digest-{tenant}-{name}-{version}"
 
 

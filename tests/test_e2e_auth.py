@@ -78,6 +78,7 @@ def env(tmp_path_factory, tiny_bert_dir):
         AWS_ACCESS_KEY_ID=S["aws_key"],
         AWS_SECRET_ACCESS_KEY=S["aws_secret"],
         BENTOML_CONFIG_OPTIONS="api_server.logging.access.enabled=true",
+        LORAPLEX_INFERENCE_TELEMETRY="1",  # the inference routes' access-log lines are swept too
     )
     server = serve_ready("serving.service:LoraplexService", server_env, tmp)
     client = httpx.Client(base_url=server.url, timeout=60)

@@ -405,6 +405,25 @@ def test_per_tenant_metrics(env):
     assert 'loraplex_cache{stat="loads"}' in text
 
 
+def test_inference_is_answered_by_the_gateway_on_uvloop_and_httptools(env):
+    """Issue 18, a lean HTTP path: the server runs on uvloop and httptools; /v1/classify and /v1/embed
+    are answered by our gateway, never by BentoML's API wrapper (which stamps a ``Server: BentoML
+    Service/...`` header on every answer of its own), and skip BentoML's access log and tracing."""
+    c = env["client"]
+    answer = classify(c, "acme", "intent", text="a lean path")
+    embedded = c.post("/v1/embed", json={"items": [{"text": "x"}]}, headers=tenant_auth("acme"))
+    assert answer.status_code == 200 and embedded.status_code == 200, (answer.text, embedded.text)
+    assert "server" not in answer.headers and "server" not in embedded.headers
+    assert "x-bentoml-request-id" not in answer.headers
+    assert c.get("/v1/adapters", headers=tenant_auth("acme")).status_code == 200
+    time.sleep(0.5)  # let the log lines reach the file
+    log = env["server"].log_tail(10_000_000)
+    assert "HTTP: event loop uvloop.Loop, HTTP parser uvicorn.protocols.http.httptools_impl" in log
+    access = [line for line in log.splitlines() if "(scheme=http,method=" in line]  # BentoML access log
+    assert any("/v1/adapters" in line for line in access), log[-3000:]
+    assert not any("/v1/classify" in line or "/v1/embed" in line for line in access)
+
+
 def test_warm_pin_and_cache_status(env):
     c = env["client"]
     base = "/v1/admin/tenants/initech/adapters/topics"

@@ -10,14 +10,16 @@ from adapters_store import describe_base, open_store
 from adapters_store.errors import IncompatibleBase, IntegrityError, NotFound, ValidationError
 from serving.engine import Engine, EngineSettings, InferenceItem, InferenceResult
 from tests.test_engine_support import (
-    apply_head,
+    expected_alone,
     head_bundle,
     import_peft,
     mean_pool,
     partial_bundle,
     peft_reference,
+    result_values,
     save_ia3,
     save_lora,
+    tokenizer,
 )
 
 torch.set_num_threads(1)
@@ -97,39 +99,6 @@ def engine(world):
     return Engine(store, base="tiny", settings=EngineSettings(max_batch_rows=128, threads=1))
 
 
-def _tok(base_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(base_dir)
-
-
-def _expected(ref: dict, text: str, base_dir, tok, base_model) -> torch.Tensor:
-    """The tenant's output for ``text`` run alone (batch of one, no padding)."""
-    enc = tok([text], return_tensors="pt")
-    with torch.inference_mode():
-        if ref["kind"] == "logits":
-            return ref["peft"](**enc).logits[0]
-        if ref["kind"] == "embed":
-            return mean_pool(ref["peft"](**enc).last_hidden_state, enc["attention_mask"])[0]
-        if ref["kind"] == "partial":
-            from transformers import BertModel
-
-            model = BertModel.from_pretrained(base_dir).eval()
-            model.load_state_dict(ref["top"], strict=False)
-            return apply_head(ref["head"], mean_pool(model(**enc).last_hidden_state, enc["attention_mask"]))[
-                0
-            ]
-        hidden = base_model(**enc).last_hidden_state
-        if ref["kind"] == "head-cls":
-            return apply_head(ref["head"], mean_pool(hidden, enc["attention_mask"]))[0]
-        return apply_head(ref["head"], hidden[:, 0])[0]
-
-
-def _got(result: InferenceResult) -> torch.Tensor:
-    assert isinstance(result, InferenceResult), result
-    return torch.tensor(result.logits if result.logits is not None else result.embedding)
-
-
 def _items(refs: dict) -> list[InferenceItem]:
     items = []
     for j, (tenant, ref) in enumerate(refs.items()):
@@ -148,7 +117,7 @@ def test_mixed_batch_of_every_kind_matches_each_tenant_alone(world, engine, monk
     monkeypatch.setattr(lora_layers, "SEGMENT_LIMIT", segment_limit)
 
     store, refs, base_dir = world
-    tok, base_model = _tok(base_dir), BertModel.from_pretrained(base_dir).eval()
+    tok, base_model = tokenizer(base_dir), BertModel.from_pretrained(base_dir).eval()
     items = _items(refs) + [InferenceItem("anyone", None, "embed", text=t) for t in TEXTS[:3]]
     calls = []
     hook = engine.backbone.model.register_forward_hook(lambda *a: calls.append(1))
@@ -168,13 +137,13 @@ def test_mixed_batch_of_every_kind_matches_each_tenant_alone(world, engine, monk
                 )[0]
             assert result.adapter is None and result.version is None
         else:
-            want = _expected(refs[item.tenant], item.text, base_dir, tok, base_model)
+            want = expected_alone(refs[item.tenant], item.text, base_dir, tok, base_model)
             assert result.adapter == f"{item.tenant}/{item.adapter}" and result.version == 1
             assert result.digest == store.resolve(f"{item.tenant}/{item.adapter}").digest
-        diff = (_got(result) - want).abs().max().item()
+        diff = (result_values(result) - want).abs().max().item()
         worst = max(worst, diff)
         assert diff < TOL, f"{item.tenant}: max abs diff {diff}"
-        outputs.setdefault(item.text, []).append(_got(result))
+        outputs.setdefault(item.text, []).append(result_values(result))
     # The adapters really differ: the same sentence gives different answers across tenants.
     same_text = [o for o in outputs[TEXTS[0]] if o.numel() == outputs[TEXTS[0]][0].numel()]
     assert max((o - same_text[0]).abs().max().item() for o in same_text[1:]) > 1e-2
@@ -211,8 +180,8 @@ def test_bad_rows_get_specific_errors_and_the_rest_are_answered(world, engine, t
     assert all(isinstance(r, ValidationError) for r in res[5:8])
     for i in (0, 8):
         assert isinstance(res[i], InferenceResult)
-    want = _expected(refs["c1"], TEXTS[2], base_dir, _tok(base_dir), None)
-    assert (_got(res[8]) - want).abs().max().item() < TOL
+    want = expected_alone(refs["c1"], TEXTS[2], base_dir, tokenizer(base_dir), None)
+    assert (result_values(res[8]) - want).abs().max().item() < TOL
 
 
 def test_corrupted_file_fails_its_row_only(world, tiny_bert_dir, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import torch
 
@@ -58,3 +59,30 @@ def test_text_longer_than_the_position_table_is_cut_not_failed(tmp_path, tiny_be
     engine = Engine(store, base="tiny", settings=EngineSettings(max_seq_len=512, threads=1))  # tiny base: 128
     res = engine.infer([InferenceItem("acme", "h", "classify", text="refund my order " * 200)])
     assert isinstance(res[0], InferenceResult), res[0]
+
+
+def test_an_expired_answer_for_the_same_version_keeps_its_digest_and_a_new_version_gets_its_own(
+    tmp_path, tiny_bert_dir, monkeypatch
+):
+    from adapters_store.bundle import AdapterManifest
+
+    store = open_store(tmp_path / "store")
+    base = store.register_base(describe_base("tiny", tiny_bert_dir))
+    store.put(head_bundle(base, "acme", "h", 1, ["a", "b"])[0])
+    store.set_alias("acme", "h", "production", 1)
+    hashed = []
+    digest = AdapterManifest.digest.fget
+    monkeypatch.setattr(AdapterManifest, "digest", property(lambda m: hashed.append(m.version) or digest(m)))
+    resolver = AliasResolver(store, ttl_s=0.001)
+    first = resolver.resolve("acme", "h")
+    for _ in range(3):
+        time.sleep(0.005)  # the answer expires: the store is read again, the manifest is not re-hashed
+        again = resolver.resolve("acme", "h")
+        assert again.digest == first.digest and again.manifest.version == 1
+    assert hashed == [1]
+    store.put(head_bundle(base, "acme", "h", 2, ["a", "b"])[0])
+    store.set_alias("acme", "h", "production", 2)
+    time.sleep(0.005)
+    moved = resolver.resolve("acme", "h")
+    assert moved.manifest.version == 2 and moved.digest == digest(moved.manifest) != first.digest
+    assert hashed == [1, 2]

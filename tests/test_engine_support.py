@@ -16,6 +16,7 @@ from adapters_store import Bundle
 from adapters_store.base_models import BaseModelEntry
 from adapters_store.bundle import HEAD_WEIGHTS_FILE, MODEL_WEIGHTS_FILE
 from adapters_store.peft_import import import_peft_dir
+from serving.engine import InferenceResult
 
 
 def save_lora(
@@ -166,3 +167,37 @@ def apply_head(head: dict[str, torch.Tensor], x: torch.Tensor, activation=torch.
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.unsqueeze(-1).float()
     return (hidden * m).sum(1) / m.sum(1)
+
+
+def tokenizer(base_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base_dir)
+
+
+def expected_alone(ref: dict, text: str, base_dir, tok, base_model=None) -> torch.Tensor:
+    """The tenant's own model on ``text`` alone (batch of one, no padding): PEFT for LoRA/IA3, the
+    base (``base_model``, else loaded from ``base_dir``) plus the head for heads and partial tenants."""
+    from transformers import BertModel
+
+    enc = tok([text], return_tensors="pt")
+    with torch.inference_mode():
+        if ref["kind"] == "logits":
+            return ref["peft"](**enc).logits[0]
+        if ref["kind"] == "embed":
+            return mean_pool(ref["peft"](**enc).last_hidden_state, enc["attention_mask"])[0]
+        if ref["kind"] == "partial":
+            model = BertModel.from_pretrained(base_dir).eval()
+            model.load_state_dict(ref["top"], strict=False)
+            hidden = model(**enc).last_hidden_state
+            return apply_head(ref["head"], mean_pool(hidden, enc["attention_mask"]))[0]
+        hidden = (base_model or BertModel.from_pretrained(base_dir).eval())(**enc).last_hidden_state
+        if ref["kind"] == "head-cls":
+            return apply_head(ref["head"], mean_pool(hidden, enc["attention_mask"]))[0]
+        return apply_head(ref["head"], hidden[:, 0])[0]
+
+
+def result_values(result: InferenceResult) -> torch.Tensor:
+    """An answered row's logits (classify) or embedding, as a tensor."""
+    assert isinstance(result, InferenceResult), result
+    return torch.tensor(result.logits if result.logits is not None else result.embedding)

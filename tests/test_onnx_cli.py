@@ -62,3 +62,70 @@ def test_mounted_in_the_loraplex_cli():
 
     result = CliRunner().invoke(main, ["onnx", "export", "--help"])
     assert result.exit_code == 0 and "--quantize [int8]" in result.output and "--store" in result.output
+
+
+def test_ia3_targets_and_fusion_options_shape_the_stored_graphs(tmp_path, tiny_bert_dir):
+    url = _store(tmp_path, tiny_bert_dir)
+    runner = CliRunner()
+    base = ["export", "--base", "tiny", "--store", url, "--threads", "1"]
+    fused = runner.invoke(onnx_group, [*base, "--fusion", "fused"])
+    assert fused.exit_code == 0, fused.output
+    stored = open_store(url)
+    entry = stored.get_base("tiny")
+    fp32 = json.loads(runner.invoke(onnx_group, [*base, "--json"]).output)
+    assert fp32["graph_optimization"]["kept"] == "fused" and "graph: fused" in fused.output
+
+    lora_only = runner.invoke(onnx_group, [*base, "--lora-targets", "query,value", "--ia3-targets", "none"])
+    assert lora_only.exit_code == 0, lora_only.output
+    assert "IA3 on none" in lora_only.output
+    custom = runner.invoke(
+        onnx_group,
+        [
+            *base,
+            "--lora-targets",
+            "query",
+            "--ia3-targets",
+            "value,intermediate.dense,output.dense",
+            "--ia3-feedforward",
+            "intermediate.dense",
+        ],
+    )
+    assert custom.exit_code == 0, custom.output
+    record = json.loads(
+        runner.invoke(
+            onnx_group,
+            [
+                *base,
+                "--lora-targets",
+                "query",
+                "--ia3-targets",
+                "value,intermediate.dense,output.dense",
+                "--ia3-feedforward",
+                "intermediate.dense",
+                "--json",
+            ],
+        ).output
+    )["lora"]
+    assert record["ia3_in"] == ["intermediate.dense"]
+    assert set(record["ia3_out"]) == {"attention.self.value", "attention.output.dense", "output.dense"}
+    assert "stored in" in custom.output  # a different IA3 set is a new graph, not the LoRA-only one reused
+    assert stored.has_artifact("tiny", entry.fingerprint, "backbone-lora-fp32.onnx")
+
+
+def test_ia3_options_are_refused_where_they_mean_nothing(tmp_path, tiny_bert_dir):
+    url = _store(tmp_path, tiny_bert_dir)
+    runner = CliRunner()
+    base = ["export", "--base", "tiny", "--store", url]
+    alone = runner.invoke(onnx_group, [*base, "--ia3-targets", "value"])
+    assert alone.exit_code == 2 and "give --lora-targets too" in alone.output
+    stray = runner.invoke(
+        onnx_group,
+        [*base, "--lora-targets", "query", "--ia3-targets", "value", "--ia3-feedforward", "output.dense"],
+    )
+    assert stray.exit_code == 2 and "must be among --ia3-targets" in stray.output
+    bogus = runner.invoke(onnx_group, [*base, "--lora-targets", "query", "--ia3-targets", "bogus"])
+    assert isinstance(bogus.exception, OnnxExportError) and "unknown IA3 target 'bogus'" in str(
+        bogus.exception
+    )
+    entry = open_store(url).get_base("tiny")
+    assert not open_store(url).has_artifact("tiny", entry.fingerprint, "backbone-lora-fp32.onnx")

@@ -16,11 +16,11 @@ from serving.engine import Engine, EngineSettings, InferenceItem, InferenceResul
 from serving.onnx_adapters import LoraSlots, LoraWeights, stack_loras
 from serving.onnx_backbone import OrtBackbone
 from tests.test_engine_support import (
-    apply_head,
+    expected_alone,
     head_bundle,
     import_peft,
-    mean_pool,
     peft_reference,
+    result_values,
     save_ia3,
     save_lora,
 )
@@ -79,25 +79,8 @@ def _items(refs: dict) -> list[InferenceItem]:
     return items + [InferenceItem("anyone", None, "embed", text=t) for t in TEXTS[:2]]
 
 
-def _alone(ref: dict, text: str, base_dir, tok) -> torch.Tensor:
-    """The tenant's own model on ``text`` alone (PEFT for LoRA/IA3; base + head for heads)."""
-    from transformers import BertModel
-
-    enc = tok([text], return_tensors="pt")
-    with torch.inference_mode():
-        if ref["kind"] == "logits":
-            return ref["peft"](**enc).logits[0]
-        if ref["kind"] == "embed":
-            return mean_pool(ref["peft"](**enc).last_hidden_state, enc["attention_mask"])[0]
-        hidden = BertModel.from_pretrained(base_dir).eval()(**enc).last_hidden_state
-        if ref["kind"] == "head-cls":
-            return apply_head(ref["head"], mean_pool(hidden, enc["attention_mask"]))[0]
-        return apply_head(ref["head"], hidden[:, 0])[0]
-
-
-def _values(result: InferenceResult) -> np.ndarray:
-    assert isinstance(result, InferenceResult), result
-    return np.asarray(result.logits if result.logits is not None else result.embedding)
+def _np(result: InferenceResult) -> np.ndarray:
+    return result_values(result).numpy()
 
 
 def test_export_records_ia3_on_both_sides(mixed):
@@ -123,19 +106,19 @@ def test_every_kind_in_one_ort_call_equals_torch_and_peft(mixed, tiny_bert_dir):
     tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
     for item, w, g in zip(items, want, got, strict=True):
         assert (g.adapter, g.digest) == (w.adapter, w.digest)
-        np.testing.assert_allclose(_values(g), _values(w), atol=TOL, err_msg=f"{item.tenant} vs torch")
+        np.testing.assert_allclose(_np(g), _np(w), atol=TOL, err_msg=f"{item.tenant} vs torch")
         if item.adapter is not None:
-            alone = _alone(refs[item.tenant], item.text, tiny_bert_dir, tok).numpy()
-            np.testing.assert_allclose(_values(g), alone, atol=TOL, err_msg=f"{item.tenant} vs alone")
+            alone = expected_alone(refs[item.tenant], item.text, tiny_bert_dir, tok).numpy()
+            np.testing.assert_allclose(_np(g), alone, atol=TOL, err_msg=f"{item.tenant} vs alone")
     # the adapters really change the backbone: no two LoRA/IA3 tenants agree on the same text
     same = [InferenceItem(t, "a", "embed", text=TEXTS[0]) for t, *_ in [*LORAS[:3], *IA3S]]
-    vecs = [_values(r) for r in ort_engine.infer(same)]
+    vecs = [_np(r) for r in ort_engine.infer(same)]
     assert min(np.abs(a - b).max() for i, a in enumerate(vecs) for b in vecs[:i]) > 1e-3
     writes = ort_engine.ort.slots.writes
     again = ort_engine.infer(items)
     assert ort_engine.ort.slots.writes == writes  # resident LoRA and IA3 slots are not packed again
     for g, a in zip(got, again, strict=True):
-        np.testing.assert_allclose(_values(a), _values(g), atol=1e-6)
+        np.testing.assert_allclose(_np(a), _np(g), atol=1e-6)
 
 
 def test_ia3_outside_the_graph_falls_back_to_torch(mixed, tiny_bert_dir, tmp_path):
@@ -152,7 +135,7 @@ def test_ia3_outside_the_graph_falls_back_to_torch(mixed, tiny_bert_dir, tmp_pat
     assert ort_engine.ort.calls == 0 and ort_engine.ort.fallbacks == {"adapter outside the graph": 1}
     want = Engine(store, base="tiny", settings=EngineSettings(threads=1)).infer(items)
     for g, w in zip(got, want, strict=True):
-        np.testing.assert_allclose(_values(g), _values(w), atol=TOL)
+        np.testing.assert_allclose(_np(g), _np(w), atol=TOL)
     record = ort_engine.ort.lora.record
     with pytest.raises(UnsupportedAdapter, match="IA3 output-side modules \\['attention.self.query'\\]"):
         stack_loras(record, [LoraWeights.from_bundle(store.get("i-query/a"))])

@@ -41,11 +41,19 @@ def test_one_settings_object_gives_the_decorator_the_engine_and_the_limits():
         max_batch_size=7,
         limits=LimitSettings(max_tokens=100, max_queue_ms=50, max_inputs=5),
     )
-    assert bentoml_config(settings) == {
+    config = bentoml_config(settings)
+    assert {k: config[k] for k in ("workers", "traffic", "resources")} == {
         "workers": 2,
         "traffic": {"timeout": 33.0},
         "resources": {"cpu": "3"},
     }
+    assert set(config) == {
+        "workers",
+        "traffic",
+        "resources",
+        "logging",
+        "tracing",
+    }  # see test_gateway_inference
     engine = engine_settings(settings)
     assert (engine.threads, engine.max_batch_rows, engine.max_seq_len) == (3, 7, 100)
     limits = effective_limits(settings)
@@ -313,6 +321,22 @@ def test_the_inference_routes_take_the_gateways_parsed_body_without_reading_it()
     request = Request({"type": "http", "method": "POST", "headers": [], "state": state}, receive)
     got = asyncio.run(ClassifyInput.from_http_request(request, None))
     assert got is parsed and got.items[0].tenant == "acme"
+
+
+def test_the_service_answers_classify_in_its_gateway_with_usage_counted(stack, monkeypatch):
+    """The stack mounts no BentoML route: /v1/classify is answered by the gateway's handler, through
+    the service's fair batcher, with the caller's usage counted."""
+    monkeypatch.setattr(type(stack.service), "classify", None)  # the @bentoml.api method is not on the path
+    before = stack.service.usage.snapshot()["tenants"].get("acme", {}).get("rows", 0)
+    body = {"items": [{"adapter": "alpha", "text": "one"}, {"adapter": "alpha", "text": "two"}]}
+    answer = asyncio.run(stack.call("POST", "/v1/classify", json=body))
+    assert answer.status_code == 200, answer.text
+    assert [r["adapter"] for r in answer.json()] == ["acme/alpha"] * 2 and "digest" not in answer.json()[0]
+    assert stack.service.usage.snapshot()["tenants"]["acme"]["rows"] == before + 2
+    missing = asyncio.run(
+        stack.call("POST", "/v1/classify", json={"items": [{"adapter": "nope", "text": "x"}]})
+    )
+    assert missing.status_code == 404 and missing.json()["message"].startswith("items[0]: ")
 
 
 def test_the_service_batcher_answers_shared_rows_before_a_full_fine_tunes_own_pass(

@@ -581,3 +581,44 @@ def test_run_batch_decodes_audio_for_an_audio_backbone(tmp_path):
     assert results[2].error.error == "validation_error" and "reads audio" in results[2].error.message
     with pytest.raises(PydanticValidationError, match="exactly one"):
         EmbedItem(text="x", audio_b64=_wav(pcm))
+
+
+def test_token_policy_reject_without_a_tokenizer_stops_the_start_before_any_worker(tiny_bert_dir, tmp_path):
+    """Found in the worker (the service's __init__), BentoML restarted the worker forever; the start-up
+    check that ``bentoml serve`` and ``loraplex serve`` run first now refuses it with one line."""
+    import shutil
+
+    from adapters_store.errors import InvalidSettings
+    from serving.preflight import check_startup
+    from serving.settings import LimitSettings
+
+    folder = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_bert_dir, folder)
+    (folder / "tokenizer.json").unlink()
+    store = open_store(tmp_path / "store")
+    store.register_base(describe_base("bare", folder))
+    store.register_base(describe_base("tiny", tiny_bert_dir))
+    reject = LimitSettings(token_policy="reject")
+    settings = ServiceSettings(store=str(tmp_path / "store"), base="bare", admin_token="admin-secret-1")
+    with pytest.raises(InvalidSettings, match="LORAPLEX_TOKEN_POLICY: 'reject' counts tokens") as err:
+        check_startup(settings=settings.model_copy(update={"limits": reject}))
+    assert "'bare'" in err.value.message and "truncate" in err.value.message
+    check_startup(settings=settings)  # 'truncate' needs no tokenizer file
+    ok = settings.model_copy(update={"limits": reject, "base": "tiny"})
+    assert check_startup(settings=ok).base.name == "tiny"
+
+
+def test_runtime_onnx_without_a_stored_export_stops_the_start(tiny_bert_dir, tmp_path):
+    """It used to start, load the engine in the worker, fail there and answer 503 on /readyz forever."""
+    from adapters_store.errors import InvalidSettings
+    from serving.preflight import check_startup
+
+    store = open_store(tmp_path / "store")
+    store.register_base(describe_base("tiny", tiny_bert_dir))
+    settings = ServiceSettings(store=str(tmp_path / "store"), base="tiny", admin_token="admin-secret-1")
+    for runtime, hint in [("onnx", "--base tiny'"), ("onnx-int8", "--base tiny --quantize int8'")]:
+        with pytest.raises(InvalidSettings, match=f"LORAPLEX_RUNTIME: '{runtime}' needs base 'tiny'") as err:
+            check_startup(settings=settings.model_copy(update={"runtime": runtime}))
+        assert hint in err.value.message
+    for runtime in ("auto", "torch"):  # these start without an export
+        check_startup(settings=settings.model_copy(update={"runtime": runtime}))

@@ -141,7 +141,7 @@ class LoraTextFeatures(nn.Module):
                 module.clear()
 
 
-def canonical_targets(entry: Any, targets: tuple[str, ...] | list[str]) -> list[str]:
+def canonical_targets(entry: Any, targets: tuple[str, ...] | list[str], kind: str = "LoRA") -> list[str]:
     """Target names -> Linear paths inside one encoder layer, matched by PEFT's own rule (a name is a
     dotted suffix: ``output.dense`` takes both feed-forward and attention output), the base's layer 0."""
     prefix = "encoder.layer.0."
@@ -154,7 +154,7 @@ def canonical_targets(entry: Any, targets: tuple[str, ...] | list[str]) -> list[
     for t in targets:
         hits = [p for p in linears if peft_spec.is_targeted({"target_modules": [t]}, p)]
         if not hits:
-            raise OnnxExportError(f"unknown LoRA target {t!r}; choose from {', '.join(sorted(linears))}")
+            raise OnnxExportError(f"unknown {kind} target {t!r}; choose from {', '.join(sorted(linears))}")
         out += [p for p in hits if p not in out]
     if not out:
         raise OnnxExportError("the LoRA graph needs at least one target")
@@ -169,7 +169,7 @@ def ia3_sides(
     if not targets:
         return [], []
     cfg = {"feedforward_modules": list(feedforward) if not isinstance(feedforward, str) else feedforward}
-    paths = canonical_targets(entry, targets)
+    paths = canonical_targets(entry, targets, kind="IA3")
     ia3_in = [p for p in paths if peft_spec.is_feedforward(cfg, f"encoder.layer.0.{p}")]
     return ia3_in, [p for p in paths if p not in ia3_in]
 
