@@ -106,6 +106,6 @@ def test_the_bento_carries_every_package_serving_imports():
         p.split("=")[0].split(">")[0].split("<")[0].strip().lower().replace("_", "-") for p in packages
     }
     assert "onnx" in wanted and "onnxruntime" in wanted
-    # the project itself; bentoml brings starlette, anyio, prometheus-client, pyyaml; boto3 brings botocore
-    implied = {"loraplex", "starlette", "anyio", "prometheus-client", "pyyaml", "httpx", "botocore"}
+    # the project itself; bentoml brings starlette, uvicorn, anyio, prometheus-client, pyyaml; boto3 brings botocore
+    implied = {"loraplex", "starlette", "uvicorn", "anyio", "prometheus-client", "pyyaml", "httpx", "botocore"}
     assert wanted - carried - implied == set()
