@@ -67,3 +67,17 @@ def test_a_head_that_does_not_match_the_labels_is_refused():
         answer_rows(
             _rows(adapter, ["classify", "embed"]), adapter, torch.zeros(2, 4), [1, 1], EngineSettings()
         )
+
+
+def test_result_building_runs_on_one_thread_and_restores_the_setting():
+    from serving.engine.forward import single_threaded
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError), single_threaded():
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("a failing head")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -5,7 +5,8 @@ Callers hold the engine's forward lock: the wrappers' context is shared state of
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -129,24 +130,46 @@ def run_shared(
     leaders, pass_of = share_rows([shared_input_key(backbone, r) for r in rows])
     if len(leaders) == len(rows):
         plan, adapters, ordered, hidden, pooled, mask = _forward(backbone, rows, settings, ort)
-        out: list[InferenceResult | None] = [None] * len(rows)
-        # Pool and count tokens once per batch, not per segment: a 64-tenant batch has ~30 segments.
-        counts = [None] * len(rows) if mask is None else mask.sum(dim=1).tolist()
-        features: dict[str, torch.Tensor] = {}  # pooling -> [rows, H] in planned order
-        for seg in plan.segments:
-            adapter = adapters[seg.slot] if seg.slot >= 0 else None
-            if adapter is not None and adapter.pooler is not None and adapter.pooling == "pooler":
-                answers = finish_segment(seg, ordered, adapter, hidden, mask, pooled, settings)
-            else:
-                how = settings.base_pooling if adapter is None else adapter.pooling
-                if how not in features:
-                    features[how] = pool(hidden, mask, pooled, how)
-                span = slice(seg.start, seg.end)
-                answers = answer_rows(ordered[span], adapter, features[how][span], counts[span], settings)
-            for pos, answer in zip(range(seg.start, seg.end), answers, strict=True):
-                out[plan.order[pos]] = answer
-        return out  # type: ignore[return-value]
+        with single_threaded():
+            return _answer_planned(plan, adapters, ordered, hidden, pooled, mask, settings)
     return _run_sharing(backbone, rows, leaders, pass_of, settings, ort)
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run the tiny per-segment tensor ops (pooling, heads, softmax) on one intra-op thread. Each op on
+    a [rows, ...] tensor otherwise opens a parallel region; right after a backbone pass, waiting for
+    the second thread made a 2-row head + softmax cost ~8-23 ms of wall time instead of ~0.2 ms on a
+    busy 2-core box (measured, issue 18). The setting is process-wide; callers hold the forward lock."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _answer_planned(plan, adapters, ordered, hidden, pooled, mask, settings) -> list[InferenceResult]:
+    out: list[InferenceResult | None] = [None] * len(ordered)
+    # Pool and count tokens once per batch, not per segment: a 64-tenant batch has ~30 segments.
+    counts = [None] * len(ordered) if mask is None else mask.sum(dim=1).tolist()
+    features: dict[str, torch.Tensor] = {}  # pooling -> [rows, H] in planned order
+    for seg in plan.segments:
+        adapter = adapters[seg.slot] if seg.slot >= 0 else None
+        if adapter is not None and adapter.pooler is not None and adapter.pooling == "pooler":
+            answers = finish_segment(seg, ordered, adapter, hidden, mask, pooled, settings)
+        else:
+            how = settings.base_pooling if adapter is None else adapter.pooling
+            if how not in features:
+                features[how] = pool(hidden, mask, pooled, how)
+            span = slice(seg.start, seg.end)
+            answers = answer_rows(ordered[span], adapter, features[how][span], counts[span], settings)
+        for pos, answer in zip(range(seg.start, seg.end), answers, strict=True):
+            out[plan.order[pos]] = answer
+    return out  # type: ignore[return-value]
 
 
 def _forward(
@@ -182,7 +205,12 @@ def _run_sharing(
         rows[i] if k is None else replace(rows[i], adapter=None) for i, k in zip(leaders, keys, strict=True)
     ]
     plan, _, _, hidden, pooled, mask = _forward(backbone, pass_rows, settings, ort)
-    position = [0] * len(pass_rows)  # pass row -> planned position
+    with single_threaded():
+        return _answer_shared(rows, plan, hidden, pooled, mask, pass_of, settings)
+
+
+def _answer_shared(rows, plan, hidden, pooled, mask, pass_of, settings) -> list[InferenceResult]:
+    position = [0] * len(plan.order)  # pass row -> planned position
     for pos, p in enumerate(plan.order):
         position[p] = pos
     out: list[InferenceResult | None] = [None] * len(rows)
@@ -235,7 +263,8 @@ def run_full(
     inputs = encode_rows(backbone, rows, settings)
     hidden, pooled = run_model(adapter.full_model, inputs)
     seg = Segment(0, 0, len(rows))
-    return finish_segment(seg, rows, adapter, hidden, inputs.get("attention_mask"), pooled, settings)
+    with single_threaded():
+        return finish_segment(seg, rows, adapter, hidden, inputs.get("attention_mask"), pooled, settings)
 
 
 def finish_segment(
