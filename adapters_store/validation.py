@@ -8,6 +8,7 @@ is materialised.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -124,7 +125,7 @@ def _check_tensor_meta(name: str, key: str, meta: Any, body: int) -> None:
     start, end = offs
     if not 0 <= start <= end <= body:
         raise ValidationError(f"{name}: tensor {key!r} data_offsets {offs} fall outside the file")
-    if end - start != int(np.prod(shape, dtype=np.int64)) * _ITEMSIZE[meta["dtype"]]:
+    if end - start != math.prod(shape) * _ITEMSIZE[meta["dtype"]]:  # Python ints: exact, ~10x faster
         raise ValidationError(
             f"{name}: tensor {key!r} byte length does not match dtype {meta['dtype']} x {shape}"
         )
