@@ -78,34 +78,14 @@ def test_ia3_targets_and_fusion_options_shape_the_stored_graphs(tmp_path, tiny_b
     lora_only = runner.invoke(onnx_group, [*base, "--lora-targets", "query,value", "--ia3-targets", "none"])
     assert lora_only.exit_code == 0, lora_only.output
     assert "IA3 on none" in lora_only.output
-    custom = runner.invoke(
-        onnx_group,
-        [
-            *base,
-            "--lora-targets",
-            "query",
-            "--ia3-targets",
-            "value,intermediate.dense,output.dense",
-            "--ia3-feedforward",
-            "intermediate.dense",
-        ],
-    )
+    custom_args = [
+        *base,
+        *("--lora-targets", "query", "--ia3-targets", "value,intermediate.dense,output.dense"),
+        *("--ia3-feedforward", "intermediate.dense"),
+    ]
+    custom = runner.invoke(onnx_group, custom_args)
     assert custom.exit_code == 0, custom.output
-    record = json.loads(
-        runner.invoke(
-            onnx_group,
-            [
-                *base,
-                "--lora-targets",
-                "query",
-                "--ia3-targets",
-                "value,intermediate.dense,output.dense",
-                "--ia3-feedforward",
-                "intermediate.dense",
-                "--json",
-            ],
-        ).output
-    )["lora"]
+    record = json.loads(runner.invoke(onnx_group, [*custom_args, "--json"]).output)["lora"]
     assert record["ia3_in"] == ["intermediate.dense"]
     assert set(record["ia3_out"]) == {"attention.self.value", "attention.output.dense", "output.dense"}
     assert "stored in" in custom.output  # a different IA3 set is a new graph, not the LoRA-only one reused
