@@ -24,7 +24,7 @@ import time
 
 import bentoml
 
-from adapters_store.base_models import BaseModelEntry, resolve_source
+from adapters_store.base_models import BaseModelEntry
 from adapters_store.errors import InvalidRequest, LoraplexError
 from adapters_store.quotas import TenantQuota
 from serving import metrics
@@ -39,7 +39,7 @@ from serving.jobs_routes import JOB_ROUTES
 from serving.limits import InflightLimiter, TokenCounter
 from serving.management import ManagementContext, build_app
 from serving.openai_api import OPENAI_ROUTES, ClassificationsRequest, EmbeddingsRequest, openapi_paths
-from serving.preflight import check_startup
+from serving.preflight import check_startup, token_counter_file
 from serving.preload import ColdLoads
 from serving.quota_routes import QUOTA_ROUTES
 from serving.quotas import QuotaBook, UsageLedger
@@ -246,12 +246,8 @@ class LoraplexService:
 
     def _token_counter(self) -> TokenCounter | None:
         """Only for ``token_policy='reject'``; the base's own tokenizer counts (a missing one fails the start)."""
-        if self.settings.limits.token_policy != "reject":
-            return None
-        path = resolve_source(self.base) / "tokenizer.json"
-        if not path.is_file():
-            raise InvalidRequest(f"LORAPLEX_TOKEN_POLICY=reject needs {path}; use 'truncate' for this base")
-        return TokenCounter(str(path))
+        path = token_counter_file(self.settings, self.base)
+        return None if path is None else TokenCounter(str(path))
 
     def _load_engine(self) -> None:
         from serving.engine import Engine
