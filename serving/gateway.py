@@ -40,7 +40,7 @@ from serving.auth import DEV_TENANT_HEADER, Principal, TokenBook
 from serving.error_responses import StatusError, error_body, json_headers, send_error
 from serving.limits import InflightLimiter, check_content_length, check_items, limited_receive, read_body
 from serving.openai_errors import is_openai_error, is_openai_path
-from serving.settings import LimitSettings
+from serving.settings import NATIVE_INFERENCE_ROUTES, LimitSettings
 
 logger = logging.getLogger("loraplex.gateway")
 
@@ -51,7 +51,7 @@ PUBLIC_PATHS = frozenset(
 ) | {"/console"}
 # The console's files are static and hold no data; its data comes from token-checked /v1 routes.
 PUBLIC_PREFIXES = ("/static_content/", "/assets/", "/console/")
-INFERENCE_PATHS = frozenset({"/v1/classify", "/v1/embed"})
+INFERENCE_PATHS = frozenset(NATIVE_INFERENCE_ROUTES)
 _CODES = {
     400: "invalid_request",
     401: "unauthorized",
