@@ -162,11 +162,9 @@ def _answer_planned(plan, adapters, ordered, hidden, pooled, mask, settings) -> 
         if adapter is not None and adapter.pooler is not None and adapter.pooling == "pooler":
             answers = finish_segment(seg, ordered, adapter, hidden, mask, pooled, settings)
         else:
-            how = settings.base_pooling if adapter is None else adapter.pooling
-            if how not in features:
-                features[how] = pool(hidden, mask, pooled, how)
             span = slice(seg.start, seg.end)
-            answers = answer_rows(ordered[span], adapter, features[how][span], counts[span], settings)
+            feats = _pooled_once(features, adapter, hidden, mask, pooled, settings)[span]
+            answers = answer_rows(ordered[span], adapter, feats, counts[span], settings)
         for pos, answer in zip(range(seg.start, seg.end), answers, strict=True):
             out[plan.order[pos]] = answer
     return out  # type: ignore[return-value]
@@ -221,11 +219,8 @@ def _answer_shared(rows, plan, hidden, pooled, mask, pass_of, settings) -> list[
         adapter, where = rows[idx[0]].adapter, [position[pass_of[i]] for i in idx]
         at = torch.tensor(where)
         if leaves_backbone_untouched(adapter) and (adapter is None or adapter.pooler is None):
-            how = settings.base_pooling if adapter is None else adapter.pooling
-            if how not in features:
-                features[how] = pool(hidden, mask, pooled, how)
             tokens = [None] * len(idx) if counts is None else [counts[w] for w in where]
-            feats = features[how].index_select(0, at)
+            feats = _pooled_once(features, adapter, hidden, mask, pooled, settings).index_select(0, at)
             answers = answer_rows([rows[i] for i in idx], adapter, feats, tokens, settings)
         else:
             h = hidden.index_select(0, at)
@@ -236,6 +231,15 @@ def _answer_shared(rows, plan, hidden, pooled, mask, pass_of, settings) -> list[
         for i, answer in zip(idx, answers, strict=True):
             out[i] = answer
     return out  # type: ignore[return-value]
+
+
+def _pooled_once(features: dict[str, torch.Tensor], adapter, hidden, mask, pooled, settings) -> torch.Tensor:
+    """The whole pass pooled the way ``adapter`` pools (the base's way for bare rows), computed once per
+    pooling kind and kept in ``features`` for the batch's other segments."""
+    how = settings.base_pooling if adapter is None else adapter.pooling
+    if how not in features:
+        features[how] = pool(hidden, mask, pooled, how)
+    return features[how]
 
 
 def leaves_backbone_untouched(adapter: LoadedAdapter | None) -> bool:
