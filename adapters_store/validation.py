@@ -150,9 +150,16 @@ def check_finite(data: bytes, name: str, header: dict[str, dict[str, Any]]) -> N
             raise ValidationError(f"{name}: tensor {key!r} holds NaN or Inf values")
 
 
-def validate_bundle(bundle: Bundle, base: BaseModelEntry, limits: StoreLimits) -> AdapterSpec | None:
+def validate_bundle(
+    bundle: Bundle,
+    base: BaseModelEntry,
+    limits: StoreLimits,
+    headers: dict[str, dict[str, dict[str, Any]]] | None = None,
+) -> AdapterSpec | None:
     """Everything a put must check before a single byte is stored; returns the PEFT spec of a lora/ia3
-    bundle (the store writes it into the manifest). Raises a specific error."""
+    bundle (the store writes it into the manifest). Raises a specific error. ``headers``, when given,
+    receives each safetensors file's checked header, so a loader that reads the tensors next does not
+    parse (and bounds-check) every header a second time on a cold load."""
     m = bundle.manifest
     if m.base.fingerprint != base.fingerprint:
         raise IncompatibleBase(
@@ -173,7 +180,7 @@ def validate_bundle(bundle: Bundle, base: BaseModelEntry, limits: StoreLimits) -
     except IntegrityError as e:
         # A bundle being put disagrees with its own manifest: bad input, not a damaged store.
         raise ValidationError(f"bundle does not match its manifest: {e.message}") from None
-    headers = {}
+    headers = {} if headers is None else headers
     for fname, data in bundle.files.items():
         if fname.endswith(".safetensors"):
             headers[fname] = parse_safetensors(data, fname, limits)

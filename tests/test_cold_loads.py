@@ -202,6 +202,33 @@ def test_a_full_fine_tunes_weights_are_copied_by_torch_into_aligned_memory(store
     assert not isinstance(answer, Exception)
 
 
+@pytest.mark.parametrize("name", ["cold", "ft"])
+def test_a_cold_load_parses_each_safetensors_header_once(store, monkeypatch, name):
+    """The store's validation already parsed and bounds-checked every header; the loader reads the
+    tensors through those headers instead of parsing each file again (CPU a storm of loads takes)."""
+    from adapters_store import validation
+    from serving.engine import loader
+
+    parsed: list[str] = []
+    real = validation.parse_safetensors
+
+    def counting(data, fname, limits):
+        parsed.append(fname)
+        return real(data, fname, limits)
+
+    monkeypatch.setattr(validation, "parse_safetensors", counting)
+    monkeypatch.setattr(loader, "parse_safetensors", counting, raising=False)  # a loader of its own
+    engine = Engine(store, base="tiny", settings=EngineSettings(threads=1))
+    bundle = store.get(f"acme/{name}")
+    parsed.clear()
+    loaded = loader.load_adapter(bundle, engine.backbone)
+    files = sorted(f for f in bundle.files if f.endswith(".safetensors"))
+    assert len(files) >= 1 and sorted(parsed) == files
+    assert loaded.head is not None and (name != "ft" or loaded.full_model is not None)
+    answer = engine.infer([InferenceItem("acme", name, "classify", text="parsed once")])[0]
+    assert not isinstance(answer, Exception)
+
+
 @pytest.mark.e2e
 def test_over_http_cold_loads_never_run_inside_a_batch(tmp_path, tiny_bert_dir):
     """A real bentoml serve: concurrent warm and cold requests of many tenants; every cold adapter is

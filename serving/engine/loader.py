@@ -26,7 +26,7 @@ from adapters_store.bundle import (
 from adapters_store.errors import IncompatibleBase, UnsupportedAdapter, ValidationError
 from adapters_store.peft_spec import AdapterSpec, SavedModule
 from adapters_store.preparation import RowPreparation
-from adapters_store.validation import StoreLimits, parse_safetensors, validate_bundle
+from adapters_store.validation import StoreLimits, validate_bundle
 from serving.engine.backbone import Backbone, build_full_model
 from serving.engine.heads import HeadParams, head_from_classifier, head_from_file
 
@@ -73,7 +73,8 @@ def load_adapter(bundle: Bundle, backbone: Backbone) -> LoadedAdapter:
             f"({m.base.fingerprint[:12]}...), but this engine serves {backbone.entry.name!r} "
             f"({backbone.entry.fingerprint[:12]}...)"
         )
-    spec = validate_bundle(bundle, backbone.entry, _LIMITS)
+    headers: dict[str, dict] = {}  # each safetensors header, parsed and checked once by the validation
+    spec = validate_bundle(bundle, backbone.entry, _LIMITS, headers)
     loaded = LoadedAdapter(
         manifest=m,
         pooling=m.pooling,
@@ -82,15 +83,16 @@ def load_adapter(bundle: Bundle, backbone: Backbone) -> LoadedAdapter:
         preparation=RowPreparation.of(m),
     )
     if spec is not None:
-        _load_peft(bundle, backbone, loaded, spec)
+        _load_peft(bundle, headers, backbone, loaded, spec)
     else:
         loaded.head = head_from_file(
-            _tensors(bundle, HEAD_WEIGHTS_FILE), m.head.activation, backbone.feature_dim
+            _tensors(bundle, headers, HEAD_WEIGHTS_FILE), m.head.activation, backbone.feature_dim
         )
     if m.kind == "partial":
-        _load_partial(bundle, backbone, loaded)
+        _load_partial(bundle, headers, backbone, loaded)
     elif m.kind == "full":
-        loaded.full_model = build_full_model(backbone, _strip(_tensors(bundle, MODEL_WEIGHTS_FILE), backbone))
+        state = _strip(_tensors(bundle, headers, MODEL_WEIGHTS_FILE), backbone)
+        loaded.full_model = build_full_model(backbone, state)
     if m.task != "feature-extraction" and loaded.head is None:
         raise ValidationError(
             f"{m.tenant}/{m.name}: task {m.task!r} needs a head (modules_to_save classifier)"
@@ -99,14 +101,14 @@ def load_adapter(bundle: Bundle, backbone: Backbone) -> LoadedAdapter:
     return loaded
 
 
-def _tensors(bundle: Bundle, name: str) -> dict[str, torch.Tensor]:
+def _tensors(bundle: Bundle, headers: dict[str, dict], name: str) -> dict[str, torch.Tensor]:
     """The float tensors of one safetensors file, as float32, in memory of their own. Each is copied
     by torch from a view of the bundle's bytes: that copy releases the GIL, while
     ``safetensors.torch.load`` holds it for ~0.1 s over a full fine-tune's ~90 MB and stalls every
     other thread of the serving process, the warm tenants' batches included. (Serving straight from
     the views is no option: unaligned weights made a forward pass ~4x slower.)"""
     data = bundle.files[name]
-    header = parse_safetensors(data, name, _LIMITS)  # bounds-checked: every span lies inside the file
+    header = headers[name]  # bounds-checked by validate_bundle: every span lies inside the file
     body = 8 + struct.unpack("<Q", data[:8])[0]
     tensors = {}
     for key, meta in header.items():
@@ -129,9 +131,11 @@ def _strip(tensors: dict[str, torch.Tensor], backbone: Backbone) -> dict[str, to
     return {(k[len(p) :] if k.startswith(p) else k): t for k, t in tensors.items()}
 
 
-def _load_peft(bundle: Bundle, backbone: Backbone, loaded: LoadedAdapter, spec: AdapterSpec) -> None:
+def _load_peft(
+    bundle: Bundle, headers: dict[str, dict], backbone: Backbone, loaded: LoadedAdapter, spec: AdapterSpec
+) -> None:
     """Pack the tensors the spec names (adapters_store.peft_spec applied PEFT's rules once, at validation)."""
-    tensors = _tensors(bundle, PEFT_WEIGHTS_FILE)
+    tensors = _tensors(bundle, headers, PEFT_WEIGHTS_FILE)
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for path, mod in spec.modules.items():
         if path not in backbone.linears:
@@ -147,7 +151,9 @@ def _load_peft(bundle: Bundle, backbone: Backbone, loaded: LoadedAdapter, spec: 
     if HEAD_WEIGHTS_FILE in bundle.files:
         head = loaded.manifest.head
         activation = head.activation if head else "relu"
-        loaded.head = head_from_file(_tensors(bundle, HEAD_WEIGHTS_FILE), activation, backbone.feature_dim)
+        loaded.head = head_from_file(
+            _tensors(bundle, headers, HEAD_WEIGHTS_FILE), activation, backbone.feature_dim
+        )
     elif spec.head is not None:
         loaded.head = head_from_classifier(_saved(tensors, spec.head), backbone.feature_dim)
     if spec.pooler is not None:  # a modules_to_save pooler: BERT's dense + tanh on the first token
@@ -182,7 +188,9 @@ def _one_buffer(
     return out
 
 
-def _load_partial(bundle: Bundle, backbone: Backbone, loaded: LoadedAdapter) -> None:
+def _load_partial(
+    bundle: Bundle, headers: dict[str, dict], backbone: Backbone, loaded: LoadedAdapter
+) -> None:
     if backbone.layer_factory is None:
         raise UnsupportedAdapter(
             f"base {backbone.entry.name!r} has no encoder blocks to serve a partial fine-tune"
@@ -194,7 +202,7 @@ def _load_partial(bundle: Bundle, backbone: Backbone, loaded: LoadedAdapter) -> 
         )
     per_layer: dict[int, dict[str, torch.Tensor]] = {}
     pooler: dict[str, torch.Tensor] = {}
-    for key, t in _strip(_tensors(bundle, MODEL_WEIGHTS_FILE), backbone).items():
+    for key, t in _strip(_tensors(bundle, headers, MODEL_WEIGHTS_FILE), backbone).items():
         # Bundles hold checkpoint names; blocks are built under their in-memory names (ViT differs).
         if key.startswith("pooler.dense."):
             pooler[key.removeprefix("pooler.dense.")] = t
