@@ -229,6 +229,44 @@ def test_a_cold_load_parses_each_safetensors_header_once(store, monkeypatch, nam
     assert not isinstance(answer, Exception)
 
 
+def test_a_full_fine_tunes_pass_runs_on_one_intra_op_thread(store, monkeypatch):
+    """A full fine-tune's own torch pass must not wait at every op for a second intra-op thread that
+    the event loop or a cold load has taken; the warm batches queue behind that pass. The shared pass
+    keeps the configured threads, and the answers are those of a 2-thread pass."""
+    from serving.engine import engine as engine_mod
+    from serving.engine.forward import run_full
+
+    engine = Engine(store, base="tiny", settings=EngineSettings(threads=2))
+    rows = [InferenceItem("acme", "ft", "classify", text=t) for t in ("one thread", "is enough here")]
+    leases: list = []
+    prepared = [engine._prepare(r, leases, [None], 0) for r in rows]
+    with torch.inference_mode():
+        two_threads = run_full(prepared[0].adapter, prepared, engine.backbone, engine.settings)
+    for lease in leases:
+        lease.release()
+    seen: list[tuple[str, int]] = []
+    real_full, real_shared = engine_mod.run_full, engine_mod.run_shared
+
+    def full(*args, **kwargs):
+        seen.append(("full", torch.get_num_threads()))
+        return real_full(*args, **kwargs)
+
+    def shared(*args, **kwargs):
+        seen.append(("shared", torch.get_num_threads()))
+        return real_shared(*args, **kwargs)
+
+    monkeypatch.setattr(engine_mod, "run_full", full)
+    monkeypatch.setattr(engine_mod, "run_shared", shared)
+    answers = engine.infer(rows + [InferenceItem("acme", "warm", "classify", text="shared pass")])
+    threads_after = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the rest of this module runs
+    assert sorted(seen) == [("full", 1), ("shared", 2)]
+    assert threads_after == 2  # restored after the pass
+    for got, want in zip(answers[:2], two_threads, strict=True):
+        assert got.labels == want.labels
+        assert got.scores == pytest.approx(want.scores, abs=1e-5)
+
+
 @pytest.mark.e2e
 def test_over_http_cold_loads_never_run_inside_a_batch(tmp_path, tiny_bert_dir):
     """A real bentoml serve: concurrent warm and cold requests of many tenants; every cold adapter is

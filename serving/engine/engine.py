@@ -26,7 +26,7 @@ from adapters_store.errors import IncompatibleBase, LoraplexError, ValidationErr
 from adapters_store.names import AdapterRef, validate_name
 from serving.engine.backbone import load_backbone
 from serving.engine.cache import AdapterCache, Lease
-from serving.engine.forward import PreparedRow, run_full, run_shared
+from serving.engine.forward import PreparedRow, run_full, run_shared, single_threaded
 from serving.engine.items import TASKS, InferenceItem, InferenceResult
 from serving.engine.loader import LoadedAdapter, load_adapter
 from serving.engine.ort_runtime import OrtRuntime
@@ -244,7 +244,12 @@ class Engine:
         try:
             with self._forward_lock, torch.inference_mode():
                 if key[0] is not None:
-                    answers = run_full(rows[0].adapter, rows, self.backbone, self.settings)
+                    # One intra-op thread: during a storm the other core runs the event loop and the
+                    # cold loads, and a 2-thread torch pass then waits at every op for its descheduled
+                    # second thread (measured on a busy 2-core box: 1-row passes of ~25 ms took ~230 ms
+                    # median), holding up the warm batches queued behind this one.
+                    with single_threaded():
+                        answers = run_full(rows[0].adapter, rows, self.backbone, self.settings)
                 else:
                     answers = run_shared(self.backbone, rows, self.settings, self.ort)
         except LoraplexError as e:
