@@ -244,10 +244,11 @@ class Engine:
         try:
             with self._forward_lock, torch.inference_mode():
                 if key[0] is not None:
-                    # One intra-op thread: during a storm the other core runs the event loop and the
-                    # cold loads, and a 2-thread torch pass then waits at every op for its descheduled
-                    # second thread (measured on a busy 2-core box: 1-row passes of ~25 ms took ~230 ms
-                    # median), holding up the warm batches queued behind this one.
+                    # One intra-op thread: a 2-thread torch pass waits at every op for a second thread
+                    # that the event loop, a cold load or the onnxruntime pool just used holds. Measured
+                    # (issue 18, in-process, a 1-row full pass right after a 16-row onnxruntime batch):
+                    # 739 ms wall / 493 ms CPU median on 2 threads, 42 / 28 ms on one; the warm
+                    # batches queue behind this pass.
                     with single_threaded():
                         answers = run_full(rows[0].adapter, rows, self.backbone, self.settings)
                 else:
