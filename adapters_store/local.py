@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import time
 import uuid
 from pathlib import Path
@@ -24,28 +25,37 @@ class LocalStore(ObjectStore):
     def __init__(self, root: str | os.PathLike, limits: StoreLimits | None = None):
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self._root = str(self.root)  # key paths are built and checked as strings: Path ops cost more
         self.url = f"file://{self.root}"
         self.limits = limits or StoreLimits()
 
     def _path(self, key: str) -> Path:
+        return Path(self._key_path(key))
+
+    def _key_path(self, key: str) -> str:
         # Keys are built from validated names; this is the last line of defence against traversal.
         parts = key.strip("/").split("/")
         if any(p in ("", ".", "..") or p.startswith(".") or "\\" in p or "\x00" in p for p in parts):
             raise ValidationError(f"invalid storage key {key!r}")
-        path = self.root.joinpath(*parts)
-        if self.root not in path.parents:
+        path = os.path.join(self._root, *parts)
+        if not path.startswith(self._root.rstrip(os.sep) + os.sep):
             raise ValidationError(f"invalid storage key {key!r}")
         return path
 
-    def _linked(self, path: Path) -> bool:
+    def _linked(self, path: Path | str) -> bool:
         """True if ``path`` or a folder between it and the root is a symlink. The store never writes
         links, so one placed in the store (a folder link included) is never followed: reads see
-        nothing, writes are refused, and nothing outside the root is read or written."""
-        p = path
-        while p != self.root:
-            if p.is_symlink():
-                return True
-            p = p.parent
+        nothing, writes are refused, and nothing outside the root is read or written. One ``lstat``
+        per level on strings: this runs on every read, e.g. each expired alias answer."""
+        p = str(path)
+        while len(p) > len(self._root):
+            try:
+                if stat.S_ISLNK(os.lstat(p).st_mode):
+                    return True
+            except OSError as e:  # as Path.is_symlink: a missing level is no link; check the ones above
+                if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP):
+                    raise
+            p = os.path.dirname(p)
         return False
 
     def _real_path(self, key: str) -> Path:
@@ -55,11 +65,12 @@ class LocalStore(ObjectStore):
         return path
 
     def _read(self, key: str) -> bytes:
-        path = self._path(key)
+        path = self._key_path(key)
         if self._linked(path):
             raise NotFound(key)
         try:
-            return path.read_bytes()
+            with open(path, "rb") as f:
+                return f.read()
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise NotFound(key) from None
 

@@ -200,3 +200,74 @@ def test_corrupted_file_fails_its_row_only(world, tiny_bert_dir, tmp_path):
     assert isinstance(res[0], IntegrityError)
     assert isinstance(res[1], InferenceResult)
     assert fresh.cache_stats()["load_failures"] == 1
+
+
+@pytest.fixture(scope="module")
+def grouped_world(tmp_path_factory, tiny_bert_dir):
+    """LoRA tenants that share shapes (so the plan groups them), a partial tenant and a head tenant."""
+    root = tmp_path_factory.mktemp("engine-grouped")
+    store = open_store(root / "store")
+    base = store.register_base(describe_base("tiny", tiny_bert_dir))
+    refs: dict[str, dict] = {}
+    # g0-g3: r=8 on query+value; g4-g5: r=4 on query+value; g6: r=8 on key only (another shape)
+    shapes = [(8, ["query", "value"])] * 4 + [(4, ["query", "value"])] * 2 + [(8, ["key"])]
+    for i, (r, targets) in enumerate(shapes):
+        d = save_lora(tiny_bert_dir, root / f"g{i}", seed=600 + i, r=r, alpha=2 * r + i, targets=targets)
+        store.put(import_peft(d, f"g{i}", "emb", base))
+        refs[f"g{i}"] = {"name": "emb", "peft": peft_reference(tiny_bert_dir, d), "kind": "embed"}
+    bundle, top, head = partial_bundle(tiny_bert_dir, base, "p0", "top", 700, 1, LABELS)
+    store.put(bundle)
+    refs["p0"] = {"name": "top", "top": top, "head": head, "kind": "partial"}
+    bundle, head = head_bundle(base, "h0", "intent", 701, LABELS)
+    store.put(bundle)
+    refs["h0"] = {"name": "intent", "head": head, "kind": "head-cls"}
+    return store, refs, tiny_bert_dir
+
+
+# rows per tenant: equal-shaped tenants with 1, 2, 2, 3 rows (g1+g2 form one run), two 2-row r=4 ones
+# (another run), texts of different lengths in every run, and a partial tenant that must stay last.
+GROUPED_ROWS = {"g0": 1, "g1": 2, "g2": 2, "g3": 3, "g4": 2, "g5": 2, "g6": 2, "p0": 2, "h0": 1}
+
+
+def test_grouped_lora_segments_match_each_tenant_alone(grouped_world, monkeypatch):
+    """Adjacent equal-shaped LoRA segments run as one bmm pair per module; each row still equals its
+    tenant alone, and rows of other tenants (partial, head, bare base) get no LoRA delta."""
+    from transformers import BertModel
+
+    from serving.engine import lora_layers
+
+    store, refs, base_dir = grouped_world
+    engine = Engine(store, base="tiny", settings=EngineSettings(max_batch_rows=64, threads=1))
+    runs = []
+    real_runs_of = lora_layers.runs_of
+
+    def spy(*args):
+        out = real_runs_of(*args)
+        runs.extend(r for rs in out.values() for r in rs)
+        return out
+
+    monkeypatch.setattr("serving.engine.forward.runs_of", spy)
+    items = [
+        InferenceItem(
+            t, refs[t]["name"], "classify" if t in ("p0", "h0") else "embed", text=TEXTS[(j + k) % 4]
+        )
+        for j, (t, n) in enumerate(GROUPED_ROWS.items())
+        for k in range(n)
+    ]
+    items.append(InferenceItem("anyone", None, "embed", text=TEXTS[3]))
+    results = engine.infer(items)
+    # The two runs of 2 segments x 2 rows, in each of query and value of every layer.
+    layers = engine.backbone.num_layers
+    assert sorted(r.end - r.start for r in runs if r.count == 2) == [4] * (4 * layers)
+    tok, base_model = tokenizer(base_dir), BertModel.from_pretrained(base_dir).eval()
+    for item, result in zip(items, results, strict=True):
+        assert isinstance(result, InferenceResult), result
+        if item.adapter is None:
+            enc = tok([item.text], return_tensors="pt")
+            with torch.inference_mode():
+                hidden = base_model(**enc).last_hidden_state
+            want = F.normalize(mean_pool(hidden, enc["attention_mask"]), dim=-1)[0]
+        else:
+            want = expected_alone(refs[item.tenant], item.text, base_dir, tok, base_model)
+        diff = (result_values(result) - want).abs().max().item()
+        assert diff < TOL, f"{item.tenant}: max abs diff {diff}"

@@ -31,6 +31,43 @@ def test_plan_batch(slots, rank, order, segments, shared):
 
 
 @pytest.mark.parametrize(
+    ("slots", "rank", "groups", "order", "segments"),
+    [
+        # ungrouped slots first; then the group's slots by row count, so the 2-row ones are adjacent
+        (
+            [0, 1, 1, 2, 2, 3],
+            {},
+            {1: "r8", 2: "r8", 3: "r8"},
+            (0, 5, 1, 2, 3, 4),
+            [(0, 1), (3, 1), (1, 2), (2, 2)],
+        ),
+        # two groups, in order of their lowest slot; each group's 1-row slot does not split its 2-row run
+        (
+            [3, 0, 2, 1, 0, 3, 2, 4],
+            {},
+            {0: "A", 1: "B", 2: "A", 3: "B", 4: "A"},
+            (7, 1, 4, 2, 6, 3, 0, 5),
+            [(4, 1), (0, 2), (2, 2), (1, 1), (3, 2)],
+        ),
+        # a late (partial) slot stays last even when it is given a group; base rows stay first
+        (
+            [0, 1, -1, 2, 1, 0],
+            {0: 1},
+            {0: "A", 1: "A", 2: "A"},
+            (2, 3, 1, 4, 0, 5),
+            [(-1, 1), (2, 1), (1, 2), (0, 2)],
+        ),
+    ],
+)
+def test_plan_batch_puts_equal_segments_of_a_group_together(slots, rank, groups, order, segments):
+    plan = plan_batch(slots, rank, groups)
+    assert plan.order == order
+    assert [(seg.slot, seg.rows) for seg in plan.segments] == segments
+    assert plan.slot_of_position() == [slots[i] for i in plan.order]
+    assert plan.shared_rows == sum(1 for s in slots if s not in rank)
+
+
+@pytest.mark.parametrize(
     ("keys", "slots", "distinct"),
     [
         ([], [], []),

@@ -19,7 +19,7 @@ from serving.engine import lora_layers
 from serving.engine.backbone import Backbone, encode_audio, encode_images, encode_texts, pool, run_model
 from serving.engine.items import InferenceItem, InferenceResult
 from serving.engine.loader import LoadedAdapter
-from serving.engine.lora_layers import gather_rows
+from serving.engine.lora_layers import gather_rows, runs_of
 from serving.engine.ort_runtime import OrtRuntime
 from serving.engine.plan import MixedBatchPlan, Segment, assign_slots, group_rows, plan_batch, share_rows
 from serving.engine.settings import EngineSettings
@@ -36,12 +36,19 @@ class PreparedRow:
 
 
 def plan_rows(rows: Sequence[PreparedRow], num_layers: int) -> tuple[MixedBatchPlan, list[LoadedAdapter]]:
-    """Slot per distinct adapter; partial adapters last, those starting higher up first."""
+    """Slot per distinct adapter; LoRA adapters of the same modules and ranks side by side (see
+    lora_layers.runs_of); partial adapters last, those starting higher up first."""
     slots, keys = assign_slots([r.adapter.digest if r.adapter else None for r in rows])
     by_key = {r.adapter.digest: r.adapter for r in rows if r.adapter}
     adapters = [by_key[k] for k in keys]
     rank = {s: num_layers + 1 - a.first_layer for s, a in enumerate(adapters) if a.kind == "partial"}
-    return plan_batch(slots, rank), adapters
+    groups = {s: lora_shape(a) for s, a in enumerate(adapters) if a.lora}
+    return plan_batch(slots, rank, groups), adapters
+
+
+def lora_shape(adapter: LoadedAdapter) -> tuple[tuple[str, int], ...]:
+    """(module, rank) of each LoRA module: adapters with equal shapes can share one bmm per module."""
+    return tuple(sorted((path, a_t.shape[1]) for path, (a_t, _) in adapter.lora.items()))
 
 
 def set_context(backbone: Backbone, plan: MixedBatchPlan, adapters: Sequence[LoadedAdapter]) -> None:
@@ -58,14 +65,15 @@ def set_context(backbone: Backbone, plan: MixedBatchPlan, adapters: Sequence[Loa
         for is_in, vectors in ((True, a.ia3_in), (False, a.ia3_out)):
             for path, vec in vectors.items():
                 _ia3_rows(ia3, backbone, path, is_in, batch)[seg.start : seg.end] = vec
-    many = {path: segs for path, segs in lora.items() if len(segs) > lora_layers.SEGMENT_LIMIT}
     shapes = {
-        path: (backbone.linears[path].in_features, backbone.linears[path].out_features) for path in many
+        path: (backbone.linears[path].in_features, backbone.linears[path].out_features) for path in lora
     }
+    many = {path: segs for path, segs in lora.items() if len(segs) > lora_layers.SEGMENT_LIMIT}
     gathered = gather_rows(many, shapes, batch) if many else {}
+    runs = runs_of({p: segs for p, segs in lora.items() if p not in gathered}, shapes)
     for path in {p for p in lora} | {p for p, _ in ia3}:
         backbone.linears[path].set_context(
-            lora=() if path in gathered else lora.get(path, ()),
+            lora=runs.get(path, ()),
             lora_rows=gathered.get(path),
             ia3_in=ia3.get((path, True)),
             ia3_out=ia3.get((path, False)),

@@ -3,8 +3,10 @@
 Every ``nn.Linear`` of the backbone is wrapped once at start-up. Before a forward pass the engine sets
 each wrapper's context from the batch plan (rows are already sorted into contiguous adapter segments):
 
-* ``lora``: ``(start, end, A^T [in, r], B^T*scaling [r, out])`` per segment that targets this module;
-  the delta is added in place on a view of the output, so rows of other tenants get exactly zero.
+* ``lora``: per run of segments that target this module, :class:`LoraRun` ``(start, end, count, A^T,
+  B^T*scaling)``: one segment (``count`` 1, ``A^T [in, r]``) or ``count`` adjacent segments of equal
+  rows and rank (``A^T [count, in, r]``, one bmm pair); the delta is added in place on a view of the
+  output, so rows of other tenants get exactly zero.
 * ``ia3_in`` / ``ia3_out``: per-row scale vectors ``[B, 1, in]`` / ``[B, 1, out]`` (ones for rows
   without IA3), PEFT semantics: feed-forward modules scale their input, the others their output.
 
@@ -15,6 +17,7 @@ Context is only touched under the engine's forward lock, so one context per wrap
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +28,70 @@ LoraSegment = tuple[int, int, torch.Tensor, torch.Tensor]  # (start row, end row
 # (benchmarks/bench_engine.py): per-segment matmuls on views beat the gathered bmm pair even at 64
 # tenants in a batch of 64 ((b)/(a) 0.96 vs 0.78, (c)/(a) 0.92 vs 0.57), so the gather is a last resort.
 SEGMENT_LIMIT = 64
+# Adjacent segments of equal rows and rank (plan.py puts them together) are served by one bmm pair per
+# module from this many segments on; each matmul on a shared 2-core box is a thread-pool round trip.
+MIN_RUN = 2
+
+
+class LoraRun(NamedTuple):
+    """Rows ``[start, end)``: ``count`` segments of ``(end - start) // count`` rows each.
+
+    count == 1: a_t [in, r], b_t [r, out] (B^T * scaling)
+    count  > 1: a_t [count, in, r], b_t [count, r, out], segment i's weights at index i
+    """
+
+    start: int
+    end: int
+    count: int
+    a_t: torch.Tensor
+    b_t: torch.Tensor
+
+
+def runs_of(
+    per_module: dict[str, Sequence[LoraSegment]], shapes: dict[str, tuple[int, int]]
+) -> dict[str, list[LoraRun]]:
+    """Per module, its segments (in row order) as runs: adjacent segments of equal rows and rank are
+    one run when there are at least :data:`MIN_RUN` of them. The A/B stacks of every run of one shape
+    (e.g. the same tenants' query and value in every layer) are ONE ``stack`` per side per batch.
+    """
+    # (in, out, r) -> every span of that shape, with its module and its place in runs[module]
+    stacks: dict[tuple[int, int, int], list[tuple[str, int, list[LoraSegment]]]] = {}
+    runs: dict[str, list[LoraRun | None]] = {}
+    for path, segs in per_module.items():
+        runs[path] = []
+        for span in _spans(segs):
+            if len(span) < MIN_RUN:
+                runs[path] += [LoraRun(s, e, 1, a, b) for s, e, a, b in span]
+            else:
+                key = (*shapes[path], span[0][2].shape[1])
+                stacks.setdefault(key, []).append((path, len(runs[path]), span))
+                runs[path].append(None)  # filled below, once its stack exists
+    for members in stacks.values():
+        a_all = torch.stack([a for *_, span in members for _, _, a, _ in span])  # [segments, in, r]
+        b_all = torch.stack([b for *_, span in members for _, _, _, b in span])  # [segments, r, out]
+        first = 0
+        for path, at, span in members:
+            last = first + len(span)
+            runs[path][at] = LoraRun(span[0][0], span[-1][1], len(span), a_all[first:last], b_all[first:last])
+            first = last
+    return runs  # type: ignore[return-value]
+
+
+def _spans(segments: Sequence[LoraSegment]) -> list[list[LoraSegment]]:
+    """Maximal runs of adjacent segments (each starts where the last ended) of equal rows and rank."""
+    spans: list[list[LoraSegment]] = []
+    for seg in segments:
+        last = spans[-1][-1] if spans else None
+        if (
+            last is not None
+            and last[1] == seg[0]
+            and last[1] - last[0] == seg[1] - seg[0]
+            and last[2].shape[1] == seg[2].shape[1]
+        ):
+            spans[-1].append(seg)
+        else:
+            spans.append([seg])
+    return spans
 
 
 def _row_refs(
@@ -78,14 +145,14 @@ class MultiTenantLinear(nn.Module):
         self.base = base
         self.in_features = base.in_features
         self.out_features = base.out_features
-        self.lora: Sequence[LoraSegment] = ()
+        self.lora: Sequence[LoraRun] = ()
         self.lora_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # ([B, in, r], [B, r, out])
         self.ia3_in: torch.Tensor | None = None
         self.ia3_out: torch.Tensor | None = None
 
     def set_context(
         self,
-        lora: Sequence[LoraSegment] = (),
+        lora: Sequence[LoraRun] = (),
         lora_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
         ia3_in: torch.Tensor | None = None,
         ia3_out: torch.Tensor | None = None,
@@ -118,15 +185,19 @@ def _per_row(scale: torch.Tensor, rows: int, dim: int) -> torch.Tensor:
     return scale if dim == 3 else scale.reshape(rows, -1)
 
 
-def _add_lora(x: torch.Tensor, out: torch.Tensor, segments: Sequence[LoraSegment], rows: int) -> None:
-    # Segments are contiguous row ranges, so x[s:e] and out[s:e] are views: no gather, no copy.
+def _add_lora(x: torch.Tensor, out: torch.Tensor, runs: Sequence[LoraRun], rows: int) -> None:
+    # Runs are contiguous row ranges, so x[s:e] and out[s:e] are views: no gather, no copy.
     out_f = out.shape[-1]
     in_f = x.shape[-1]
-    for start, end, a_t, b_t in segments:
+    for start, end, count, a_t, b_t in runs:
         if start >= rows:
             continue
-        seg_out = out[start:end].view(-1, out_f)
-        seg_out.addmm_(torch.mm(x[start:end].reshape(-1, in_f), a_t), b_t)
+        if count == 1:
+            seg_out = out[start:end].view(-1, out_f)
+            seg_out.addmm_(torch.mm(x[start:end].reshape(-1, in_f), a_t), b_t)
+        else:  # [count, rows per segment * T, d]: one bmm pair for every segment of the run
+            seg_out = out[start:end].view(count, -1, out_f)
+            seg_out.baddbmm_(torch.bmm(x[start:end].reshape(count, -1, in_f), a_t), b_t)
 
 
 class LayerSwitch(nn.Module):

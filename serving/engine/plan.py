@@ -2,12 +2,16 @@
 
 A mixed batch is reordered so that rows of one adapter are contiguous (a *segment*); the layer
 wrappers then run one pair of matmuls per segment on a view of the activations, with no gather or
-copy. Slots marked *late* (partial fine-tunes, which replace the top blocks) are put last, so every
-other row forms one contiguous prefix ``[0, shared_rows)`` that the base blocks run on.
+copy. Slots of one *group* (LoRA adapters of the same modules and ranks) with the same row count are
+put next to each other, so such a run of segments is one contiguous block that a layer views as
+``[segments, rows * T, in]`` and serves with ONE bmm pair instead of a matmul pair per segment.
+Slots marked *late* (partial fine-tunes, which replace the top blocks) are put last, so every other
+row forms one contiguous prefix ``[0, shared_rows)`` that the base blocks run on.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -47,17 +51,36 @@ class MixedBatchPlan:
         return out
 
 
-def plan_batch(slots: Sequence[int], late: Mapping[int, int] | None = None) -> MixedBatchPlan:
+def plan_batch(
+    slots: Sequence[int], late: Mapping[int, int] | None = None, groups: Mapping[int, Hashable] | None = None
+) -> MixedBatchPlan:
     """Group rows by slot (stable within a slot), late slots last in increasing ``late[slot]`` rank.
 
     ``late`` maps a late slot to its rank (>= 1); the engine ranks partial adapters so that those whose
     own blocks start higher up come first, which keeps the rows on base blocks a prefix at every layer.
+    ``groups`` maps a slot to a group key: slots without one come first (by slot), then each group's
+    slots (groups in order of their lowest slot) by row count, then slot, so equal-sized segments of
+    one group are adjacent. Late slots ignore ``groups``.
 
     >>> plan_batch([2, -1, 2, 0]).order
     (1, 3, 0, 2)
+    >>> plan_batch([0, 1, 1, 2, 3], groups={0: "r8", 1: "r8", 3: "r8"}).order
+    (3, 0, 4, 1, 2)
     """
     rank = dict(late or {})
-    order = tuple(sorted(range(len(slots)), key=lambda i: (rank.get(slots[i], 0), slots[i])))
+    group = {s: g for s, g in (groups or {}).items() if s not in rank}
+    counts = Counter(slots)
+    index: dict[Hashable, int] = {}
+    for s in sorted(group):
+        index.setdefault(group[s], len(index) + 1)
+
+    def key(i: int) -> tuple[int, int, int, int]:
+        s = slots[i]
+        if s in group:
+            return (0, index[group[s]], counts[s], s)
+        return (rank.get(s, 0), 0, 0, s)
+
+    order = tuple(sorted(range(len(slots)), key=key))
     segments = _segments([slots[i] for i in order])
     shared = sum(s.rows for s in segments if s.slot not in rank)
     return MixedBatchPlan(order=order, segments=tuple(segments), shared_rows=shared)

@@ -20,6 +20,10 @@ _MAX_CACHED = 65_536  # resolutions kept; expired ones are pruned when this is r
 # After the store failed to answer, requests do not wait on it again for this long: warm tenants get
 # their last known answer, others a 503 at once. The first request after it asks the store again.
 STORE_RETRY_S = 5.0
+# An expired answer whose alias still names the same version is kept after reading only the alias (a
+# version never changes), but its manifest is read again at least this often: a store replaced under
+# a running server (numbers start again at 1) is noticed within this bound.
+FULL_RECHECK_S = 60.0
 
 
 class Resolved(NamedTuple):
@@ -51,7 +55,11 @@ class AliasResolver:
         self._ttl = ttl_s
         self._store_retry_s = store_retry_s
         self._store_down_until = 0.0
-        self._cache: dict[tuple[str, str], tuple[Resolved, float]] = {}
+        # (tenant, adapter) -> (answer, expires at, next full manifest read at)
+        self._cache: dict[tuple[str, str], tuple[Resolved, float, float]] = {}
+        # Stores that can name a version without its manifest (every ObjectStore); test doubles and
+        # wrappers that only resolve() get the full read on every expiry.
+        self._version_of = getattr(store, "resolve_version", None)
         self._generation = 0  # bumped by forget(): an answer read before a forget is never cached
         self._lock = threading.Lock()
 
@@ -69,7 +77,7 @@ class AliasResolver:
                 return hit[0]
             raise StoreUnavailable("the adapter store is unreachable; retry later")
         try:
-            manifest = self._lookup(*ref)
+            resolved, full = self._fresh(*ref, hit, now)
         except StoreUnavailable:
             self._store_down_until = time.monotonic() + self._store_retry_s
             # Stale-if-error: while the store is unreachable a tenant served before keeps its last
@@ -77,20 +85,30 @@ class AliasResolver:
             if hit is not None:
                 return hit[0]
             raise
-        if hit is not None and _same_version(hit[0].manifest, manifest):
-            # A stored version never changes (numbers are never reused), so its digest is kept: hashing
-            # the manifest again on every expiry was ~3% of a busy server's CPU.
-            resolved = Resolved(manifest, hit[0].digest)
-        else:
-            resolved = Resolved(manifest, manifest.digest)
         if self._ttl > 0:
             with self._lock:
                 if generation != self._generation:  # a forget() ran while we read: our answer may be stale
                     return resolved
                 if len(self._cache) >= _MAX_CACHED:
                     self._prune(now)
-                self._cache[key] = (resolved, now + self._ttl)
+                self._cache[key] = (resolved, now + self._ttl, full)
         return resolved
+
+    def _fresh(
+        self, ref: AdapterRef, explicit: bool, hit: tuple[Resolved, float, float] | None, now: float
+    ) -> tuple[Resolved, float]:
+        """The current answer and when its manifest must next be read in full. An expired answer whose
+        alias still names its version is kept after one alias read (no manifest read and parse: that
+        was most of a busy batch's Python time when answers lapsed together)."""
+        if hit is not None and now < hit[2] and ref.version is None and self._version_of is not None:
+            if self._lookup_version(ref, explicit) == hit[0].manifest.version:
+                return hit[0], hit[2]
+        manifest = self._lookup(ref, explicit)
+        if hit is not None and _same_version(hit[0].manifest, manifest):
+            # A stored version never changes (numbers are never reused), so its digest is kept: hashing
+            # the manifest again on every expiry was ~3% of a busy server's CPU.
+            return Resolved(manifest, hit[0].digest), now + FULL_RECHECK_S
+        return Resolved(manifest, manifest.digest), now + FULL_RECHECK_S
 
     def peek(self, tenant: str, adapter: str) -> Resolved | None:
         """The cached, unexpired resolution, or None; never reads the store."""
@@ -99,7 +117,7 @@ class AliasResolver:
         return hit[0] if hit is not None and hit[1] > time.monotonic() else None
 
     def _prune(self, now: float) -> None:
-        for key in [k for k, (_, expiry) in self._cache.items() if expiry <= now]:
+        for key in [k for k, (_, expiry, _) in self._cache.items() if expiry <= now]:
             del self._cache[key]
         if len(self._cache) >= _MAX_CACHED:
             self._cache.clear()
@@ -111,6 +129,15 @@ class AliasResolver:
             return self._store.resolve(AdapterRef(ref.tenant, ref.name, PRODUCTION))
         except NotFound:
             return self._store.resolve(AdapterRef(ref.tenant, ref.name, LATEST))
+
+    def _lookup_version(self, ref: AdapterRef, explicit: bool) -> int:
+        """The version :meth:`_lookup` would answer, from the alias (or the version listing) alone."""
+        if explicit:
+            return self._version_of(ref)
+        try:
+            return self._version_of(AdapterRef(ref.tenant, ref.name, PRODUCTION))
+        except NotFound:
+            return self._version_of(AdapterRef(ref.tenant, ref.name, LATEST))
 
     def forget(self, tenant: str, name: str | None = None) -> None:
         with self._lock:
