@@ -25,6 +25,7 @@ from serving.error_responses import StatusError, error_response, json_headers, s
 from serving.gateway import PRINCIPAL_KEY, parsed_body
 from serving.inference import item_error
 from serving.schemas import ClassifyItem, EmbedItem, Extra, ItemResult
+from serving.settings import NATIVE_INFERENCE_ROUTES
 
 # One encoder for every answer; json.dumps' layout, which clients and tests already read.
 _dumps = json.JSONEncoder(ensure_ascii=False).encode
@@ -96,8 +97,6 @@ def first_failed(results: list[ItemResult]) -> StatusError | None:
     return None
 
 
-# Answered in the gateway (the fewest layers between the socket and the engine): path -> task.
-INFERENCE_TASKS = {"/v1/classify": "classify", "/v1/embed": "embed"}
 Answer = Callable[[str, list], Awaitable[list[ItemResult]]]
 
 
@@ -110,7 +109,7 @@ def inference_handler(answer: Answer):
     async def handle(path: str, parsed: ClassifyInput | EmbedInput, tenant: str, send) -> int:
         for item in parsed.items:
             item._tenant = tenant
-        results = without_extras(await answer(INFERENCE_TASKS[path], parsed.items), parsed.include)
+        results = without_extras(await answer(NATIVE_INFERENCE_ROUTES[path], parsed.items), parsed.include)
         failed = first_failed(results)
         if failed is not None:
             return await send_error(send, failed, path)

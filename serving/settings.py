@@ -26,11 +26,13 @@ from adapters_store.tokens import entry_digest
 
 ENV_PREFIX = "LORAPLEX_"
 CONFIG_ENV = "LORAPLEX_CONFIG"
-# loraplex's own inference routes (answered in the gateway) and, with the OpenAI-style ones, every
-# route that runs the engine: their per-request BentoML telemetry follows ``inference_telemetry``.
-NATIVE_INFERENCE_ROUTES = ("/v1/classify", "/v1/embed")
+# loraplex's own inference routes (answered in the gateway), path -> engine task, and, with the
+# OpenAI-style ones, every route that runs the engine: their per-request BentoML telemetry follows
+# ``inference_telemetry``.
+NATIVE_INFERENCE_ROUTES = {"/v1/classify": "classify", "/v1/embed": "embed"}
 INFERENCE_ROUTES = (*NATIVE_INFERENCE_ROUTES, "/v1/embeddings", "/v1/classifications")
-# BentoML's own default access-log skip list (probes and the scrape), kept when we extend it.
+# BentoML's own default access-log skip list (probes and the scrape), kept when we extend it; a test
+# compares it with the installed BentoML's default configuration.
 BENTOML_LOG_SKIP_PATHS = ("/metrics", "/healthz", "/livez", "/readyz")
 
 

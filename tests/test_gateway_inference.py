@@ -19,7 +19,7 @@ from serving.gateway import GatewayMiddleware, GatewayState
 from serving.http_io import ClassifyInput, EmbedInput, inference_handler
 from serving.inference import error_result
 from serving.schemas import ItemResult
-from serving.settings import INFERENCE_ROUTES, ServiceSettings, bentoml_config
+from serving.settings import BENTOML_LOG_SKIP_PATHS, INFERENCE_ROUTES, ServiceSettings, bentoml_config
 
 TOKEN = "acme-secret-0123456789"
 
@@ -146,3 +146,16 @@ def test_inference_routes_skip_bentomls_access_log_and_tracing_unless_asked():
         ServiceSettings.from_env({"LORAPLEX_STORE": "x", "LORAPLEX_INFERENCE_TELEMETRY": "1"})
     )
     assert "logging" not in on and "tracing" not in on
+
+
+def test_the_kept_skip_list_is_the_installed_bentomls_default():
+    # Our access-log skip list replaces BentoML's: it must still carry every path BentoML's own
+    # default skips, or an upgrade that adds one would start logging it again.
+    from importlib.resources import files
+
+    import yaml
+
+    default = yaml.safe_load(
+        files("bentoml._internal.configuration.v2").joinpath("default_configuration.yaml").read_text()
+    )
+    assert set(default["services"]["logging"]["access"]["skip_paths"]) <= set(BENTOML_LOG_SKIP_PATHS)
