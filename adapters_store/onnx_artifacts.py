@@ -42,9 +42,12 @@ class GraphInputRecord(BaseModel):
 class LoraGraphRecord(BaseModel):
     """How the LoRA variant's extra inputs are laid out (see training/onnx_export/lora_graph.py).
 
-    One slot index serves both kinds: slot ``i`` holds adapter ``i``'s LoRA deltas (zeros where it has
-    none) and IA3 vectors (ones where it has none). Records written before IA3 joined the graph have no
-    IA3 fields; their graphs still serve LoRA, and IA3 rows run on torch.
+    ``rank-chunks`` (current): a LoRA is stored as chunks of one rank R, and each call lists the (row,
+    chunk) pairs it uses; the per-row slot index picks IA3 vectors only (slot ``i`` holds adapter ``i``'s
+    IA3 vectors, ones where it has none). ``slot-per-row`` (records without ``layout``): one slot index
+    per row for both kinds, LoRA ranks zero-padded to the largest; serving no longer feeds that layout
+    (its LoRA and IA3 rows run on torch) and the next export rebuilds it. Records written before IA3
+    joined the graph have no IA3 fields.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -54,9 +57,22 @@ class LoraGraphRecord(BaseModel):
         "attention.self.query (what `--lora-targets query` records for BERT)"
     )
     num_layers: int = Field(gt=0)
-    index_input: str = Field(description="int64 [batch]: the adapter slot of each row")
-    a_input: str = Field(description="pattern with {layer} and {target}: float32 [N, in, R] = A^T per slot")
-    b_input: str = Field(description="pattern with {layer} and {target}: float32 [N, R, out] = (scale*B)^T")
+    layout: Literal["slot-per-row", "rank-chunks"] = Field(
+        default="slot-per-row", description="the input layout (older records: slot-per-row)"
+    )
+    index_input: str = Field(
+        description="int64 [batch]: the slot of each row (rank-chunks: its IA3 slot; slot-per-row: both)"
+    )
+    rows_input: str | None = Field(default=None, description="rank-chunks: int64 [chunks], each chunk's row")
+    chunks_input: str | None = Field(
+        default=None, description="rank-chunks: int64 [chunks], each chunk's slot in the A/B stacks"
+    )
+    a_input: str = Field(
+        description="pattern with {layer} and {target}: float32 [N, in, R] = A^T per chunk (or slot)"
+    )
+    b_input: str = Field(
+        description="pattern with {layer} and {target}: float32 [N, R, out] = (scale*B)^T per chunk (or slot)"
+    )
     in_features: dict[str, int] = Field(description="in features of every adapted module (LoRA or IA3)")
     out_features: dict[str, int] = Field(description="out features of every adapted module")
     ia3_input: str | None = Field(

@@ -386,8 +386,7 @@ def lora_quality(lora_bb, stack, idx, ids, mask, entry) -> dict[str, float]:
         ref = module.run_named(
             torch.from_numpy(ids),
             torch.from_numpy(mask),
-            torch.from_numpy(idx.astype(np.int64)),
-            stack.arrays,
+            stack.inputs(idx),
         )
     got = lora_bb.features(ids, mask, stack, idx)
     return {"ort_lora_mixed_max_abs_diff_vs_torch": float(np.abs(got.mean - ref[0].numpy()).max())}

@@ -1,10 +1,12 @@
-"""The adapter graph's inputs (``lora-fp32`` export): LoRA and IA3 weights packed per slot.
+"""The adapter graph's inputs (``lora-fp32`` export): LoRA rank chunks and IA3 vectors packed per slot.
 
 One adapter becomes :class:`LoraWeights` (by the one reading of PEFT's rules, the adapter spec);
 :func:`stack_loras` packs a few for one call; :class:`LoraSlots` keeps them resident across calls,
-one slot per content digest, as serving does. Slot ``i`` holds adapter ``i``'s LoRA deltas (zeros
-where it has none) and IA3 vectors (ones where it has none); rows pick their slot by index. The
-layout is the graph's, described by ``adapters_store.onnx_artifacts.LoraGraphRecord``.
+one slot per content digest, as serving does. Adapter slot ``i`` holds adapter ``i``'s IA3 vectors
+(ones where it has none) and owns ``ceil(rank / CHUNK_RANK)`` chunk slots of the LoRA stacks (none
+without LoRA); rows pick their adapter slot by index and :meth:`LoraStack.inputs` lists the (row, chunk)
+pairs the graph multiplies. The layout is the graph's (``rank-chunks``), described by
+``adapters_store.onnx_artifacts.LoraGraphRecord``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from adapters_store.errors import UnsupportedAdapter, ValidationError
 from adapters_store.onnx_artifacts import LoraGraphRecord, OnnxExportManifest
 from adapters_store.peft_spec import AdapterSpec
 
+# LoRA ranks are stored in chunks of this rank: a row pays for its adapter's rank rounded up to it,
+# not for the largest rank resident. 8 is PEFT's default r; smaller chunks made more, smaller GEMMs.
+CHUNK_RANK = 8
 _PATH = re.compile(r"^(?:.+\.)?encoder\.layer\.(?P<layer>\d+)\.(?P<module>.+)$")
 
 
@@ -44,6 +49,11 @@ class LoraWeights:
     @property
     def rank(self) -> int:
         return max((a.shape[1] for a, _ in self.deltas.values()), default=1)
+
+    @property
+    def chunk_count(self) -> int:
+        """LoRA chunks of :data:`CHUNK_RANK` this adapter needs (0: IA3 only)."""
+        return -(-self.rank // CHUNK_RANK) if self.deltas else 0
 
     @property
     def nbytes(self) -> int:
@@ -111,12 +121,32 @@ def _layer_module(path: str, kind: str) -> tuple[int, str]:
 
 @dataclass(frozen=True)
 class LoraStack:
-    """Graph inputs for one mixed batch: slot ``i`` holds adapter ``i``; the last slot is the identity
-    (zero LoRA deltas, IA3 vectors of ones)."""
+    """Graph inputs for one mixed batch: adapter slot ``i`` owns chunk slots ``chunks[i]`` of the LoRA
+    stacks and row ``i`` of the IA3 stacks; slot ``no_adapter_slot`` is the identity (no chunks, IA3
+    vectors of ones)."""
 
-    arrays: dict[str, np.ndarray]  # a/b/ia3 input names -> [N + 1, in, R] / [N + 1, R, out] / [N + 1, dim]
+    spec: LoraGraphRecord
+    arrays: dict[str, np.ndarray]  # a/b/ia3 input names -> [C, in, R] / [C, R, out] / [N + 1, dim]
+    chunks: tuple[tuple[int, ...], ...]  # adapter slot -> its chunk slots; len N + 1
     no_adapter_slot: int  # index of the identity slot, for rows without an adapter
-    rank: int  # R: the largest rank in the batch; smaller ranks are zero-padded (exact)
+    rank: int  # R: the chunk rank; an adapter's rank is zero-padded to a multiple of it (exact)
+
+    @property
+    def slots(self) -> int:
+        return len(self.chunks)
+
+    def inputs(self, adapter_index: np.ndarray) -> dict[str, np.ndarray]:
+        """Every extra graph input for rows using adapter slots ``adapter_index`` ([batch] ints)."""
+        idx = np.asarray(adapter_index, dtype=np.int64)
+        if idx.ndim != 1 or idx.min(initial=0) < 0 or idx.max(initial=0) >= self.slots:
+            raise ValidationError(f"adapter_index must be [batch] ints in 0..{self.slots - 1}")
+        owned = [self.chunks[s] for s in idx.tolist()]
+        rows = np.repeat(np.arange(len(owned), dtype=np.int64), [len(c) for c in owned])
+        chunks = np.fromiter((c for cs in owned for c in cs), dtype=np.int64, count=len(rows))
+        spec = self.spec
+        # a LoRA-only graph never reads the IA3 index, so its trace has no such input
+        index = {spec.index_input: idx} if spec.ia3_in or spec.ia3_out else {}
+        return {**index, spec.rows_input: rows, spec.chunks_input: chunks, **self.arrays}
 
 
 def _check_fits(spec: LoraGraphRecord, ad: LoraWeights) -> None:
@@ -166,26 +196,47 @@ def stack_loras(record: OnnxExportManifest, adapters: Sequence[LoraWeights]) -> 
     """Pack adapters for the LoRA graph, slot ``i`` = adapter ``i`` (one-off; serving keeps
     :class:`LoraSlots`)."""
     spec = lora_spec(record)
-    targets, layers = spec.targets, spec.num_layers
     for ad in adapters:
         _check_fits(spec, ad)
-    rank = max([ad.rank for ad in adapters] + [1])
-    n = len(adapters) + 1
-    arrays = {}
-    for layer in range(layers):
-        for t in targets:
-            a = np.zeros((n, spec.in_features[t], rank), np.float32)
-            b = np.zeros((n, rank, spec.out_features[t]), np.float32)
-            for i, ad in enumerate(adapters):
-                if (layer, t) in ad.deltas:
-                    at, bt = ad.deltas[(layer, t)]
-                    a[i, :, : at.shape[1]], b[i, : bt.shape[0]] = at, bt
-            arrays[lora_input(spec.a_input, layer, t)] = a
-            arrays[lora_input(spec.b_input, layer, t)] = b
-    arrays.update(_new_ia3(spec, n))
+    counts = [ad.chunk_count for ad in adapters]
+    starts = np.cumsum([0, *counts]).tolist()
+    chunks = [tuple(range(starts[i], starts[i + 1])) for i in range(len(adapters))] + [()]
+    arrays = {**_new_chunks(spec, max(1, starts[-1])), **_new_ia3(spec, len(adapters) + 1)}
     for i, ad in enumerate(adapters):
+        _write_chunks(spec, arrays, chunks[i], ad)
         _write_ia3(spec, arrays, i, ad)
-    return LoraStack(arrays, no_adapter_slot=len(adapters), rank=rank)
+    return LoraStack(spec, arrays, tuple(chunks), no_adapter_slot=len(adapters), rank=CHUNK_RANK)
+
+
+def _new_chunks(spec: LoraGraphRecord, n: int) -> dict[str, np.ndarray]:
+    """LoRA stacks of ``n`` zero chunks."""
+    arrays = {}
+    for layer in range(spec.num_layers):
+        for t in spec.targets:
+            arrays[lora_input(spec.a_input, layer, t)] = np.zeros(
+                (n, spec.in_features[t], CHUNK_RANK), np.float32
+            )
+            arrays[lora_input(spec.b_input, layer, t)] = np.zeros(
+                (n, CHUNK_RANK, spec.out_features[t]), np.float32
+            )
+    return arrays
+
+
+def _write_chunks(
+    spec: LoraGraphRecord, arrays: dict[str, np.ndarray], chunks: Sequence[int], ad: LoraWeights
+) -> None:
+    """Adapter ``ad``'s LoRA into chunk slots ``chunks`` (rank columns ``j*R .. (j+1)*R`` in the j-th)."""
+    r = CHUNK_RANK
+    for layer in range(spec.num_layers):
+        for t in spec.targets:
+            a = arrays[lora_input(spec.a_input, layer, t)]
+            b = arrays[lora_input(spec.b_input, layer, t)]
+            at, bt = ad.deltas.get((layer, t), (None, None))
+            for j, c in enumerate(chunks):
+                a[c], b[c] = 0.0, 0.0
+                if at is not None:
+                    part_a, part_b = at[:, j * r : (j + 1) * r], bt[j * r : (j + 1) * r]
+                    a[c, :, : part_a.shape[1]], b[c, : part_b.shape[0]] = part_a, part_b
 
 
 def _write_ia3(spec: LoraGraphRecord, arrays: dict[str, np.ndarray], slot: int, ad: LoraWeights) -> None:
@@ -196,21 +247,32 @@ def _write_ia3(spec: LoraGraphRecord, arrays: dict[str, np.ndarray], slot: int, 
 
 
 class LoraSlots:
-    """The adapter graph's inputs kept across calls, one slot per resident LoRA or IA3 adapter (as vLLM
-    keeps LoRA slots): a batch only packs the adapters that are not resident yet. Packing 16 adapters on
-    every call cost 6% of a short batch. Slots are reused least-recently-used first; slot ``capacity``
-    stays the identity (zero deltas, unit IA3 vectors) for rows without one. Ranks are zero-padded to
-    the largest seen (exact)."""
+    """The adapter graph's inputs kept across calls, one adapter slot per resident LoRA or IA3 adapter
+    (as vLLM keeps LoRA slots): a batch only packs the adapters that are not resident yet. Packing 16
+    adapters on every call cost 6% of a short batch. Slots are reused least-recently-used first; slot
+    ``capacity`` stays the identity for rows without one. Each LoRA takes ``chunk_count`` chunk slots of
+    the LoRA stacks, which grow (doubling) when the resident adapters need more; an evicted adapter's
+    chunks are reused."""
 
     def __init__(self, record: OnnxExportManifest, capacity: int = 64):
         if not 1 <= capacity <= 4096:
             raise ValidationError(f"LoRA slot capacity must be 1..4096, got {capacity}")
         self.spec = lora_spec(record)
+        if self.spec.layout != "rank-chunks":
+            raise UnsupportedAdapter(
+                f"the stored adapter graph has the older {self.spec.layout!r} input layout; "
+                "`loraplex onnx export` rebuilds it"
+            )
         self.capacity = capacity
-        self.rank = 0
-        self.arrays: dict[str, np.ndarray] = _new_ia3(self.spec, capacity + 1)
+        self.rank = CHUNK_RANK
+        self.arrays: dict[str, np.ndarray] = {
+            **_new_chunks(self.spec, capacity),
+            **_new_ia3(self.spec, capacity + 1),
+        }
         self.writes = 0  # adapters packed into a slot so far (the rest of the uses were resident)
         self._slots: OrderedDict[str, int] = OrderedDict()  # key -> slot, least recently used first
+        self._chunks: list[tuple[int, ...]] = [()] * (capacity + 1)  # adapter slot -> its chunk slots
+        self._free_chunks = list(range(capacity))
         self._lock = threading.Lock()
 
     def assign(self, keys: Sequence[str], load: Callable[[str], LoraWeights]) -> tuple[LoraStack, list[int]]:
@@ -236,42 +298,36 @@ class LoraSlots:
                     self._slots[key] = slot
                 self._slots.move_to_end(key)
                 out.append(slot)
-            return LoraStack(self.arrays, no_adapter_slot=self.capacity, rank=self.rank), out
+            stack = LoraStack(self.spec, self.arrays, tuple(self._chunks), self.capacity, CHUNK_RANK)
+            return stack, out
 
     def _free_slot(self, keep: set[str]) -> int:
         if len(self._slots) < self.capacity:
             return len(self._slots)
         victim = next(k for k in self._slots if k not in keep)  # exists: len(keep) <= capacity
-        return self._slots.pop(victim)
+        slot = self._slots.pop(victim)
+        self._free_chunks += self._chunks[slot]
+        self._chunks[slot] = ()
+        return slot
 
     def _write(self, slot: int, weights: LoraWeights) -> None:
-        if weights.rank > self.rank:
-            self._grow(weights.rank)
-        for layer in range(self.spec.num_layers):
-            for t in self.spec.targets:
-                a = self.arrays[lora_input(self.spec.a_input, layer, t)]
-                b = self.arrays[lora_input(self.spec.b_input, layer, t)]
-                a[slot], b[slot] = 0.0, 0.0
-                if (layer, t) in weights.deltas:
-                    at, bt = weights.deltas[(layer, t)]
-                    a[slot, :, : at.shape[1]], b[slot, : bt.shape[0]] = at, bt
+        need = weights.chunk_count
+        if need > len(self._free_chunks):
+            self._grow(need - len(self._free_chunks))
+        chunks, self._free_chunks = tuple(self._free_chunks[:need]), self._free_chunks[need:]
+        self._chunks[slot] = chunks
+        _write_chunks(self.spec, self.arrays, chunks, weights)
         _write_ia3(self.spec, self.arrays, slot, weights)
         self.writes += 1
 
-    def _grow(self, rank: int) -> None:
-        n, old = self.capacity + 1, self.rank
-        for layer in range(self.spec.num_layers):
-            for t in self.spec.targets:
-                a_name, b_name = (
-                    lora_input(self.spec.a_input, layer, t),
-                    lora_input(self.spec.b_input, layer, t),
-                )
-                a = np.zeros((n, self.spec.in_features[t], rank), np.float32)
-                b = np.zeros((n, rank, self.spec.out_features[t]), np.float32)
-                if old:
-                    a[:, :, :old], b[:, :old] = self.arrays[a_name], self.arrays[b_name]
-                self.arrays[a_name], self.arrays[b_name] = a, b
-        self.rank = rank
+    def _grow(self, more: int) -> None:
+        """At least ``more`` new chunk slots; the stacks at least double, so growth is rare."""
+        old = self.arrays[lora_input(self.spec.a_input, 0, self.spec.targets[0])].shape[0]
+        n = old + max(more, old)
+        for name, fresh in _new_chunks(self.spec, n).items():
+            fresh[:old] = self.arrays[name]
+            self.arrays[name] = fresh
+        self._free_chunks += list(range(old, n))
 
 
 def lora_input(pattern: str, layer: int, target: str) -> str:

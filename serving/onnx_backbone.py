@@ -10,8 +10,9 @@ external data is refused; sessions are built from bytes, so no file path is ever
 >>> feats.pooled("mean").shape  # doctest: +SKIP
 (32, 384)
 
-The adapter variant (``variant="lora-fp32"``) also takes stacked LoRA weights, IA3 vectors and a per-row
-slot index, so rows of different LoRA and IA3 tenants run in one ORT call; its inputs are packed by
+The adapter variant (``variant="lora-fp32"``) also takes stacked LoRA rank chunks, IA3 vectors, a per-row
+slot index and the (row, chunk) pairs of the call, so rows of different LoRA and IA3 tenants run in one
+ORT call; its inputs are packed by
 :mod:`serving.onnx_adapters` (:class:`LoraSlots`, :func:`stack_loras`).
 """
 
@@ -28,7 +29,7 @@ import onnxruntime as ort
 import torch
 
 from adapters_store.base_models import BaseModelEntry
-from adapters_store.errors import IntegrityError, UnsafeFormat, ValidationError
+from adapters_store.errors import IntegrityError, UnsafeFormat, UnsupportedAdapter, ValidationError
 from adapters_store.onnx_artifacts import VARIANTS, OnnxExportManifest, Variant, graph_file, manifest_file
 from serving.onnx_adapters import LoraSlots, LoraStack, LoraWeights, lora_spec, stack_loras
 
@@ -221,7 +222,11 @@ class OrtLoraBackbone(OrtBackbone):
     """The ``lora-fp32`` export: the backbone with gathered LoRA deltas on its target Linears."""
 
     def __init__(self, record: OnnxExportManifest, graph: bytes, settings: OrtSettings | None = None):
-        lora_spec(record)
+        if lora_spec(record).layout != "rank-chunks":
+            raise UnsupportedAdapter(
+                f"base {record.base!r}: the stored adapter graph has the older {record.lora.layout!r} "
+                "input layout; `loraplex onnx export` (or base register) rebuilds it"
+            )
         super().__init__(record, graph, settings)
 
     def features(
@@ -253,8 +258,6 @@ class OrtLoraBackbone(OrtBackbone):
         stack = stack or stack_loras(self.record, [])
         batch = feed["input_ids"].shape[0]
         idx = np.full(batch, stack.no_adapter_slot) if adapter_index is None else adapter_index
-        idx = np.asarray(idx, dtype=np.int64)
-        n_slots = next(iter(stack.arrays.values())).shape[0]
-        if idx.shape != (batch,) or idx.min(initial=0) < 0 or idx.max(initial=0) >= n_slots:
-            raise ValidationError(f"adapter_index must be [batch] ints in 0..{n_slots - 1}")
-        return {**feed, self.record.lora.index_input: idx, **stack.arrays}
+        if np.shape(idx) != (batch,):
+            raise ValidationError(f"adapter_index must be [batch] ints in 0..{stack.slots - 1}")
+        return {**feed, **stack.inputs(idx)}

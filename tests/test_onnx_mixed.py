@@ -1,6 +1,6 @@
 """A batch mixing every shared-backbone kind runs in ONE onnxruntime call, and each row equals the torch
 engine's row and the tenant alone through PEFT (1e-4): heads, the bare base, LoRA of different ranks and
-targets (one rank-padded), IA3 on both sides (feed-forward input, key/value output)."""
+targets (one in several rank chunks), IA3 on both sides (feed-forward input, key/value output)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ LORAS = [
     ("l-q8", 8, 16, ["query"], None),
     ("l-v2", 2, 6, ["value"], None),
     ("l-cls6", 6, 12, ["query", "value"], LABELS),
+    ("l-qv20", 20, 10, ["query", "value"], None),  # 3 rank chunks (8 + 8 + 4 zero-padded)
 ]
 # (tenant, targets, feedforward): training's default (both sides), output side only, input side only
 IA3S = [
@@ -175,7 +176,7 @@ def test_graph_equals_its_torch_twin_on_resident_slots(mixed, tiny_bert_dir):
     mask = np.ones_like(ids)
     twin = LoraTextFeatures.for_record(AutoModel.from_pretrained(tiny_bert_dir), bb.record.lora).eval()
     with torch.inference_mode():
-        ref = twin.run_named(*(torch.from_numpy(a) for a in (ids, mask, index)), stack.arrays)
+        ref = twin.run_named(torch.from_numpy(ids), torch.from_numpy(mask), stack.inputs(index))
     np.testing.assert_allclose(bb.features(ids, mask, stack, index).mean, ref[0].numpy(), atol=1e-5)
 
 
@@ -217,4 +218,68 @@ def test_graph_stored_before_ia3_still_serves_and_is_rebuilt(tmp_path, tiny_bert
     ]
     engine = Engine(store, base="tiny", settings=EngineSettings(threads=1, runtime="onnx"))
     engine.infer([lora_row, ia3_row])
+    assert engine.ort.calls == 1 and engine.ort.fallbacks == {}
+
+
+def test_a_call_multiplies_only_the_lora_rows_own_rank_chunks(mixed):
+    """Rows pay for their adapter's rank in chunks of CHUNK_RANK, rows without LoRA (IA3, head, bare)
+    for none: the (row, chunk) pairs fed to the graph are exactly those."""
+    from serving.onnx_adapters import CHUNK_RANK
+
+    store, _, _ = mixed
+    bb = OrtBackbone.from_store(store, store.get_base("tiny"), variant="lora-fp32", threads=1)
+    slots = LoraSlots(bb.record, capacity=4)
+    tenants = ["l-qv20", "i-default", "l-q8"]
+    stack, (s20, s_ia3, s8) = slots.assign(tenants, lambda t: LoraWeights.from_bundle(store.get(f"{t}/a")))
+    assert CHUNK_RANK == 8 and [len(stack.chunks[s]) for s in (s20, s_ia3, s8)] == [3, 0, 1]
+    rows = [s8, stack.no_adapter_slot, s20, s_ia3, s20]
+    fed = stack.inputs(np.array(rows))
+    assert fed["lora_rows"].tolist() == [0, 2, 2, 2, 4, 4, 4]
+    assert fed["lora_chunks"].tolist() == [*stack.chunks[s8], *stack.chunks[s20], *stack.chunks[s20]]
+    assert fed["adapter_index"].tolist() == rows  # the IA3 slot of each row
+    # an evicted adapter's chunks are reused; the stacks only grow for what the resident ones need
+    slots = LoraSlots(bb.record, capacity=2)
+    stack, _ = slots.assign(["l-qv20"], lambda t: LoraWeights.from_bundle(store.get(f"{t}/a")))
+    size, freed = stack.arrays["lora_a.0.attention_self_query"].shape[0], set(stack.chunks[0])
+    stack, (_, s4) = slots.assign(["l-q8", "l-qv4"], lambda t: LoraWeights.from_bundle(store.get(f"{t}/a")))
+    assert stack.arrays["lora_a.0.attention_self_query"].shape[0] == size and set(stack.chunks[s4]) <= freed
+
+
+def test_a_call_without_lora_rows_runs_on_the_graph_and_equals_torch(mixed):
+    """IA3, head and bare-base rows only: zero LoRA chunks in the call (empty gathers and GEMMs)."""
+    store, _, _ = mixed
+    items = [InferenceItem(t, "a", "embed", text=TEXTS[i]) for i, (t, *_) in enumerate(IA3S)]
+    items += [InferenceItem("h-emb", "a", "embed", text="hi"), InferenceItem("x", None, "embed", text="no")]
+    torch_engine = Engine(store, base="tiny", settings=EngineSettings(threads=1))
+    ort_engine = Engine(store, base="tiny", settings=EngineSettings(threads=1, runtime="onnx"))
+    got, want = ort_engine.infer(items), torch_engine.infer(items)
+    assert ort_engine.ort.calls == 1 and ort_engine.ort.fallbacks == {}
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(_np(g), _np(w), atol=TOL)
+
+
+def test_graph_with_the_older_input_layout_runs_on_torch_until_rebuilt(mixed, tmp_path, tiny_bert_dir):
+    """A record without ``layout`` (one slot per row, ranks padded to the largest) is not fed: LoRA and
+    IA3 rows run on torch, the runtime note says why, and the next export rebuilds the graph."""
+    store = open_store(str(tmp_path / "store"))
+    base = store.register_base(describe_base("tiny", tiny_bert_dir))
+    d = save_lora(tiny_bert_dir, tmp_path / "lora", 8, 4, 8, ["query", "value"])
+    store.put(import_peft(d, "l", "a", base))
+    export_base(store, "tiny")
+    export_lora_base(store, "tiny", targets=("query", "value"))
+    name = "backbone-lora-fp32.json"
+    old = json.loads(store.get_artifact("tiny", base.fingerprint, name))
+    for key in ("layout", "rows_input", "chunks_input"):  # what an older exporter wrote
+        del old["lora"][key]
+    store.put_artifact("tiny", base.fingerprint, name, json.dumps(old).encode())
+    engine = Engine(store, base="tiny", settings=EngineSettings(threads=1, runtime="onnx"))
+    assert "older 'slot-per-row' input layout" in engine.runtime_note
+    row = InferenceItem("l", "a", "embed", text="hi")
+    want = Engine(store, base="tiny", settings=EngineSettings(threads=1)).infer([row])
+    np.testing.assert_allclose(_np(engine.infer([row])[0]), _np(want[0]), atol=TOL)
+    assert engine.ort.calls == 0 and engine.ort.fallbacks == {"outdated adapter graph": 1}
+    report = export_lora_base(store, "tiny", targets=("query", "value"))
+    assert not report.reused and report.manifest.lora.layout == "rank-chunks"
+    engine = Engine(store, base="tiny", settings=EngineSettings(threads=1, runtime="onnx"))
+    engine.infer([row])
     assert engine.ort.calls == 1 and engine.ort.fallbacks == {}

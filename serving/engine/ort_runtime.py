@@ -1,8 +1,10 @@
 """``runtime="onnx"``: the shared backbone pass on onnxruntime where the stored graphs can do it.
 
 Batches of head and bare-base rows run the base's validated plain export (fp32 or int8); batches that
-also hold LoRA or IA3 rows run the ``lora-fp32`` adapter graph (stacked LoRA A/B and IA3 inputs + a
-per-row slot index) when it was exported, so head, bare-base, LoRA and IA3 rows share ONE ORT call.
+also hold LoRA or IA3 rows run the ``lora-fp32`` adapter graph (LoRA rank chunks and IA3 vectors kept
+resident, a per-row slot index and the call's (row, chunk) pairs) when it was exported, so head,
+bare-base, LoRA and IA3 rows share ONE ORT call. An adapter graph stored with an older input layout is
+not used (its LoRA and IA3 rows run on torch, ``describe`` says why) until the next export rebuilds it.
 Anything a graph cannot express (partial and full fine-tunes, LoRA/IA3 on modules or sides the graph
 does not take, IA3 on a graph stored before IA3 joined it, images or audio with LoRA/IA3) runs on the
 torch backbone, so every row is still answered; ``fallbacks`` counts those passes by reason.
@@ -28,6 +30,7 @@ class OrtRuntime:
     plain: Any  # serving.onnx_backbone.OrtBackbone over the fp32 or int8 export
     lora: Any | None = None  # OrtLoraBackbone over the lora-fp32 export, when one is stored
     slots: Any | None = None  # serving.onnx_backbone.LoraSlots: resident LoRA/IA3 inputs of that graph
+    lora_skipped: str | None = None  # why a stored adapter graph is not used (e.g. an older layout)
     calls: int = 0  # backbone passes served by ORT (the rest ran on torch)
     fallbacks: dict[str, int] = field(default_factory=dict)  # passes sent to torch, by reason
 
@@ -35,7 +38,8 @@ class OrtRuntime:
         """What runs where, for the start log."""
         text = f"onnxruntime ({self.plain.record.variant} graph) for head and bare-base rows"
         if self.lora is None:
-            return text + "; no adapter graph stored, so batches with LoRA or IA3 rows run on torch"
+            why = self.lora_skipped or "no adapter graph stored"
+            return text + f"; {why}, so batches with LoRA or IA3 rows run on torch"
         spec = self.lora.record.lora
         ia3 = [*spec.ia3_in, *spec.ia3_out]
         return (
@@ -59,11 +63,15 @@ class OrtRuntime:
         from serving.onnx_backbone import OrtBackbone
 
         plain = OrtBackbone.from_store(store, base, "int8" if runtime == "onnx-int8" else "fp32", threads)
-        lora = slots = None
+        lora = slots = skipped = None
         if store.has_artifact(base.name, base.fingerprint, LORA_MANIFEST):
-            lora = OrtBackbone.from_store(store, base, "lora-fp32", threads)
-            slots = LoraSlots(lora.record, capacity=lora_slots)
-        return cls(plain, lora, slots)
+            try:
+                lora = OrtBackbone.from_store(store, base, "lora-fp32", threads)
+            except UnsupportedAdapter as e:  # an older input layout: serve on torch until re-exported
+                skipped = str(e)
+            else:
+                slots = LoraSlots(lora.record, capacity=lora_slots)
+        return cls(plain, lora, slots, lora_skipped=skipped)
 
     def try_pass(self, plan: Any, adapters: list, inputs: dict) -> tuple[Any, Any] | None:
         """(hidden, pooled) from ORT, or None when this batch needs the torch backbone."""
@@ -73,7 +81,8 @@ class OrtRuntime:
             return self.plain.hidden_and_pooler(inputs)
         other = sorted(kinds - {"head", "lora", "ia3"})
         if other or self.lora is None or "input_ids" not in inputs:
-            self._fallback(f"kind {other[0]}" if other else "no adapter graph")
+            reason = "outdated adapter graph" if self.lora_skipped else "no adapter graph"
+            self._fallback(f"kind {other[0]}" if other else reason)
             return None
         try:
             out = self._lora_pass(plan, adapters, inputs)
