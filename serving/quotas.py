@@ -188,5 +188,3 @@ class UsageLedger:
             "since": self.started,
             "tenants": {t: vars(u).copy() for t, u in sorted(self.tenants.items())},
         }
-
-

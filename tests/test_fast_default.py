@@ -107,5 +107,14 @@ def test_the_bento_carries_every_package_serving_imports():
     }
     assert "onnx" in wanted and "onnxruntime" in wanted
     # the project itself; bentoml brings starlette, uvicorn, anyio, prometheus-client, pyyaml; boto3 brings botocore
-    implied = {"loraplex", "starlette", "uvicorn", "anyio", "prometheus-client", "pyyaml", "httpx", "botocore"}
+    implied = {
+        "loraplex",
+        "starlette",
+        "uvicorn",
+        "anyio",
+        "prometheus-client",
+        "pyyaml",
+        "httpx",
+        "botocore",
+    }
     assert wanted - carried - implied == set()
