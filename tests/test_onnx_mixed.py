@@ -197,11 +197,7 @@ def test_graph_stored_before_ia3_still_serves_and_is_rebuilt(tmp_path, tiny_bert
     store.put(import_peft(d, "l", "a", base))
     export_base(store, "tiny")
     export_lora_base(store, "tiny", targets=("query", "value"), ia3=([], []))
-    name = "backbone-lora-fp32.json"
-    old = json.loads(store.get_artifact("tiny", base.fingerprint, name))
-    for key in ("ia3_input", "ia3_in", "ia3_out"):  # what an older exporter wrote
-        del old["lora"][key]
-    store.put_artifact("tiny", base.fingerprint, name, json.dumps(old).encode())
+    _as_older_exporter_wrote(store, base, ("ia3_input", "ia3_in", "ia3_out"))
     engine = Engine(store, base="tiny", settings=EngineSettings(threads=1, runtime="onnx"))
     assert "graph without IA3" in engine.runtime_note
     lora_row, ia3_row = (
@@ -267,11 +263,7 @@ def test_graph_with_the_older_input_layout_runs_on_torch_until_rebuilt(mixed, tm
     store.put(import_peft(d, "l", "a", base))
     export_base(store, "tiny")
     export_lora_base(store, "tiny", targets=("query", "value"))
-    name = "backbone-lora-fp32.json"
-    old = json.loads(store.get_artifact("tiny", base.fingerprint, name))
-    for key in ("layout", "rows_input", "chunks_input"):  # what an older exporter wrote
-        del old["lora"][key]
-    store.put_artifact("tiny", base.fingerprint, name, json.dumps(old).encode())
+    _as_older_exporter_wrote(store, base, ("layout", "rows_input", "chunks_input"))
     engine = Engine(store, base="tiny", settings=EngineSettings(threads=1, runtime="onnx"))
     assert "older 'slot-per-row' input layout" in engine.runtime_note
     row = InferenceItem("l", "a", "embed", text="hi")
@@ -283,3 +275,12 @@ def test_graph_with_the_older_input_layout_runs_on_torch_until_rebuilt(mixed, tm
     engine = Engine(store, base="tiny", settings=EngineSettings(threads=1, runtime="onnx"))
     engine.infer([row])
     assert engine.ort.calls == 1 and engine.ort.fallbacks == {}
+
+
+def _as_older_exporter_wrote(store, base, missing: tuple[str, ...]) -> None:
+    """Rewrite the stored LoRA graph record without the fields an older exporter did not write."""
+    name = "backbone-lora-fp32.json"
+    old = json.loads(store.get_artifact(base.name, base.fingerprint, name))
+    for key in missing:
+        del old["lora"][key]
+    store.put_artifact(base.name, base.fingerprint, name, json.dumps(old).encode())
