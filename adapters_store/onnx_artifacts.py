@@ -21,6 +21,8 @@ from adapters_store.bundle import utc_now
 EXPORT_SCHEMA_VERSION = 1
 Variant = Literal["fp32", "int8", "lora-fp32"]
 VARIANTS: tuple[str, ...] = ("fp32", "int8", "lora-fp32")
+# The LoRA graph input layout the exporter writes and serving feeds (see LoraGraphRecord).
+LORA_LAYOUT = "rank-chunks"
 
 
 def graph_file(variant: str) -> str:

@@ -23,7 +23,7 @@ import torch
 
 from adapters_store import peft_spec
 from adapters_store.errors import UnsupportedAdapter, ValidationError
-from adapters_store.onnx_artifacts import LoraGraphRecord, OnnxExportManifest
+from adapters_store.onnx_artifacts import LORA_LAYOUT, LoraGraphRecord, OnnxExportManifest
 from adapters_store.peft_spec import AdapterSpec
 
 # LoRA ranks are stored in chunks of this rank: a row pays for its adapter's rank rounded up to it,
@@ -258,11 +258,6 @@ class LoraSlots:
         if not 1 <= capacity <= 4096:
             raise ValidationError(f"LoRA slot capacity must be 1..4096, got {capacity}")
         self.spec = lora_spec(record)
-        if self.spec.layout != "rank-chunks":
-            raise UnsupportedAdapter(
-                f"the stored adapter graph has the older {self.spec.layout!r} input layout; "
-                "`loraplex onnx export` rebuilds it"
-            )
         self.capacity = capacity
         self.rank = CHUNK_RANK
         self.arrays: dict[str, np.ndarray] = {
@@ -335,6 +330,12 @@ def lora_input(pattern: str, layer: int, target: str) -> str:
 
 
 def lora_spec(record: OnnxExportManifest) -> LoraGraphRecord:
+    """The record's LoRA inputs, in the layout this module packs (an older layout is refused)."""
     if record.lora is None:
         raise ValidationError(f"the {record.variant!r} export of {record.base!r} has no LoRA inputs")
+    if record.lora.layout != LORA_LAYOUT:
+        raise UnsupportedAdapter(
+            f"base {record.base!r}: the stored adapter graph has the older {record.lora.layout!r} "
+            "input layout; `loraplex onnx export` (or base register) rebuilds it"
+        )
     return record.lora

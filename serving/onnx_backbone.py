@@ -29,7 +29,7 @@ import onnxruntime as ort
 import torch
 
 from adapters_store.base_models import BaseModelEntry
-from adapters_store.errors import IntegrityError, UnsafeFormat, UnsupportedAdapter, ValidationError
+from adapters_store.errors import IntegrityError, UnsafeFormat, ValidationError
 from adapters_store.onnx_artifacts import VARIANTS, OnnxExportManifest, Variant, graph_file, manifest_file
 from serving.onnx_adapters import LoraSlots, LoraStack, LoraWeights, lora_spec, stack_loras
 
@@ -222,11 +222,7 @@ class OrtLoraBackbone(OrtBackbone):
     """The ``lora-fp32`` export: the backbone with gathered LoRA deltas on its target Linears."""
 
     def __init__(self, record: OnnxExportManifest, graph: bytes, settings: OrtSettings | None = None):
-        if lora_spec(record).layout != "rank-chunks":
-            raise UnsupportedAdapter(
-                f"base {record.base!r}: the stored adapter graph has the older {record.lora.layout!r} "
-                "input layout; `loraplex onnx export` (or base register) rebuilds it"
-            )
+        lora_spec(record)  # refuses a record without LoRA inputs or in an older layout
         super().__init__(record, graph, settings)
 
     def features(

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from adapters_store import peft_spec
-from adapters_store.onnx_artifacts import LoraGraphRecord
+from adapters_store.onnx_artifacts import LORA_LAYOUT, LoraGraphRecord
 from training.onnx_export.errors import OnnxExportError, UnsupportedArchitecture
 from training.onnx_export.export import (
     ExportReport,
@@ -58,7 +58,6 @@ from training.onnx_export.wrappers import TextFeatures, pooler_of
 INDEX_INPUT = "adapter_index"
 ROWS_INPUT = "lora_rows"
 CHUNKS_INPUT = "lora_chunks"
-LAYOUT = "rank-chunks"  # LoraGraphRecord.layout of the graphs this module builds
 A_INPUT = "lora_a.{layer}.{target}"
 B_INPUT = "lora_b.{layer}.{target}"
 IA3_INPUT = "ia3.{layer}.{target}"
@@ -218,7 +217,7 @@ def lora_record(module: LoraTextFeatures) -> LoraGraphRecord:
     return LoraGraphRecord(
         targets=list(module.targets),
         num_layers=1 + max(layer for layer, _, _ in module.slots),
-        layout=LAYOUT,
+        layout=LORA_LAYOUT,
         index_input=INDEX_INPUT,
         rows_input=ROWS_INPUT,
         chunks_input=CHUNKS_INPUT,
@@ -290,7 +289,7 @@ def export_lora_base(
     ia3_in, ia3_out = default_ia3(entry) if ia3 is None else ia3_sides(entry, *ia3)
     if existing is not None and not settings.force and existing.lora is not None:
         stored = existing.lora
-        current = (wanted, ia3_in, ia3_out, LAYOUT)
+        current = (wanted, ia3_in, ia3_out, LORA_LAYOUT)
         if (stored.targets, stored.ia3_in, stored.ia3_out, stored.layout) == current:
             return ExportReport(manifest=existing, reused=True, seconds=time.perf_counter() - t0)
     torch.set_num_threads(settings.threads)
