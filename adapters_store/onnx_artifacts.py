@@ -91,6 +91,12 @@ class LoraGraphRecord(BaseModel):
         description="module paths whose OUTPUT takes an IA3 vector, e.g. attention.self.key",
     )
 
+    @property
+    def takes_index(self) -> bool:
+        """Whether the graph has the per-row slot input: only IA3 reads it in the rank-chunk layout, so
+        a LoRA-only graph's trace dropped it."""
+        return bool(self.ia3_in or self.ia3_out)
+
 
 class QuantAttempt(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -144,8 +144,7 @@ class LoraStack:
         rows = np.repeat(np.arange(len(owned), dtype=np.int64), [len(c) for c in owned])
         chunks = np.fromiter((c for cs in owned for c in cs), dtype=np.int64, count=len(rows))
         spec = self.spec
-        # a LoRA-only graph never reads the IA3 index, so its trace has no such input
-        index = {spec.index_input: idx} if spec.ia3_in or spec.ia3_out else {}
+        index = {spec.index_input: idx} if spec.takes_index else {}
         return {**index, spec.rows_input: rows, spec.chunks_input: chunks, **self.arrays}
 
 

@@ -311,7 +311,7 @@ def export_lora_base(
     ]
     graph = _trace(module, spec, probes[0], outputs)
     run_onnx = ort_runner(graph, settings.threads)
-    if record.ia3_input is None:  # a LoRA-only graph never reads the IA3 index, so the trace dropped it
+    if not record.takes_index:
         run_onnx = partial(_without_index, run_onnx)
     figures = measure(torch_runner(module), run_onnx, probes, outputs)
     check_fp32(figures, spec.tolerance.atol, spec.tolerance.min_cosine, f"{base_name} LoRA export")
