@@ -271,12 +271,12 @@ def shared_input_key(backbone: Backbone, row: PreparedRow) -> tuple | None:
 def run_full(
     adapter: LoadedAdapter, rows: Sequence[PreparedRow], backbone: Backbone, settings: EngineSettings
 ) -> list[InferenceResult]:
-    """Answer one full fine-tune's rows on its dedicated model copy."""
+    """Answer one full fine-tune's rows on its dedicated model copy (the engine runs the whole pass
+    under :func:`single_threaded`)."""
     inputs = encode_rows(backbone, rows, settings)
     hidden, pooled = run_model(adapter.full_model, inputs)
     seg = Segment(0, 0, len(rows))
-    with single_threaded():
-        return finish_segment(seg, rows, adapter, hidden, inputs.get("attention_mask"), pooled, settings)
+    return finish_segment(seg, rows, adapter, hidden, inputs.get("attention_mask"), pooled, settings)
 
 
 def finish_segment(
