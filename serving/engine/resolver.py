@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar
 
 from adapters_store.bundle import AdapterManifest
 from adapters_store.errors import InvalidName, NotFound, StoreUnavailable
@@ -24,6 +25,8 @@ STORE_RETRY_S = 5.0
 # version never changes), but its manifest is read again at least this often: a store replaced under
 # a running server (numbers start again at 1) is noticed within this bound.
 FULL_RECHECK_S = 60.0
+
+T = TypeVar("T")
 
 
 class Resolved(NamedTuple):
@@ -123,21 +126,11 @@ class AliasResolver:
             self._cache.clear()
 
     def _lookup(self, ref: AdapterRef, explicit: bool) -> AdapterManifest:
-        if explicit:
-            return self._store.resolve(ref)
-        try:
-            return self._store.resolve(AdapterRef(ref.tenant, ref.name, PRODUCTION))
-        except NotFound:
-            return self._store.resolve(AdapterRef(ref.tenant, ref.name, LATEST))
+        return _by_alias(self._store.resolve, ref, explicit)
 
     def _lookup_version(self, ref: AdapterRef, explicit: bool) -> int:
         """The version :meth:`_lookup` would answer, from the alias (or the version listing) alone."""
-        if explicit:
-            return self._version_of(ref)
-        try:
-            return self._version_of(AdapterRef(ref.tenant, ref.name, PRODUCTION))
-        except NotFound:
-            return self._version_of(AdapterRef(ref.tenant, ref.name, LATEST))
+        return _by_alias(self._version_of, ref, explicit)
 
     def forget(self, tenant: str, name: str | None = None) -> None:
         with self._lock:
@@ -154,3 +147,14 @@ def _name_of(adapter: str) -> str:
 
 def _same_version(a: AdapterManifest, b: AdapterManifest) -> bool:
     return (a.tenant, a.name, a.version, a.created_at) == (b.tenant, b.name, b.version, b.created_at)
+
+
+def _by_alias(read: Callable[[AdapterRef], T], ref: AdapterRef, explicit: bool) -> T:
+    """``read`` of what a bare adapter name means: ``@production``, else ``@latest``; an explicit
+    selector as given."""
+    if explicit:
+        return read(ref)
+    try:
+        return read(AdapterRef(ref.tenant, ref.name, PRODUCTION))
+    except NotFound:
+        return read(AdapterRef(ref.tenant, ref.name, LATEST))
