@@ -136,3 +136,35 @@ def test_the_engine_keeps_freed_activation_memory_for_the_next_pass(tiny_bert_di
     # Per pass of ~105k pages: glibc's adaptive thresholds 25.6k-36.6k faults; these settings 0.8k-2.6k
     # (the host may reclaim idle heap pages meanwhile).
     assert faults < pages // 20, f"{faults} page faults per repeated pass touching {pages} pages"
+
+
+def test_a_lora_adapter_lives_in_its_own_mapping(tiny, tiny_bert_dir, tmp_path):
+    """Resident LoRA weights stay out of the malloc heap (evictions leave no holes there): all of an
+    adapter's A/B views share one page-aligned storage of their own, A kept row-major."""
+    base, backbone = tiny
+    d = save_lora(tiny_bert_dir, tmp_path / "l", seed=1, r=4, alpha=8, targets=["query", "value"])
+    loaded = load_adapter(import_peft_dir(d, "acme", "l", base), backbone)
+    storages = {t.untyped_storage().data_ptr() for pair in loaded.lora.values() for t in pair}
+    assert len(storages) == 1 and next(iter(storages)) % 4096 == 0
+    # A^T is a view of a row-major A [r, in]: the faster operand layout for x @ A^T (see _one_buffer).
+    assert all(a_t.t().is_contiguous() and b_t.is_contiguous() for a_t, b_t in loaded.lora.values())
+
+
+def test_a_lora_adapter_still_loads_when_no_mapping_is_left(tiny, tiny_bert_dir, tmp_path, monkeypatch):
+    """A host out of mappings (vm.max_map_count) keeps loading adapters, into the heap."""
+    import serving.engine.loader as loader_module
+
+    def no_mapping(*_args, **_kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(loader_module.mmap, "mmap", no_mapping)
+    base, backbone = tiny
+    d = save_lora(tiny_bert_dir, tmp_path / "l", seed=2, r=4, alpha=8, targets=["query", "value"])
+    loaded = load_adapter(import_peft_dir(d, "acme", "l", base), backbone)
+    from safetensors.torch import load_file
+
+    raw = load_file(d / "adapter_model.safetensors")
+    key = "base_model.model.encoder.layer.1.attention.self.value"
+    assert torch.equal(
+        loaded.lora["encoder.layer.1.attention.self.value"][0], raw[f"{key}.lora_A.weight"].t()
+    )

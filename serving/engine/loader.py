@@ -8,6 +8,7 @@ read; nothing is unpickled.
 
 from __future__ import annotations
 
+import mmap
 import re
 import struct
 import warnings
@@ -143,7 +144,8 @@ def _load_peft(
         if mod.side == "lora":
             a, b = (tensors[t] for t in mod.weights)
             # Fold the scaling into B once at load time, so a forward pass does two matmuls and nothing else.
-            lora[path] = (a.t().contiguous(), (b.t() * mod.scaling).contiguous())
+            # Views and a scaled product: _one_buffer makes the one copy, in the layout the forward uses.
+            lora[path] = (a.t(), b.t() * mod.scaling)
         else:
             target = loaded.ia3_in if mod.side == "ia3_in" else loaded.ia3_out
             target[path] = tensors[mod.weights[0]].flatten().contiguous()
@@ -172,20 +174,38 @@ def _saved(tensors: dict[str, torch.Tensor], module: SavedModule) -> dict[str, t
 def _one_buffer(
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Copy every (A^T, B^T) into ONE allocation and return contiguous views into it. One block per
-    adapter is freed whole on eviction, instead of dozens of small ones fragmenting the heap."""
+    """Copy every (A^T, B^T) into ONE allocation and return views into it. One block per adapter is
+    freed whole on eviction, instead of dozens of small ones fragmenting the heap.
+
+    A^T [in, r] is the transposed view of a row-major A [r, in]: a matmul against it (a GEMM whose N
+    is the rank) ran 1.7x faster than against a row-major [in, r] (x [640, 384] @ A^T, r 8, 2 threads:
+    192 vs 316 us; issue 18). B^T [r, out] is row-major."""
     total = sum(a.numel() + b.numel() for a, b in pairs.values())
-    buf = torch.empty(total)
+    buf = _own_mapping(total)
     out, offset = {}, 0
-    for module, (a, b) in pairs.items():
+    for module, (a_t, b_t) in pairs.items():
         views = []
-        for t in (a, b):
+        for t in (a_t.t(), b_t):
             view = buf[offset : offset + t.numel()].view(t.shape)
             view.copy_(t)
             views.append(view)
             offset += t.numel()
-        out[module] = (views[0], views[1])
+        out[module] = (views[0].t(), views[1])
     return out
+
+
+def _own_mapping(numel: int) -> torch.Tensor:
+    """float32 storage of its own anonymous mapping (freed whole with the last view of it).
+
+    Resident adapters stay out of the malloc heap, so evicting one leaves no hole between long-lived
+    tensors and its pages go back to the OS, while the heap keeps freed activations for the next pass
+    (engine.keep_activation_memory)."""
+    if numel == 0:
+        return torch.empty(0)
+    try:
+        return torch.frombuffer(mmap.mmap(-1, numel * 4), dtype=torch.float32)
+    except OSError:  # e.g. vm.max_map_count reached (~65k mappings): the heap still serves
+        return torch.empty(numel)
 
 
 def _load_partial(

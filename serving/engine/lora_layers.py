@@ -67,7 +67,8 @@ def runs_of(
                 stacks.setdefault(key, []).append((path, len(runs[path]), span))
                 runs[path].append(None)  # filled below, once its stack exists
     for members in stacks.values():
-        a_all = torch.stack([a for *_, span in members for _, _, a, _ in span])  # [segments, in, r]
+        # [segments, in, r] as the transposed view of a row-major [segments, r, in] (see loader._one_buffer)
+        a_all = torch.stack([a.t() for *_, span in members for _, _, a, _ in span]).transpose(1, 2)
         b_all = torch.stack([b for *_, span in members for _, _, _, b in span])  # [segments, r, out]
         first = 0
         for path, at, span in members:
