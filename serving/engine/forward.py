@@ -327,29 +327,12 @@ def answer_rows(
         vectors = embeds.tolist()
     answers = []
     for i, row in enumerate(rows):
+        common = dict(adapter=name, version=row.version, digest=row.digest, tokens=tokens[i])
         if classify[i]:
             labels, scores, logits = ranked[i]
-            answers.append(
-                InferenceResult(
-                    adapter=name,
-                    version=row.version,
-                    digest=row.digest,
-                    labels=labels,
-                    scores=scores,
-                    logits=logits,
-                    tokens=tokens[i],
-                )
-            )
+            answers.append(InferenceResult(labels=labels, scores=scores, logits=logits, **common))
         else:
-            answers.append(
-                InferenceResult(
-                    adapter=name,
-                    version=row.version,
-                    digest=row.digest,
-                    embedding=vectors[i],
-                    tokens=tokens[i],
-                )
-            )
+            answers.append(InferenceResult(embedding=vectors[i], **common))
     return answers
 
 
