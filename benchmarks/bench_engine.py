@@ -333,7 +333,9 @@ def put_synthetic_loras(store, base, template_cfg: bytes, n: int) -> int:
 
 def memory_and_cold_load(store, n: int, cycles: int) -> dict:
     """Run in a fresh process (see main): RSS must not reuse memory freed by the throughput part."""
-    engine = Engine(store, base="minilm", settings=EngineSettings(cache_bytes=4 << 30, threads=2))
+    engine = Engine(
+        store, base="minilm", settings=EngineSettings(cache_bytes=4 << 30, threads=2, runtime="torch")
+    )
     backbone_bytes = sum(p.numel() * p.element_size() for p in engine.backbone.model.parameters())
     with torch.inference_mode():
         engine.infer([InferenceItem("u0000", "emb", "embed", text=t) for t in sentences(32)])
@@ -366,11 +368,13 @@ def memory_and_cold_load(store, n: int, cycles: int) -> dict:
 
 def churn(store, n: int, cycles: int) -> dict:
     """Load/evict cycles through a cache that holds 50 adapters: RSS at cycle 100 and at the end."""
-    probe = Engine(store, base="minilm", settings=EngineSettings(threads=2))
+    probe = Engine(store, base="minilm", settings=EngineSettings(threads=2, runtime="torch"))
     probe.warm("u0000/emb")
     one = probe.cache_stats()["bytes_used"]
     del probe
-    engine = Engine(store, base="minilm", settings=EngineSettings(cache_bytes=50 * one, threads=2))
+    engine = Engine(
+        store, base="minilm", settings=EngineSettings(cache_bytes=50 * one, threads=2, runtime="torch")
+    )
     marks = {}
     for cycle in range(1, cycles + 1):
         engine.warm(f"u{cycle % n:04d}/emb")

@@ -110,7 +110,7 @@ def main() -> None:
         t0 = time.perf_counter()
         store = build_store(Path(tmp), Path(get_model_path()))
         print(f"store built in {time.perf_counter() - t0:.1f} s", flush=True)
-        engine = Engine(store, base="minilm", settings=EngineSettings(threads=args.threads))
+        engine = Engine(store, base="minilm", settings=EngineSettings(threads=args.threads, runtime="torch"))
         warm = engine.infer(rows(texts[-1], [f"head{i}" for i in range(N)] + [f"lora{i}" for i in range(N)]))
         assert all(isinstance(r, InferenceResult) for r in warm), warm
         started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

@@ -96,7 +96,7 @@ def adapter_nbytes(url: str, tenant: str) -> int:
     """What one adapter costs the engine cache (measured, not computed)."""
     from serving.engine import Engine, EngineSettings, InferenceItem
 
-    engine = Engine(open_store(url), base="tiny", settings=EngineSettings(threads=1))
+    engine = Engine(open_store(url), base="tiny", settings=EngineSettings(threads=1, runtime="torch"))
     engine.infer([InferenceItem(tenant=tenant, adapter="intent", task="classify", text="hello")])
     return int(engine.cache_stats()["bytes_used"])
 

@@ -42,7 +42,8 @@ def test_base_register_builds_the_exports_and_auto_serves_lora_rows_on_ort(tmp_p
     for name in ("backbone-fp32.json", "backbone-lora-fp32.json"):
         assert store.has_artifact("tiny", base.fingerprint, name)
     store.put(lora_bundle(tiny_bert_dir, base, tmp_path, tenant="acme", name="intent", seed=1))
-    engine = Engine(store, base="tiny", settings=EngineSettings(threads=1, runtime="auto"))
+    # EngineSettings' default runtime is 'auto' too: a library user gets onnxruntime without asking
+    engine = Engine(store, base="tiny", settings=EngineSettings(threads=1))
     assert engine.runtime == "onnx" and "LoRA on attention.self.query" in engine.runtime_note
     items = [
         InferenceItem("acme", "intent", "classify", text="hello"),
@@ -60,7 +61,7 @@ def test_no_onnx_then_auto_serves_torch_and_says_why(tmp_path, tiny_bert_dir, ca
     assert _register(url, tiny_bert_dir, "--no-onnx")["onnx"] == "skipped (--no-onnx)"
     store = open_store(url)
     with caplog.at_level(logging.WARNING, logger="serving.engine.engine"):
-        engine = Engine(store, base="tiny", settings=EngineSettings(threads=1, runtime="auto"))
+        engine = Engine(store, base="tiny", settings=EngineSettings(threads=1))
     assert engine.runtime == "torch" and engine.ort is None
     assert (
         "has no stored ONNX export" in engine.runtime_note and "loraplex onnx export" in engine.runtime_note
@@ -80,6 +81,7 @@ def test_a_base_the_exporter_cannot_take_is_registered_and_the_report_says_torch
 def test_the_service_defaults_to_runtime_auto():
     assert ServiceSettings(store="x").runtime == "auto"
     assert ServiceSettings.from_env({"LORAPLEX_STORE": "x"}).runtime == "auto"
+    assert EngineSettings().runtime == "auto"  # the engine library's default is the service's
 
 
 def _third_party_imports(folder: Path) -> set[str]:

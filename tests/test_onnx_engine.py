@@ -65,7 +65,7 @@ def _items() -> list[InferenceItem]:
 
 
 def test_head_and_base_rows_on_ort_equal_torch(engine_store, monkeypatch):
-    engine = Engine(engine_store, base="tiny", settings=EngineSettings(threads=1))
+    engine = Engine(engine_store, base="tiny", settings=EngineSettings(threads=1, runtime="torch"))
     items = _items()
     torch_results = engine.infer(items)
     ort_bb = OrtBackbone.from_store(engine_store, engine_store.get_base("tiny"), threads=1)
@@ -95,7 +95,7 @@ def _assert_same(items, torch_results, ort_results) -> None:
 
 def test_engine_runtime_onnx_equals_torch(engine_store):
     """The real switch: EngineSettings(runtime='onnx') serves head, LoRA and bare-base rows on ORT."""
-    torch_engine = Engine(engine_store, base="tiny", settings=EngineSettings(threads=1))
+    torch_engine = Engine(engine_store, base="tiny", settings=EngineSettings(threads=1, runtime="torch"))
     ort_engine = Engine(engine_store, base="tiny", settings=EngineSettings(threads=1, runtime="onnx"))
     heads_only = _items()
     with_lora = heads_only + [
@@ -120,7 +120,7 @@ def test_runtime_auto_uses_the_export_when_there_is_a_usable_one(
     items = _items()
     _assert_same(
         items,
-        Engine(engine_store, base="tiny", settings=EngineSettings(threads=1)).infer(items),
+        Engine(engine_store, base="tiny", settings=EngineSettings(threads=1, runtime="torch")).infer(items),
         auto.infer(items),
     )
     assert auto.ort.calls == 1

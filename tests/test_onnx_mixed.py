@@ -98,7 +98,9 @@ def test_every_kind_in_one_ort_call_equals_torch_and_peft(mixed, tiny_bert_dir):
 
     store, refs, _ = mixed
     items = _items(refs)
-    torch_engine = Engine(store, base="tiny", settings=EngineSettings(threads=1, max_batch_rows=64))
+    torch_engine = Engine(
+        store, base="tiny", settings=EngineSettings(threads=1, max_batch_rows=64, runtime="torch")
+    )
     ort_engine = Engine(
         store, base="tiny", settings=EngineSettings(threads=1, runtime="onnx", max_batch_rows=64)
     )
@@ -134,7 +136,7 @@ def test_ia3_outside_the_graph_falls_back_to_torch(mixed, tiny_bert_dir, tmp_pat
     ort_engine = Engine(store, base="tiny", settings=EngineSettings(threads=1, runtime="onnx"))
     got = ort_engine.infer(items)
     assert ort_engine.ort.calls == 0 and ort_engine.ort.fallbacks == {"adapter outside the graph": 1}
-    want = Engine(store, base="tiny", settings=EngineSettings(threads=1)).infer(items)
+    want = Engine(store, base="tiny", settings=EngineSettings(threads=1, runtime="torch")).infer(items)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(_np(g), _np(w), atol=TOL)
     record = ort_engine.ort.lora.record
@@ -246,7 +248,7 @@ def test_a_call_without_lora_rows_runs_on_the_graph_and_equals_torch(mixed):
     store, _, _ = mixed
     items = [InferenceItem(t, "a", "embed", text=TEXTS[i]) for i, (t, *_) in enumerate(IA3S)]
     items += [InferenceItem("h-emb", "a", "embed", text="hi"), InferenceItem("x", None, "embed", text="no")]
-    torch_engine = Engine(store, base="tiny", settings=EngineSettings(threads=1))
+    torch_engine = Engine(store, base="tiny", settings=EngineSettings(threads=1, runtime="torch"))
     ort_engine = Engine(store, base="tiny", settings=EngineSettings(threads=1, runtime="onnx"))
     got, want = ort_engine.infer(items), torch_engine.infer(items)
     assert ort_engine.ort.calls == 1 and ort_engine.ort.fallbacks == {}
@@ -267,7 +269,7 @@ def test_graph_with_the_older_input_layout_runs_on_torch_until_rebuilt(mixed, tm
     engine = Engine(store, base="tiny", settings=EngineSettings(threads=1, runtime="onnx"))
     assert "older 'slot-per-row' input layout" in engine.runtime_note
     row = InferenceItem("l", "a", "embed", text="hi")
-    want = Engine(store, base="tiny", settings=EngineSettings(threads=1)).infer([row])
+    want = Engine(store, base="tiny", settings=EngineSettings(threads=1, runtime="torch")).infer([row])
     np.testing.assert_allclose(_np(engine.infer([row])[0]), _np(want[0]), atol=TOL)
     assert engine.ort.calls == 0 and engine.ort.fallbacks == {"outdated adapter graph": 1}
     report = export_lora_base(store, "tiny", targets=("query", "value"))

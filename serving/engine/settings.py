@@ -46,10 +46,12 @@ class EngineSettings(BaseModel):
         default=2, ge=1, le=256, description="torch intra-op threads (torch.set_num_threads)."
     )
     runtime: Literal["torch", "onnx", "onnx-int8", "auto"] = Field(
-        default="torch",
-        description="Backbone runtime. 'onnx'/'onnx-int8' run the shared pass on the base's validated ONNX "
-        "export (run 'loraplex onnx export' first) for head, bare-base and (with the LoRA graph) LoRA rows; "
-        "other kinds fall back to torch. 'auto': 'onnx' when the base has a loadable fp32 export, else torch.",
+        default="auto",
+        description="Backbone runtime. 'auto' (the default, as the service's): 'onnx' when the base has a "
+        "loadable fp32 export ('loraplex base register' stores it), else torch, with the reason in "
+        "``Engine.runtime_note`` and the log. 'onnx'/'onnx-int8' run the shared pass on the base's validated "
+        "ONNX export for head, bare-base and (with the adapter graph) LoRA and IA3 rows, and refuse to "
+        "start without one; other kinds fall back to torch. 'torch': never onnxruntime.",
     )
     base_pooling: Literal["mean", "cls", "pooler"] = Field(
         default="mean", description="Pooling for rows with no adapter (bare base embeddings)."
