@@ -188,6 +188,9 @@ def _per_row(scale: torch.Tensor, rows: int, dim: int) -> torch.Tensor:
 
 def _add_lora(x: torch.Tensor, out: torch.Tensor, runs: Sequence[LoraRun], rows: int) -> None:
     # Runs are contiguous row ranges, so x[s:e] and out[s:e] are views: no gather, no copy.
+    # A run's x A^T is computed as (A x^T)^T on views (A row-major [count, r, in]): its batched GEMM
+    # then runs 1.2-1.8x faster (d 384, r 8, 2 threads: 16 segments x 36 tokens 81 vs 144 us, 4 x 36
+    # 33 vs 47 us). For one segment's 2-D mm neither form wins across ranks and lengths.
     out_f = out.shape[-1]
     in_f = x.shape[-1]
     for start, end, count, a_t, b_t in runs:
@@ -198,7 +201,8 @@ def _add_lora(x: torch.Tensor, out: torch.Tensor, runs: Sequence[LoraRun], rows:
             seg_out.addmm_(torch.mm(x[start:end].reshape(-1, in_f), a_t), b_t)
         else:  # [count, rows per segment * T, d]: one bmm pair for every segment of the run
             seg_out = out[start:end].view(count, -1, out_f)
-            seg_out.baddbmm_(torch.bmm(x[start:end].reshape(count, -1, in_f), a_t), b_t)
+            xa = torch.bmm(a_t.transpose(1, 2), x[start:end].reshape(count, -1, in_f).transpose(1, 2))
+            seg_out.baddbmm_(xa.transpose(1, 2), b_t)
 
 
 class LayerSwitch(nn.Module):
