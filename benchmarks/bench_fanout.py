@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 from bench_http import one_peft_lora, seeded_weights  # noqa: E402  (benchmarks/ is the script's folder)
+from machine import cpu_model  # noqa: E402
 from texts import sentences  # noqa: E402
 
 from adapters_store import describe_base, open_store  # noqa: E402
@@ -139,13 +140,6 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "fanout.json").write_text(json.dumps(result, indent=2))
     (RESULTS / "fanout.md").write_text(md)
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def markdown(r: dict) -> str:

@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import httpx  # noqa: E402
 from bench_http import build_store, http_round, percentile, tenant_names  # noqa: E402
+from machine import cpu_model  # noqa: E402
 from texts import sentences  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -186,13 +187,6 @@ def report(args, rounds: list[dict], load_before, load_after) -> None:
     md = markdown(result)
     (RESULTS / "bench_train_http.md").write_text(md)
     print(md)
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def markdown(r: dict) -> str:
