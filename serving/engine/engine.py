@@ -345,8 +345,8 @@ def keep_activation_memory(mmap_threshold: int = 32 << 20, trim_threshold: int =
     32 (issue 18): with the mmap threshold pinned at 128 KB, ~24k faults per forward (~30% of its time,
     the threshold toggled in one process); with glibc's adaptive thresholds, ~500 per base pass and
     ~3,100 per 16-LoRA pass (its trims follow the allocation pattern); with these two fixed, 0, and
-    the 16-LoRA pass 245 -> 308 rows/s (two processes run back to back). Resident LoRA adapters live in their own mappings (see loader), so holes left by
-    evictions do not pin heap memory."""
+    the 16-LoRA pass 245 -> 308 rows/s (two processes run back to back). Resident LoRA adapters live
+    in their own mappings (see loader), so holes left by evictions do not pin heap memory."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
