@@ -50,6 +50,29 @@ def test_lora_is_packed_with_scaling_folded_and_bytes_counted(tiny, tiny_bert_di
     assert loaded.digest == loaded.manifest.digest
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_lora_is_served_as_its_float32_values(tiny, tiny_bert_dir, tmp_path, dtype):
+    """PEFT saves adapters of a half-precision model in f16/bf16 (numpy has no bf16: the loader widens
+    it itself). Every weight, the classifier's too, is served as exactly the float32 of what is stored."""
+    from safetensors.torch import load_file, save_file
+
+    base, backbone = tiny
+    d = save_lora(tiny_bert_dir, tmp_path / "l", seed=3, r=4, alpha=12, targets=["query", "value"], num_labels=2)
+    raw = {k: v.to(dtype) for k, v in load_file(d / "adapter_model.safetensors").items()}
+    save_file(raw, d / "adapter_model.safetensors")
+    loaded = load_adapter(import_peft_dir(d, "a", "b", base), backbone)
+    for layer in range(2):
+        for module in ("query", "value"):
+            # SEQ_CLS adapters wrap BertForSequenceClassification: keys carry its "bert." prefix
+            key = f"base_model.model.bert.encoder.layer.{layer}.attention.self.{module}"
+            a_t, b_t = loaded.lora[f"encoder.layer.{layer}.attention.self.{module}"]
+            assert a_t.dtype == b_t.dtype == torch.float32
+            assert torch.equal(a_t, raw[f"{key}.lora_A.weight"].float().t())
+            assert torch.equal(b_t, raw[f"{key}.lora_B.weight"].float().t() * 3.0)  # alpha 12 / r 4
+    classifier = "base_model.model.classifier.weight"  # PEFT saves modules_to_save under the plain name
+    assert torch.equal(loaded.head.out_w, raw[classifier].float())
+
+
 def test_partial_missing_a_block_tensor_is_refused(tiny, tiny_bert_dir):
     from transformers import BertModel
 
@@ -144,8 +167,9 @@ def test_a_lora_adapter_lives_in_its_own_mapping(tiny, tiny_bert_dir, tmp_path):
     base, backbone = tiny
     d = save_lora(tiny_bert_dir, tmp_path / "l", seed=1, r=4, alpha=8, targets=["query", "value"])
     loaded = load_adapter(import_peft_dir(d, "acme", "l", base), backbone)
-    storages = {t.untyped_storage().data_ptr() for pair in loaded.lora.values() for t in pair}
-    assert len(storages) == 1 and next(iter(storages)) % 4096 == 0
+    spans = sorted((t.data_ptr(), t.numel() * t.element_size()) for pair in loaded.lora.values() for t in pair)
+    assert spans[0][0] % 4096 == 0  # a mapping of its own starts on a page
+    assert all(p + n == q for (p, n), (q, _) in zip(spans, spans[1:]))  # packed back to back: one block
     # A^T is a view of a row-major A [r, in]: the faster operand layout for x @ A^T (see _one_buffer).
     assert all(a_t.t().is_contiguous() and b_t.is_contiguous() for a_t, b_t in loaded.lora.values())
 
