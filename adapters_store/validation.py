@@ -132,7 +132,15 @@ def _check_tensor_meta(name: str, key: str, meta: Any, body: int) -> None:
 
 
 def check_finite(data: bytes, name: str, header: dict[str, dict[str, Any]]) -> None:
+    """Every floating-point tensor of a parsed (bounds-checked) safetensors file holds finite values."""
     base = 8 + struct.unpack("<Q", data[:8])[0]
+    dtypes = {meta["dtype"] for meta in header.values()}
+    if len(dtypes) == 1 and (dt := dtypes.pop()) in ("F16", "F32", "F64"):
+        # One dtype throughout (the usual file): the tensors tile the body (parse_safetensors checked
+        # it), so one call checks them all (an adapter's 24 calls cost ~0.1 ms of a ~4 ms cold load).
+        whole = np.frombuffer(data, _DTYPES[dt], (len(data) - base) // _ITEMSIZE[dt], base)
+        if np.isfinite(whole).all():
+            return
     for key, meta in header.items():
         dt = meta["dtype"]
         if not dt.startswith(("F", "B")) or dt == "BOOL":
