@@ -57,7 +57,9 @@ def test_a_half_precision_lora_is_served_as_its_float32_values(tiny, tiny_bert_d
     from safetensors.torch import load_file, save_file
 
     base, backbone = tiny
-    d = save_lora(tiny_bert_dir, tmp_path / "l", seed=3, r=4, alpha=12, targets=["query", "value"], num_labels=2)
+    d = save_lora(
+        tiny_bert_dir, tmp_path / "l", seed=3, r=4, alpha=12, targets=["query", "value"], num_labels=2
+    )
     raw = {k: v.to(dtype) for k, v in load_file(d / "adapter_model.safetensors").items()}
     save_file(raw, d / "adapter_model.safetensors")
     loaded = load_adapter(import_peft_dir(d, "a", "b", base), backbone)
@@ -167,9 +169,12 @@ def test_a_lora_adapter_lives_in_its_own_mapping(tiny, tiny_bert_dir, tmp_path):
     base, backbone = tiny
     d = save_lora(tiny_bert_dir, tmp_path / "l", seed=1, r=4, alpha=8, targets=["query", "value"])
     loaded = load_adapter(import_peft_dir(d, "acme", "l", base), backbone)
-    spans = sorted((t.data_ptr(), t.numel() * t.element_size()) for pair in loaded.lora.values() for t in pair)
+    spans = sorted(
+        (t.data_ptr(), t.numel() * t.element_size()) for pair in loaded.lora.values() for t in pair
+    )
     assert spans[0][0] % 4096 == 0  # a mapping of its own starts on a page
-    assert all(p + n == q for (p, n), (q, _) in zip(spans, spans[1:]))  # packed back to back: one block
+    # packed back to back: one block
+    assert all(p + n == q for (p, n), (q, _) in zip(spans, spans[1:], strict=False))
     # A^T is a view of a row-major A [r, in]: the faster operand layout for x @ A^T (see _one_buffer).
     assert all(a_t.t().is_contiguous() and b_t.is_contiguous() for a_t, b_t in loaded.lora.values())
 

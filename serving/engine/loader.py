@@ -151,7 +151,9 @@ def _arrays(bundle: Bundle, headers: dict[str, dict], name: str) -> dict[str, np
 def _float_dtype(name: str, key: str, meta: dict) -> torch.dtype:
     dtype = _FLOAT_DTYPES.get(meta["dtype"])
     if dtype is None:
-        raise ValidationError(f"{name}: tensor {key!r} has dtype {meta['dtype']}; weights must be floating point")
+        raise ValidationError(
+            f"{name}: tensor {key!r} has dtype {meta['dtype']}; weights must be floating point"
+        )
     return dtype
 
 
