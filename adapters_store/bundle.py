@@ -223,6 +223,7 @@ class Bundle:
     """A manifest plus its files' bytes, held in memory (adapters are small; full fine-tunes ~100 MB)."""
 
     manifest: AdapterManifest
+    # bytes; a large file read by ``read_bundle(..., mapped=True)`` is a read-only mmap (bytes-like)
     files: Mapping[str, bytes] = field(repr=False)
     # Set by verify(): a cold load reads, checks and validates one bundle, and hashes each byte once.
     _verified: bool = field(default=False, init=False, repr=False, compare=False)

@@ -218,7 +218,7 @@ class Engine:
                 self._batch_loads += 1
         read_bundle = getattr(self.store, "read_bundle", None)  # skips a second resolve when offered
         if read_bundle is not None:
-            bundle = read_bundle(manifest)
+            bundle = read_bundle(manifest, mapped=True)  # large files mapped: the loader copies out
         else:
             bundle = self.store.get(AdapterRef(manifest.tenant, manifest.name, str(manifest.version)))
         # A store that reads the resolved manifest's files returns that manifest itself; one that
