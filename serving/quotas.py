@@ -169,22 +169,27 @@ class UsageLedger:
 
     tenants: dict[str, TenantUsage] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    # The event loop counts requests while the batcher thread, and the thread that runs full
+    # fine-tunes' passes, count answered rows: ``+=`` on a shared counter is not atomic.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def answered(self, tenant: str, rows: int, tokens: int) -> None:
-        usage = self.tenants.setdefault(tenant, TenantUsage())
-        usage.rows += rows
-        usage.tokens += tokens
+        with self._lock:
+            usage = self.tenants.setdefault(tenant, TenantUsage())
+            usage.rows += rows
+            usage.tokens += tokens
         metrics.observe_usage(tenant, rows, tokens)
 
     def request(self, tenant: str) -> None:
-        self.tenants.setdefault(tenant, TenantUsage()).requests += 1
+        with self._lock:
+            self.tenants.setdefault(tenant, TenantUsage()).requests += 1
 
     def rejected(self, tenant: str, reason: str) -> None:
-        self.tenants.setdefault(tenant, TenantUsage()).rejected += 1
+        with self._lock:
+            self.tenants.setdefault(tenant, TenantUsage()).rejected += 1
         metrics.observe_rejected(tenant, reason)
 
     def snapshot(self) -> dict:
-        return {
-            "since": self.started,
-            "tenants": {t: vars(u).copy() for t, u in sorted(self.tenants.items())},
-        }
+        with self._lock:
+            tenants = {t: vars(u).copy() for t, u in sorted(self.tenants.items())}
+        return {"since": self.started, "tenants": tenants}

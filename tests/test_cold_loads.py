@@ -4,6 +4,7 @@ so another tenant's cold load never runs inside the forward of a batch holding w
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -159,6 +160,66 @@ def test_cold_loads_run_in_a_thread_of_lower_cpu_priority(store):
     mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     assert seen["nice"] == min(19, mine + LOADER_NICENESS) > mine
     assert engine.is_resident("acme", "cold")
+
+
+def test_a_full_fine_tunes_pass_does_not_wait_for_the_shared_forward(store):
+    """The service runs full fine-tunes' passes in a thread of their own while the next shared batch
+    runs: that pass touches none of the shared wrappers, so it must not take their lock."""
+    engine = Engine(store, base="tiny", settings=EngineSettings(threads=1))
+    engine.warm("acme/ft")
+    with ThreadPoolExecutor(1) as pool, engine._forward_lock:  # a shared batch is running
+        answer = pool.submit(engine.infer, [InferenceItem("acme", "ft", "classify", text="own pass")])
+        result = answer.result(timeout=30)[0]
+    assert result.labels is not None and result.digest == store.resolve("acme/ft").digest
+
+
+def test_a_shared_pass_runs_on_the_engines_threads_whatever_the_thread_started_with(store):
+    """torch keeps the intra-op thread count per thread, but a thread takes the process-wide last-set
+    value when it first runs a parallel op: one starting while a full fine-tune's pass had set 1
+    would run every shared batch on one thread."""
+    engine = Engine(store, base="tiny", settings=EngineSettings(threads=2))
+    seen = {}
+
+    def batcher_thread():
+        torch.set_num_threads(1)  # as a thread that first ran during a full fine-tune's pass
+        engine.infer([InferenceItem("acme", "warm", "classify", text="shared pass")])
+        seen["threads"] = torch.get_num_threads()
+
+    thread = threading.Thread(target=batcher_thread)
+    thread.start()
+    thread.join(30)
+    assert seen["threads"] == 2
+
+
+def test_rows_prepared_in_two_threads_at_once_keep_their_own_lengths(store):
+    """A fast tokenizer sets truncation and padding on every call: two threads preparing rows at once
+    (a full fine-tune's pass beside a shared batch) got each other's lengths (591 of 4,000 calls in a
+    probe) unless preparation is serialised."""
+    from serving.engine.forward import PreparedRow, encode_rows
+
+    engine = Engine(store, base="tiny", settings=EngineSettings(threads=1))
+    text = "a sentence long enough to be truncated at either of the two lengths " * 3
+    rows = [PreparedRow(InferenceItem("acme", None, "embed", text=text), None, None, None)] * 4
+    wrong: list[tuple[int, int]] = []
+
+    def prepare(length: int) -> None:
+        settings = engine.settings.model_copy(update={"max_seq_len": length})
+        for _ in range(400):
+            width = encode_rows(engine.backbone, rows, settings)["input_ids"].shape[1]
+            if width != length:
+                wrong.append((length, width))
+
+    threads = [threading.Thread(target=prepare, args=(n,)) for n in (8, 16)]
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often, as a loaded server does
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        sys.setswitchinterval(switch)
+    assert not wrong, f"{len(wrong)} calls got the other thread's length, e.g. {wrong[:3]}"
 
 
 def test_a_request_cancelled_during_its_cold_load_does_not_keep_the_adapter_leased(store):

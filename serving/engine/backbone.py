@@ -8,8 +8,9 @@ block by :class:`LayerSwitch` (partial fine-tunes). Tenants never get their own 
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,9 @@ class Backbone:
     feature_dim: int
     layer_prefix: str = "encoder.layer."  # in-memory path of block N is f"{layer_prefix}{N}"
     to_memory: Callable[[str], str] = str  # checkpoint weight name -> in-memory name
+    # A fast tokenizer is not safe to call from two threads at once (each call sets its truncation and
+    # padding); a full fine-tune's pass prepares its rows while a shared batch may be preparing its own.
+    preprocess_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def prefix(self) -> str:

@@ -62,6 +62,7 @@ class Engine:
         self._full = AdapterCache(_UNLIMITED, max_entries=self.settings.full_cache_size)
         self._resolver = AliasResolver(store, self.settings.alias_ttl_s)
         self._forward_lock = threading.Lock()  # the wrappers' batch context is shared state
+        self._full_lock = threading.Lock()  # one full fine-tune's pass at a time (each on its own model)
         self._batch_loads = 0  # cold loads that ran inside infer(), i.e. on a batch's path
         self._count_lock = threading.Lock()
 
@@ -244,16 +245,18 @@ class Engine:
 
     def _run_chunk(self, key: tuple, rows: list[PreparedRow], idx: list[int], out: list) -> None:
         try:
-            with self._forward_lock, torch.inference_mode():
-                if key[0] is not None:
-                    # One intra-op thread: a 2-thread torch pass waits at every op for a second thread
-                    # that the event loop, a cold load or the onnxruntime pool just used holds. Measured
-                    # (issue 18, in-process, a 1-row full pass right after a 16-row onnxruntime batch):
-                    # 739 ms wall / 493 ms CPU median on 2 threads, 42 / 28 ms on one; the warm
-                    # batches queue behind this pass.
-                    with single_threaded():
-                        answers = run_full(rows[0].adapter, rows, self.backbone, self.settings)
-                else:
+            if key[0] is not None:
+                # A full fine-tune's pass touches no shared wrapper, so it holds its own lock, not the
+                # forward lock: the service runs it in a thread of its own while the next shared batch
+                # runs (serving.fairness). One intra-op thread: a 2-thread torch pass waits at every op
+                # for a second thread that the event loop, a cold load or the onnxruntime pool just
+                # used holds. Measured (issue 18, in-process, a 1-row full pass right after a 16-row
+                # onnxruntime batch): 739 ms wall / 493 ms CPU median on 2 threads, 42 / 28 ms on one.
+                with self._full_lock, torch.inference_mode(), single_threaded():
+                    answers = run_full(rows[0].adapter, rows, self.backbone, self.settings)
+            else:
+                with self._forward_lock, torch.inference_mode():
+                    _own_threads(self.settings.threads)
                     answers = run_shared(self.backbone, rows, self.settings, self.ort)
         except LoraplexError as e:
             answers = [e] * len(rows)
@@ -338,6 +341,14 @@ class Engine:
     def cache_residents(self) -> list[dict[str, Any]]:
         """The adapters loaded now (both caches), least recently used first."""
         return self._cache.residents() + self._full.residents()
+
+
+def _own_threads(threads: int) -> None:
+    """This thread's torch intra-op thread count is ``threads``. torch keeps the count per thread, but
+    a thread takes the process-wide last-set value when it first runs a parallel op: one that starts
+    while a full fine-tune's pass has set 1 elsewhere would keep 1 for good."""
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def keep_activation_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 128 << 20) -> bool:

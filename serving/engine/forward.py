@@ -113,12 +113,13 @@ def clear_context(backbone: Backbone) -> None:
 
 
 def encode_rows(backbone: Backbone, rows: Sequence[PreparedRow], settings: EngineSettings) -> dict:
-    if backbone.modality == "text":
-        lengths = [text_length(r, settings) for r in rows]
-        return dict(encode_texts(backbone, [r.item.text for r in rows], lengths))
-    if backbone.modality == "audio":
-        return encode_audio(backbone, [r.item.audio for r in rows])
-    return encode_images(backbone, [r.item.image for r in rows])
+    with backbone.preprocess_lock:
+        if backbone.modality == "text":
+            lengths = [text_length(r, settings) for r in rows]
+            return dict(encode_texts(backbone, [r.item.text for r in rows], lengths))
+        if backbone.modality == "audio":
+            return encode_audio(backbone, [r.item.audio for r in rows])
+        return encode_images(backbone, [r.item.image for r in rows])
 
 
 def text_length(row: PreparedRow, settings: EngineSettings) -> int:
@@ -148,7 +149,8 @@ def single_threaded() -> Iterator[None]:
     """Run the tiny per-segment tensor ops (pooling, heads, softmax) on one intra-op thread. Each op on
     a [rows, ...] tensor otherwise opens a parallel region; right after a backbone pass, waiting for
     the second thread made a 2-row head + softmax cost ~8-23 ms of wall time instead of ~0.2 ms on a
-    busy 2-core box (measured, issue 18). The setting is process-wide; callers hold the forward lock."""
+    busy 2-core box (measured, issue 18). torch keeps the count per calling thread (OpenMP's and MKL's
+    thread-local settings), so a full fine-tune's pass in another thread does not change it here."""
     threads = torch.get_num_threads()
     if threads == 1:
         yield
