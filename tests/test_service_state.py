@@ -361,4 +361,4 @@ def test_the_service_batcher_answers_shared_rows_before_a_full_fine_tunes_own_pa
 
     full, warm, other = job("ft"), job("alpha"), job("alpha")
     parts = stack.service.batcher._split([full, warm, other])
-    assert parts == [[warm, other], [full]]
+    assert parts == ([warm, other], [full])  # shared first; the full pass goes to its own thread
