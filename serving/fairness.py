@@ -5,6 +5,8 @@ Every inference request (``/v1/classify``, ``/v1/embed`` and the OpenAI-style ro
 than one batch holds, :class:`FairQueue` visits the tenants in turn and gives each a quantum of rows
 per visit, so a tenant with 1,000 queued rows cannot make a tenant with 1 row wait behind all of them.
 While one batch runs the next one accumulates (no fixed wait), so a lone request is served at once.
+Jobs that need a pass of their own (``runs_alone``: a full fine-tune's rows) are taken in the same fair
+order but run in a second thread, beside the next batches.
 """
 
 from __future__ import annotations
@@ -112,7 +114,8 @@ BatchFn = Callable[[Sequence[Any]], Sequence[Any]]
 
 
 class FairBatcher:
-    """Async front (``await submit(...)``) over one worker thread that runs ``process`` per batch.
+    """Async front (``await submit(...)``) over one worker thread that runs ``process`` per batch (and,
+    with ``runs_alone``, a second one for the payloads it names, so ``process`` must be thread-safe).
 
     ``process`` gets the payloads of one batch and returns one result per payload, in order.
     """
