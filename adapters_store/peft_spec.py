@@ -46,7 +46,7 @@ HEAD_MODULES = ("classifier", "score")
 POOLER_MODULE = "pooler.dense"
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 _IA3_KEY = re.compile(r"^(?P<module>.+)\.ia3_l$")
-_FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})  # safetensors dtypes a weight may have
 MAX_LORA_RANK = 256
 
 
@@ -183,7 +183,7 @@ def resolve(
     modules: dict[str, ModuleSpec] = {}
     saved: dict[str, dict[str, str]] = {}
     for tensor, (dtype, _shape) in shapes.items():
-        if dtype not in _FLOAT_DTYPES:
+        if dtype not in FLOAT_DTYPES:
             raise ValidationError(
                 f"{PEFT_WEIGHTS_FILE}: tensor {tensor!r} has dtype {dtype}; weights must be floats"
             )

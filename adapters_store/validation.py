@@ -32,9 +32,18 @@ from adapters_store.errors import (
     UnsupportedAdapter,
     ValidationError,
 )
-from adapters_store.peft_spec import AdapterSpec, parse_peft_config
+from adapters_store.peft_spec import FLOAT_DTYPES, AdapterSpec, parse_peft_config
 
-__all__ = ["StoreLimits", "parse_peft_config", "parse_safetensors", "peft_spec_of", "validate_bundle"]
+__all__ = [
+    "StoreLimits",
+    "body_offset",
+    "check_finite",
+    "float_views",
+    "parse_peft_config",
+    "parse_safetensors",
+    "peft_spec_of",
+    "validate_bundle",
+]
 
 _DTYPES = {
     "F64": np.float64,
@@ -133,7 +142,7 @@ def _check_tensor_meta(name: str, key: str, meta: Any, body: int) -> None:
 
 def check_finite(data: bytes, name: str, header: dict[str, dict[str, Any]]) -> None:
     """Every floating-point tensor of a parsed (bounds-checked) safetensors file holds finite values."""
-    base = 8 + struct.unpack("<Q", data[:8])[0]
+    base = body_offset(data)
     dtypes = {meta["dtype"] for meta in header.values()}
     if len(dtypes) == 1 and (dt := dtypes.pop()) in ("F16", "F32", "F64"):
         # One dtype throughout (the usual file): the tensors tile the body (parse_safetensors checked
@@ -141,21 +150,39 @@ def check_finite(data: bytes, name: str, header: dict[str, dict[str, Any]]) -> N
         whole = np.frombuffer(data, _DTYPES[dt], (len(data) - base) // _ITEMSIZE[dt], base)
         if np.isfinite(whole).all():
             return
+    for key, arr in float_views(data, header).items():
+        if not np.isfinite(arr).all():
+            raise ValidationError(f"{name}: tensor {key!r} holds NaN or Inf values")
+
+
+def body_offset(data: bytes) -> int:
+    """Where a safetensors file's tensor bytes start (after the 8-byte length and the JSON header)."""
+    return 8 + struct.unpack("<Q", data[:8])[0]
+
+
+def float_views(data: bytes, header: dict[str, dict[str, Any]]) -> dict[str, np.ndarray]:
+    """The floating-point tensors of a parsed (bounds-checked) safetensors file, each in its shape as a
+    read-only numpy view of ``data`` at its offset; other dtypes are left out. BF16, which numpy lacks,
+    is widened into a float32 copy (bf16 is the high half of a float32).
+
+    Views, not slices: slicing bytes copies them while holding the GIL (~0.1 s for a full fine-tune),
+    which stalls every other thread of a serving process during a cold load."""
+    base = body_offset(data)
+    views = {}
     for key, meta in header.items():
         dt = meta["dtype"]
-        if not dt.startswith(("F", "B")) or dt == "BOOL":
+        if dt not in FLOAT_DTYPES:
             continue
         start, end = meta["data_offsets"]
         count = (end - start) // _ITEMSIZE[dt]
-        # A view at an offset, not a slice: slicing bytes copies them while holding the GIL (~0.1 s for
-        # a full fine-tune), which stalls every other thread of a serving process during a cold load.
-        if dt == "BF16":  # widen bf16 to f32 by placing it in the high half
-            wide = np.frombuffer(data, np.uint16, count, base + start).astype(np.uint32) << 16
-            arr = wide.view(np.float32)
+        if dt == "BF16":
+            arr = (np.frombuffer(data, np.uint16, count, base + start).astype(np.uint32) << 16).view(
+                np.float32
+            )
         else:
             arr = np.frombuffer(data, _DTYPES[dt], count, base + start)
-        if not np.isfinite(arr).all():
-            raise ValidationError(f"{name}: tensor {key!r} holds NaN or Inf values")
+        views[key] = arr.reshape(meta["shape"])
+    return views
 
 
 def validate_bundle(

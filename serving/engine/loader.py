@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import mmap
 import re
-import struct
 import warnings
 from dataclasses import dataclass, field
 
@@ -26,18 +25,18 @@ from adapters_store.bundle import (
     Bundle,
 )
 from adapters_store.errors import IncompatibleBase, UnsupportedAdapter, ValidationError
-from adapters_store.peft_spec import AdapterSpec, SavedModule
+from adapters_store.peft_spec import FLOAT_DTYPES, AdapterSpec, SavedModule
 from adapters_store.preparation import RowPreparation
-from adapters_store.validation import StoreLimits, validate_bundle
+from adapters_store.validation import StoreLimits, float_views, validate_bundle
 from serving.engine.backbone import Backbone, build_full_model
 from serving.engine.heads import HeadParams, head_from_classifier, head_from_file
 
 _LAYER_KEY = re.compile(r"^encoder\.layers?\.(?P<idx>\d+)\.(?P<rest>.+)$")  # layers: Wav2Vec2
 _LIMITS = StoreLimits()
-_FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_NP_DTYPES = {torch.float64: np.dtype("<f8"), torch.float32: np.dtype("<f4"), torch.float16: np.dtype("<f2")}
 # The views are only read (then copied): the store's bytes are never written through them.
-warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+warnings.filterwarnings(
+    "ignore", message="The given (buffer|NumPy array) is not writable", category=UserWarning
+)
 
 
 @dataclass
@@ -111,50 +110,25 @@ def _tensors(bundle: Bundle, headers: dict[str, dict], name: str) -> dict[str, t
     ``safetensors.torch.load`` holds it for ~0.1 s over a full fine-tune's ~90 MB and stalls every
     other thread of the serving process, the warm tenants' batches included. (Serving straight from
     the views is no option: unaligned weights made a forward pass ~4x slower.)"""
-    data = bundle.files[name]
-    header = headers[name]  # bounds-checked by validate_bundle: every span lies inside the file
-    body = 8 + struct.unpack("<Q", data[:8])[0]
-    tensors = {}
-    for key, meta in header.items():
-        dtype = _float_dtype(name, key, meta)
-        start, end = meta["data_offsets"]
-        if end == start:
-            tensors[key] = torch.zeros(meta["shape"])
-            continue
-        view = torch.frombuffer(data, dtype=dtype, count=(end - start) // dtype.itemsize, offset=body + start)
-        tensors[key] = view.view(meta["shape"]).to(torch.float32, copy=True)
-    return tensors
+    return {
+        key: torch.from_numpy(arr).to(torch.float32, copy=True)
+        for key, arr in _arrays(bundle, headers, name).items()
+    }
 
 
 def _arrays(bundle: Bundle, headers: dict[str, dict], name: str) -> dict[str, np.ndarray]:
-    """The float tensors of one safetensors file as read-only numpy views of the bundle's bytes (bf16,
-    which numpy lacks, widened into a float32 copy): only to be copied from. An adapter's few dozen
-    small tensors are packed with numpy: a 12 KB copy there took 0.5 us, in torch 3.4 us (10.7
-    transposing), and a slice-and-view 0.7 vs 5.5 us; the LoRA cold load is mostly such calls."""
-    data = bundle.files[name]
+    """The tensors of one safetensors file as read-only numpy views of the bundle's bytes (bf16
+    widened into a float32 copy), only to be copied from; refused unless every one is a float. An
+    adapter's few dozen small tensors are packed with numpy: a 12 KB copy there took 0.5 us, in torch
+    3.4 us (10.7 transposing), and a slice-and-view 0.7 vs 5.5 us; the LoRA cold load is mostly such
+    calls."""
     header = headers[name]  # bounds-checked by validate_bundle: every span lies inside the file
-    body = 8 + struct.unpack("<Q", data[:8])[0]
-    arrays = {}
     for key, meta in header.items():
-        dtype = _float_dtype(name, key, meta)
-        start, end = meta["data_offsets"]
-        if dtype == torch.bfloat16:  # the high half of a float32
-            wide = np.frombuffer(data, np.uint16, (end - start) // 2, body + start).astype(np.uint32) << 16
-            arr = wide.view(np.float32)
-        else:
-            np_dtype = _NP_DTYPES[dtype]
-            arr = np.frombuffer(data, np_dtype, (end - start) // np_dtype.itemsize, body + start)
-        arrays[key] = arr.reshape(meta["shape"])
-    return arrays
-
-
-def _float_dtype(name: str, key: str, meta: dict) -> torch.dtype:
-    dtype = _FLOAT_DTYPES.get(meta["dtype"])
-    if dtype is None:
-        raise ValidationError(
-            f"{name}: tensor {key!r} has dtype {meta['dtype']}; weights must be floating point"
-        )
-    return dtype
+        if meta["dtype"] not in FLOAT_DTYPES:
+            raise ValidationError(
+                f"{name}: tensor {key!r} has dtype {meta['dtype']}; weights must be floating point"
+            )
+    return float_views(bundle.files[name], header)
 
 
 def _strip(tensors: dict[str, torch.Tensor], backbone: Backbone) -> dict[str, torch.Tensor]:
