@@ -111,6 +111,26 @@ class QuantAttempt(BaseModel):
     )
 
 
+class SmoothingRecord(BaseModel):
+    """int8 of a BERT-family graph: how its activations were rescaled before quantization (the stored
+    graph computes the same function in fp32; training.onnx_export.smoothing)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    alphas: dict[str, float] = Field(
+        description="kind of input (qkv, attention_output, intermediate) -> SmoothQuant migration strength"
+    )
+    outlier_ratio: float = Field(description="FFN down-projection inputs above this x median were split off")
+    split_channels: dict[str, list[int]] = Field(
+        default_factory=dict, description="layer index -> FFN input channels computed in fp32 beside int8"
+    )
+    calibration_rows: int = Field(description="calibration texts the scales were fitted on")
+    calibration_min_cosine: float = Field(
+        description="fake-int8 min cosine vs fp32 on those texts with the chosen strengths (the gate "
+        "grades the stored graph on the probe set, not this)"
+    )
+
+
 class QuantizationRecord(BaseModel):
     """int8 only: the plan stored and every plan tried before it, with their measured cosines."""
 
@@ -126,6 +146,9 @@ class QuantizationRecord(BaseModel):
         default_factory=dict,
         description="per weight MatMul: 1 - min cosine vs torch fp32 with only that MatMul quantized "
         "(PyTorch fake-quant on the probe set); the most sensitive are the ones kept in fp32",
+    )
+    smoothing: SmoothingRecord | None = Field(
+        default=None, description="activation rescaling applied before quantizing; None: the fp32 graph as is"
     )
 
 

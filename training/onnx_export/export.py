@@ -31,13 +31,15 @@ from adapters_store.onnx_artifacts import (
     OnnxExportManifest,
     QuantAttempt,
     QuantizationRecord,
+    SmoothingRecord,
     graph_file,
     manifest_file,
 )
 from training.onnx_export.errors import OnnxExportError, OnnxToleranceError
 from training.onnx_export.fusion import cpu_ms_per_call, fuse_transformer
-from training.onnx_export.probes import quality_probes, shape_probes
+from training.onnx_export.probes import CALIBRATION_SENTENCES, quality_probes, shape_probes, text_probe_set
 from training.onnx_export.quantize import ALL_MATMUL, Int8Plan, quantize_int8, sensitivity_plan
+from training.onnx_export.smoothing import smoothable, smoothed_copy
 from training.onnx_export.specs import POOLING_OUTPUTS, ArchitectureSpec, spec_for
 from training.onnx_export.validate import Feed, Runner, ValidationFigures, check_fp32, measure
 from training.onnx_export.wrappers import features_module, pooler_of
@@ -65,6 +67,11 @@ class ExportSettings(BaseModel):
         default=None,
         ge=0,
         description="force how many of the most sensitive MatMuls stay fp32; default: the fewest that pass",
+    )
+    int8_smoothing: bool = Field(
+        default=True,
+        description="int8 of BERT-family text graphs: rescale activations first (SmoothQuant scales, "
+        "outlier channels split off; training.onnx_export.smoothing), falling back to the graph as is",
     )
     fusion: Fusion = Field(
         default="auto",
@@ -143,42 +150,50 @@ def validated_int8(
     probes: list[Feed],
     settings: ExportSettings,
 ) -> tuple[bytes, OnnxExportManifest]:
-    """Try int8 plans fewest-fp32-MatMuls first; keep the first whose min cosine vs torch passes the gate."""
+    """Try int8 plans fewest-fp32-MatMuls first; keep the first whose min cosine vs torch passes the gate.
+
+    A BERT-family text graph is first rescaled (``smoothing``: SmoothQuant scales and split-off outlier
+    channels, fitted on the calibration texts) and its plans are tried first; the plans of the fp32
+    graph as it is come after. Every plan is graded against ``module``, the unmodified torch model."""
     bound = spec.tolerance.int8_min_cosine
-    plans, sensitivity = sensitivity_plan(module, fp32, probes, bound)
-    if settings.int8_keep_fp32 is not None:
-        order = sorted(sensitivity, key=lambda n: -sensitivity[n])
-        if settings.int8_keep_fp32 >= len(order):
-            raise OnnxExportError(
-                f"int8_keep_fp32 must be below the {len(order)} weight MatMuls of this graph"
-            )
-        keep = tuple(order[: settings.int8_keep_fp32])
-        plans = [Int8Plan(f"keep-{len(keep)}-fp32" if keep else ALL_MATMUL, keep_fp32=keep)]
+    sources: list[tuple[bytes, torch.nn.Module, SmoothingRecord | None]] = []
+    if settings.int8_smoothing and spec.modality == "text" and smoothable(module.model):
+        calibration = text_probe_set(resolve_source(entry), module.model.config, CALIBRATION_SENTENCES)
+        smooth, record = smoothed_copy(module, calibration)
+        graph = export_graph(smooth, spec, probes[0], outputs, exporter=settings.exporter)
+        sources.append((graph, smooth, record))
+    sources.append((fp32, module, None))
     reference, attempts = torch_runner(module), []
-    for plan in plans:
-        graph = quantize_int8(fp32, plan, preprocess=settings.preprocess_int8)
-        figures = measure(reference, ort_runner(graph, settings.threads), probes, outputs)
-        ok = figures.min_cosine >= bound
-        attempts.append(
-            QuantAttempt(
-                plan=plan.name,
-                min_cosine=figures.min_cosine,
-                mean_cosine=figures.mean_cosine,
-                accepted=ok,
-                kept_fp32=len(plan.keep_fp32),
-                predicted_min_cosine=plan.predicted_min_cosine,
+    for source, source_module, smoothing in sources:
+        plans, sensitivity = _int8_plans(source_module, source, probes, bound, settings)
+        prefix = "smooth-" if smoothing else ""
+        for plan in plans:
+            graph = quantize_int8(source, plan, preprocess=settings.preprocess_int8)
+            figures = measure(reference, ort_runner(graph, settings.threads), probes, outputs)
+            ok = figures.min_cosine >= bound
+            attempts.append(
+                QuantAttempt(
+                    plan=prefix + plan.name,
+                    min_cosine=figures.min_cosine,
+                    mean_cosine=figures.mean_cosine,
+                    accepted=ok,
+                    kept_fp32=len(plan.keep_fp32),
+                    predicted_min_cosine=plan.predicted_min_cosine,
+                )
             )
-        )
-        if ok:
-            record = QuantizationRecord(
-                plan=plan.name,
-                kept_fp32=list(plan.keep_fp32),
-                sensitivity=sensitivity,
-                attempts=attempts,
-                min_cosine_required=bound,
-            )
-            hidden = int(module.model.config.hidden_size)
-            return graph, describe(entry, spec, "int8", graph, outputs, figures, hidden, quantization=record)
+            if ok:
+                record = QuantizationRecord(
+                    plan=prefix + plan.name,
+                    kept_fp32=list(plan.keep_fp32),
+                    sensitivity=sensitivity,
+                    attempts=attempts,
+                    min_cosine_required=bound,
+                    smoothing=smoothing,
+                )
+                hidden = int(module.model.config.hidden_size)
+                return graph, describe(
+                    entry, spec, "int8", graph, outputs, figures, hidden, quantization=record
+                )
     tried = ", ".join(f"{a.plan}: {a.min_cosine:.4f}" for a in attempts)
     raise OnnxToleranceError(
         f"{entry.name} int8 export refused: min cosine vs fp32 PyTorch below {bound} for every plan ({tried})",
@@ -187,6 +202,22 @@ def validated_int8(
         bound=bound,
         metric="min_cosine",
     )
+
+
+def _int8_plans(
+    module: torch.nn.Module, graph: bytes, probes: list[Feed], bound: float, settings: ExportSettings
+) -> tuple[list[Int8Plan], dict[str, float]]:
+    """The sensitivity-ranked plans for ``graph`` (``settings.int8_keep_fp32`` forces one)."""
+    plans, sensitivity = sensitivity_plan(module, graph, probes, bound)
+    if settings.int8_keep_fp32 is not None:
+        order = sorted(sensitivity, key=lambda n: -sensitivity[n])
+        if settings.int8_keep_fp32 >= len(order):
+            raise OnnxExportError(
+                f"int8_keep_fp32 must be below the {len(order)} weight MatMuls of this graph"
+            )
+        keep = tuple(order[: settings.int8_keep_fp32])
+        plans = [Int8Plan(f"keep-{len(keep)}-fp32" if keep else ALL_MATMUL, keep_fp32=keep)]
+    return plans, sensitivity
 
 
 def chosen_fp32(

@@ -2,7 +2,9 @@
 
 The shape probes cover batch 1..32 and short to long sequences with ragged padding; the text probe
 set (real sentences, short and ~128-token) is what the int8 cosine gate is measured on, because
-quantization error depends on realistic activations.
+quantization error depends on realistic activations. The int8 export calibrates its activation
+rescaling on a second, disjoint set (``CALIBRATION_SENTENCES``), so the gate never grades the texts the
+scales were fitted to.
 """
 
 from __future__ import annotations
@@ -53,6 +55,42 @@ PROBE_SENTENCES: tuple[str, ...] = (
 )
 
 
+CALIBRATION_SENTENCES: tuple[str, ...] = (
+    "Where can I download last year's tax statement?",
+    "The elevator in building B has been out of order since Friday.",
+    "Please add two more seats to the booking for Saturday.",
+    "Our nightly backup job failed with a timeout again.",
+    "The hiking trail was muddy, but the view from the top was worth it.",
+    "How long does it take to get a replacement card?",
+    "The dashboard shows the wrong currency for European customers.",
+    "I would like to upgrade to the premium plan.",
+    "Symptoms improved within three days of starting the treatment.",
+    "Sales dropped slightly in the northern region this quarter.",
+    "Is breakfast included in the room rate?",
+    "yes please",
+    "The API returns 429 errors during the morning peak.",
+    "My order number is 58213 and it still shows as pending.",
+    "The museum is closed on Mondays except in August.",
+    "Can someone review the pull request before the release?",
+    "The cake recipe needs less sugar than the package suggests.",
+    "Our flight was cancelled and nobody told us why.",
+    "Please send the signed contract back by Wednesday.",
+    "The battery drains quickly after the latest update.",
+    "What is the maximum weight for checked luggage?",
+    "The lecture on climate models was surprisingly accessible.",
+    "Two of the five servers report high disk latency.",
+    "I forgot my username, can you help?",
+    "The kids loved the aquarium, especially the sharks.",
+    "Interest rates are expected to stay flat until spring.",
+    "Guten Tag, ich habe eine Frage zu meiner Rechnung.",
+    "The form rejects postcodes that start with a zero.",
+    "Volunteers cleaned the beach on Sunday morning.",
+    "Do you ship to Canada, and how much does it cost?",
+    "The meeting notes are attached; action items are at the end.",
+    "Great support, the issue was fixed in ten minutes.",
+)
+
+
 def shape_probes(spec: ArchitectureSpec, config: Any) -> list[Feed]:
     """Seeded random inputs at the spec's batch sizes (and, for text, short and long sequences)."""
     rng = np.random.default_rng(_SEED)
@@ -79,15 +117,19 @@ def _image_feed(rng: np.random.Generator, config: Any, batch: int) -> Feed:
     return {"pixel_values": pixels}
 
 
-def text_probe_set(folder: str | Path, config: Any) -> list[Feed]:
-    """The fixed real-text probes: 32 short sentences, and 8 texts of about 128 tokens."""
+def text_probe_set(
+    folder: str | Path, config: Any, sentences: tuple[str, ...] = PROBE_SENTENCES
+) -> list[Feed]:
+    """The fixed real-text probes: 32 short sentences, and 8 texts of about 128 tokens made of them
+    (``sentences``: the probe set by default, or ``CALIBRATION_SENTENCES``)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     max_len = min(128, int(getattr(config, "max_position_embeddings", 512)))
-    long_texts = [" ".join(PROBE_SENTENCES[i:] + PROBE_SENTENCES[:i]) for i in range(0, 32, 4)]
+    n = len(sentences)
+    long_texts = [" ".join(sentences[i:] + sentences[:i]) for i in range(0, n, max(1, n // 8))]
     feeds = []
-    for texts in (list(PROBE_SENTENCES), long_texts):
+    for texts in (list(sentences), long_texts):
         enc = tok(texts, padding=True, truncation=True, max_length=max_len, return_tensors="np")
         feeds.append(
             {
