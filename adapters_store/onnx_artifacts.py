@@ -23,6 +23,7 @@ Variant = Literal["fp32", "int8", "lora-fp32"]
 VARIANTS: tuple[str, ...] = ("fp32", "int8", "lora-fp32")
 # The LoRA graph input layout the exporter writes and serving feeds (see LoraGraphRecord).
 LORA_LAYOUT = "rank-chunks"
+LORA_DELTA_ADD = "scatter"
 
 
 def graph_file(variant: str) -> str:
@@ -74,6 +75,12 @@ class LoraGraphRecord(BaseModel):
     )
     b_input: str = Field(
         description="pattern with {layer} and {target}: float32 [N, R, out] = (scale*B)^T per chunk (or slot)"
+    )
+    delta_add: Literal["combine", "scatter"] = Field(
+        default="combine",
+        description="how chunk deltas reach their rows: one ScatterND add per module (current), or a 0/1 "
+        "[batch, chunks] matmul and add (older records). Same inputs and results; the next export rebuilds "
+        "'combine' graphs because 'scatter' is faster",
     )
     in_features: dict[str, int] = Field(description="in features of every adapted module (LoRA or IA3)")
     out_features: dict[str, int] = Field(description="out features of every adapted module")
