@@ -7,7 +7,7 @@ and writes benchmarks/results/onnx.json and onnx.md.
 
 Setup: a temporary local store; MiniLM registered and exported with the project's own code
 (``export_base`` fp32 and int8, ``export_lora_base`` for query+value), then loaded with
-``serving.onnx_backbone``. One process, torch and ORT on the same thread count (2, then 1; ORT
+``serving.onnx_backbone``. One process with the engine's malloc settings (``keep_activation_memory``), torch and ORT on the same thread count (2, then 1; ORT
 spinning off), inputs tokenized once beforehand (the same arrays for every path). Every path
 computes the same outputs (mean-pooled, CLS, pooler; torch also the token states). Paths run interleaved round by round (start rotated each round); a ratio
 is the median of per-round throughput ratios, with the min-max over rounds. With 1 thread the
@@ -46,6 +46,7 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
 from adapters_store import describe_base, open_store  # noqa: E402
+from serving.engine.engine import keep_activation_memory  # noqa: E402
 from serving.onnx_backbone import (  # noqa: E402
     LoraSlots,
     LoraWeights,
@@ -583,6 +584,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
+    # the torch reference runs with the malloc settings an engine sets for itself (without them every
+    # torch pass pays page faults for its activations, which flattered ORT in earlier runs)
+    keep_activation_memory()
     with tempfile.TemporaryDirectory(prefix="bench-onnx-") as tmp:
         setup = build(Path(tmp), args.extra)
         results = {
