@@ -109,6 +109,18 @@ def test_int8_export_stores_the_smoothed_graph_and_serving_answers_from_it(tmp_p
     assert q.plan.startswith("smooth-") and q.attempts[-1].accepted
     assert q.smoothing is not None and all(SPLIT in c for c in q.smoothing.split_channels.values())
     assert manifest.validation.min_cosine >= 0.99
+    # the split channels' two skinny MatMuls per layer stay fp32; every ranked weight MatMul is int8
+    import onnx
+
+    from training.onnx_export import graph_file
+
+    entry = store.get_base("outlier-bert")
+    graph = onnx.load_from_string(store.get_artifact("outlier-bert", entry.fingerprint, graph_file("int8")))
+    side = [n for n in graph.graph.node if "/fp32_channels/" in n.name and "MatMul" in n.op_type]
+    assert [n.op_type for n in side] == ["MatMul"] * (2 * len(q.smoothing.split_channels))
+    assert q.plan == "smooth-all-matmul" and not any(
+        n.op_type == "MatMul" and "/dense/" in n.name for n in graph.graph.node
+    )
     # the same texts the torch model answers, through the stored int8 graph (not the probe texts)
     from transformers import AutoTokenizer
 

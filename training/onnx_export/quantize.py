@@ -38,6 +38,8 @@ from training.onnx_export.validate import Feed, row_cosine
 log = logging.getLogger(__name__)
 
 ALL_MATMUL = "all-matmul"
+# MatMuls traced inside a module of this name stay fp32 in every plan (smoothing.FP32Channels)
+FP32_SCOPE = "fp32_channels"
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,12 @@ def _inside(folder: Path) -> Iterator[None]:
 
 
 def weight_matmuls(graph: onnx.ModelProto) -> list[str]:
-    """Names of the MatMul nodes whose second input is a constant weight: the quantizable ones."""
+    """Names of the MatMul nodes whose second input is a constant weight: the quantizable ones (those
+    under :data:`FP32_SCOPE` excepted)."""
+    return [n for n in _const_b_matmuls(graph) if f"/{FP32_SCOPE}/" not in n]
+
+
+def _const_b_matmuls(graph: onnx.ModelProto) -> list[str]:
     consts = {i.name for i in graph.graph.initializer}
     return [n.name for n in graph.graph.node if n.op_type == "MatMul" and n.input[1] in consts]
 
@@ -78,9 +85,11 @@ def quantize_int8(
         src.write_bytes(fp32_graph)
         if preprocess:
             src = _preprocess(src)
-        unknown = set(plan.keep_fp32) - set(weight_matmuls(onnx.load(str(src))))
+        graph = onnx.load(str(src))
+        unknown = set(plan.keep_fp32) - set(weight_matmuls(graph))
         if unknown:
             raise OnnxExportError(f"int8 plan {plan.name!r}: no weight MatMul named {sorted(unknown)}")
+        fp32_scope = [n for n in _const_b_matmuls(graph) if f"/{FP32_SCOPE}/" in n]
         out = Path(tmp) / "int8.onnx"
         quantize_dynamic(
             src,
@@ -88,7 +97,7 @@ def quantize_int8(
             per_channel=True,
             weight_type=QuantType.QInt8,
             op_types_to_quantize=["MatMul"],
-            nodes_to_exclude=list(plan.keep_fp32),
+            nodes_to_exclude=[*plan.keep_fp32, *fp32_scope],
             # MatMulConstBOnly: activation x activation products (attention scores) stay fp32;
             # DefaultTensorType: fused graphs have contrib ops without inferred output types
             extra_options={"MatMulConstBOnly": True, "DefaultTensorType": TensorProto.FLOAT},
