@@ -159,11 +159,13 @@ class MultiTenantLinear(nn.Module):
         ia3_out: torch.Tensor | None = None,
     ) -> None:
         """Either per-segment matmuls on views (few segments) or one gathered bmm pair (many segments:
-        each tiny matmul costs a thread-pool round trip that dwarfs its FLOPs)."""
-        self.lora, self.lora_rows, self.ia3_in, self.ia3_out = lora, lora_rows, ia3_in, ia3_out
+        each tiny matmul costs a thread-pool round trip that dwarfs its FLOPs). Written to the instance
+        dict directly: ``nn.Module.__setattr__``'s checks cost ~1 us per attribute, per wrapper, per
+        batch, and none of these is a parameter, buffer or module."""
+        self.__dict__.update(lora=lora, lora_rows=lora_rows, ia3_in=ia3_in, ia3_out=ia3_out)
 
     def clear_context(self) -> None:
-        self.lora, self.lora_rows, self.ia3_in, self.ia3_out = (), None, None, None
+        self.__dict__.update(lora=(), lora_rows=None, ia3_in=None, ia3_out=None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]  # a partial-layer switch may run this on a prefix of the batch
