@@ -23,7 +23,7 @@ Variant = Literal["fp32", "int8", "lora-fp32"]
 VARIANTS: tuple[str, ...] = ("fp32", "int8", "lora-fp32")
 # The LoRA graph input layout the exporter writes and serving feeds (see LoraGraphRecord).
 LORA_LAYOUT = "rank-chunks"
-LORA_DELTA_ADD = "scatter"
+LORA_DELTA_ADD = "combine"
 
 
 def graph_file(variant: str) -> str:
@@ -78,9 +78,10 @@ class LoraGraphRecord(BaseModel):
     )
     delta_add: Literal["combine", "scatter"] = Field(
         default="combine",
-        description="how chunk deltas reach their rows: one ScatterND add per module (current), or a 0/1 "
-        "[batch, chunks] matmul and add (older records). Same inputs and results; the next export rebuilds "
-        "'combine' graphs because 'scatter' is faster",
+        description="how chunk deltas reach their rows: a 0/1 [batch, chunks] matmul and add. 'scatter' "
+        "(one ScatterND add per module, exported 2026-12-01 11:05-11:45 UTC) gave wrong rows when "
+        "onnxruntime ran it on several threads (its ScatterND add races on duplicate rows): serving "
+        "refuses such graphs and the next export rebuilds them",
     )
     in_features: dict[str, int] = Field(description="in features of every adapted module (LoRA or IA3)")
     out_features: dict[str, int] = Field(description="out features of every adapted module")

@@ -23,7 +23,7 @@ import torch
 
 from adapters_store import peft_spec
 from adapters_store.errors import UnsupportedAdapter, ValidationError
-from adapters_store.onnx_artifacts import LORA_LAYOUT, LoraGraphRecord, OnnxExportManifest
+from adapters_store.onnx_artifacts import LORA_DELTA_ADD, LORA_LAYOUT, LoraGraphRecord, OnnxExportManifest
 from adapters_store.peft_spec import AdapterSpec
 
 # LoRA ranks are stored in chunks of this rank: a row pays for its adapter's rank rounded up to it,
@@ -336,5 +336,11 @@ def lora_spec(record: OnnxExportManifest) -> LoraGraphRecord:
         raise UnsupportedAdapter(
             f"base {record.base!r}: the stored adapter graph has the older {record.lora.layout!r} "
             "input layout; `loraplex onnx export` (or base register) rebuilds it"
+        )
+    if record.lora.delta_add != LORA_DELTA_ADD:
+        raise UnsupportedAdapter(
+            f"base {record.base!r}: the stored adapter graph adds LoRA deltas with ScatterND, which "
+            "onnxruntime computes wrongly on several threads; `loraplex onnx export` (or base register) "
+            "rebuilds it"
         )
     return record.lora

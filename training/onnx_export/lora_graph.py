@@ -6,8 +6,10 @@ Each targeted Linear computes ``base(x * s_in[row]) * s_out[row] + sum over the 
 ORT call serves rows of many LoRA and IA3 tenants, and rows with no adapter (no chunks, IA3 identity
 slot). A LoRA of rank r is stored as ceil(r / R) chunks of rank R (serving's choice; the graph takes any
 R), so a row pays for its own rank, not the largest one resident, and rows without LoRA pay nothing:
-only the listed (row, chunk) pairs are gathered and multiplied, and one ``ScatterND`` (reduction add)
-adds each chunk's delta back to its row. Inputs, per layer ``l`` and module ``t`` (dots become underscores)::
+only the listed (row, chunk) pairs are gathered and multiplied, and a 0/1 [batch, chunks] matrix adds
+each chunk's delta back to its row (not a ``ScatterND`` add: onnxruntime's races on duplicate rows,
+a LoRA of several chunks, when it runs on more than one thread). Inputs, per layer ``l`` and module
+``t`` (dots become underscores)::
 
     adapter_index        int64   [batch]            IA3 slot of each row
     lora_rows            int64   [chunks]           batch row of each LoRA chunk used by this call
@@ -88,7 +90,9 @@ class GatheredAdapterLinear(nn.Module):
             a = self.a.index_select(0, call.chunks)  # [chunks, in, R]
             b = self.b.index_select(0, call.chunks)  # [chunks, R, out]
             delta = torch.bmm(torch.bmm(x.index_select(0, call.rows), a), b)  # [chunks, seq, out]
-            out = _RowsAdd.apply(out, call.rows, delta)  # each row gets the sum of its chunks' deltas
+            batch, seq, dim = out.shape
+            # [batch, chunks] @ [chunks, seq * out]: each row gets the sum of its chunks' deltas
+            out = out + (call.combine @ delta.flatten(1)).reshape(batch, seq, dim)
         return out
 
     def clear(self) -> None:
@@ -101,23 +105,7 @@ class CallIndex(NamedTuple):
     index: torch.Tensor  # [batch] IA3 slot per row
     rows: torch.Tensor  # [chunks] batch row per LoRA chunk
     chunks: torch.Tensor  # [chunks] chunk slot per LoRA chunk
-
-
-class _RowsAdd(torch.autograd.Function):
-    """``out.index_add(0, rows, delta)``, exported as ONE ``ScatterND(reduction="add")``: a row with
-    several chunks gets their sum. The legacy exporter has no symbolic for ``index_add``; a 0/1
-    [batch, chunks] matmul did the same in ~10 more ops per module (shape arithmetic, a dense GEMM and
-    a full-tensor add): the scatter measured 1.02x the whole adapter graph's throughput (MiniLM, the
-    64-tenant mix's calls, 2 x 40 interleaved rounds)."""
-
-    @staticmethod
-    def forward(ctx, out: torch.Tensor, rows: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        return out.index_add(0, rows, delta)
-
-    @staticmethod
-    def symbolic(g, out, rows, delta):
-        axis = g.op("Constant", value_t=torch.tensor([1], dtype=torch.int64))
-        return g.op("ScatterND", out, g.op("Unsqueeze", rows, axis), delta, reduction_s="add")
+    combine: torch.Tensor  # [batch, chunks] float 0/1: chunk c belongs to row r
 
 
 class LoraTextFeatures(nn.Module):
@@ -170,7 +158,9 @@ class LoraTextFeatures(nn.Module):
         return self(input_ids, attention_mask, t[INDEX_INPUT], t[ROWS_INPUT], t[CHUNKS_INPUT], *stacks)
 
     def forward(self, input_ids, attention_mask, adapter_index, lora_rows, lora_chunks, *stacks):
-        call = CallIndex(adapter_index, lora_rows, lora_chunks)
+        batch = torch.arange(input_ids.shape[0]).unsqueeze(1)
+        combine = (batch == lora_rows.unsqueeze(0)).to(torch.float32)  # [batch, chunks]
+        call = CallIndex(adapter_index, lora_rows, lora_chunks, combine)
         for (_, module, attr), stack in zip(self._feeds, stacks, strict=True):
             setattr(module, attr, stack)
         for _, _, module in self.slots:
@@ -293,7 +283,8 @@ def export_lora_base(
     ``ia3`` = (IA3 target names, feed-forward names) as in PEFT's ``IA3Config``; default: training's
     IA3 defaults for the architecture. ``([], [])`` builds a LoRA-only graph. A stored graph is reused
     only when it takes exactly these LoRA and IA3 modules in the current input layout and adds deltas
-    the current way (graphs stored before IA3, rank chunks or the scatter add are rebuilt)."""
+    the current way (graphs stored before IA3 or rank chunks, and the racy scatter-add graphs of
+    2026-12-01, are rebuilt)."""
     settings = settings or ExportSettings()
     t0 = time.perf_counter()
     entry = store.get_base(base_name)
