@@ -167,7 +167,7 @@ def test_plans_try_the_fewest_fp32_matmuls_whose_estimate_clears_the_bare_bound_
     class Linear:  # stands in for the quantized set: its size tells which k is being estimated
         pass
 
-    monkeypatch.setattr(quantize, "_min_cosine", fake_min_cosine)
+    monkeypatch.setattr(quantize, "min_cosine", fake_min_cosine)
 
     def fake_quantized(linears):
         kept.append(len(nodes) - len(linears))

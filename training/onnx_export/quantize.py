@@ -161,7 +161,14 @@ def fake_quantized(linears: Sequence[torch.nn.Linear]) -> Iterator[None]:
             h.remove()
 
 
-def _min_cosine(module: torch.nn.Module, probes: Sequence[Feed], reference: list[list[np.ndarray]]) -> float:
+def outputs_of(module: torch.nn.Module, feeds: Sequence[Feed]) -> list[list[np.ndarray]]:
+    """``module``'s outputs on each feed, as numpy: the reference :func:`min_cosine` compares against."""
+    with torch.inference_mode():
+        return [[o.numpy() for o in module(*(torch.from_numpy(v) for v in f.values()))] for f in feeds]
+
+
+def min_cosine(module: torch.nn.Module, probes: Sequence[Feed], reference: list[list[np.ndarray]]) -> float:
+    """The lowest row cosine of ``module``'s pooled outputs against ``reference`` (as in the gate)."""
     worst = 1.0
     with torch.inference_mode():
         for feed, ref in zip(probes, reference, strict=True):
@@ -185,8 +192,7 @@ def sensitivity_plan(
     probes made the ranking ~3x slower); the estimates of whole plans use every probe.
     """
     nodes = weight_matmuls(onnx.load_from_string(fp32_graph))
-    with torch.inference_mode():
-        reference = [[o.numpy() for o in module(*(torch.from_numpy(v) for v in f.values()))] for f in probes]
+    reference = outputs_of(module, probes)
     linears = {n: linear_for_node(module, n) for n in nodes}
     drops: dict[str, float] = {}
     for node, lin in linears.items():
@@ -194,13 +200,13 @@ def sensitivity_plan(
             drops[node] = 1.0
             continue
         with fake_quantized([lin]):
-            drops[node] = 1.0 - _min_cosine(module, probes[:1], reference[:1])
+            drops[node] = 1.0 - min_cosine(module, probes[:1], reference[:1])
     order = sorted(nodes, key=lambda n: -drops[n])
 
     def estimate(k: int) -> float:
         quantized = [linears[n] for n in order[k:] if linears[n] is not None]
         with fake_quantized(quantized):
-            return _min_cosine(module, probes, reference)
+            return min_cosine(module, probes, reference)
 
     # keeping every MatMul in fp32 would not be an int8 graph: at most n - 1, and the gate may refuse
     most = len(order) - 1
