@@ -241,8 +241,8 @@ def test_grouped_lora_segments_match_each_tenant_alone(grouped_world, monkeypatc
     runs = []
     real_runs_of = lora_layers.runs_of
 
-    def spy(*args):
-        out = real_runs_of(*args)
+    def spy(*args, **kwargs):
+        out = real_runs_of(*args, **kwargs)
         runs.extend(r for rs in out.values() for r in rs)
         return out
 

@@ -19,7 +19,7 @@ from serving.engine import lora_layers
 from serving.engine.backbone import Backbone, encode_audio, encode_images, encode_texts, pool, run_model
 from serving.engine.items import InferenceItem, InferenceResult
 from serving.engine.loader import LoadedAdapter
-from serving.engine.lora_layers import gather_rows, runs_of
+from serving.engine.lora_layers import LoraSegmentSpec, gather_rows, runs_of
 from serving.engine.ort_runtime import OrtRuntime
 from serving.engine.plan import MixedBatchPlan, Segment, assign_slots, group_rows, plan_batch, share_rows
 from serving.engine.settings import EngineSettings
@@ -42,39 +42,30 @@ def plan_rows(rows: Sequence[PreparedRow], num_layers: int) -> tuple[MixedBatchP
     by_key = {r.adapter.digest: r.adapter for r in rows if r.adapter}
     adapters = [by_key[k] for k in keys]
     rank = {s: num_layers + 1 - a.first_layer for s, a in enumerate(adapters) if a.kind == "partial"}
-    groups = {s: lora_shape(a) for s, a in enumerate(adapters) if a.lora}
+    groups = {s: a.lora_shape for s, a in enumerate(adapters) if a.lora}
     return plan_batch(slots, rank, groups), adapters
-
-
-def lora_shape(adapter: LoadedAdapter) -> tuple[tuple[str, int], ...]:
-    """(module, rank) of each LoRA module: adapters with equal shapes can share one bmm per module."""
-    return tuple(sorted((path, a_t.shape[1]) for path, (a_t, _) in adapter.lora.items()))
 
 
 def set_context(backbone: Backbone, plan: MixedBatchPlan, adapters: Sequence[LoadedAdapter]) -> list:
     """Point every touched wrapper at this batch's segments; untouched wrappers stay on the base path.
     Returns the touched wrappers, for :func:`clear_context`."""
     batch = len(plan.order)
-    lora: dict[str, list] = {}
     ia3: dict[tuple[str, bool], torch.Tensor] = {}
+    lora_segments: list[LoraSegmentSpec] = []
     for seg in plan.segments:
         if seg.slot < 0:
             continue
         a = adapters[seg.slot]
-        for path, (a_t, b_t) in a.lora.items():
-            lora.setdefault(path, []).append((seg.start, seg.end, a_t, b_t))
+        if a.lora:
+            lora_segments.append(LoraSegmentSpec(seg.start, seg.end, a.lora_shape, a.lora_blocks))
         for is_in, vectors in ((True, a.ia3_in), (False, a.ia3_out)):
             for path, vec in vectors.items():
                 _ia3_rows(ia3, backbone, path, is_in, batch)[seg.start : seg.end] = vec
-    shapes = {
-        path: (backbone.linears[path].in_features, backbone.linears[path].out_features) for path in lora
-    }
-    many = {path: segs for path, segs in lora.items() if len(segs) > lora_layers.SEGMENT_LIMIT}
-    gathered = gather_rows(many, shapes, batch) if many else {}
-    runs = runs_of({p: segs for p, segs in lora.items() if p not in gathered}, shapes)
+    gathered = _gathered(backbone, lora_segments, adapters, plan, batch)
+    runs = runs_of(lora_segments, skip=gathered)
     touched: list = []
     try:
-        for path in {p for p in lora} | {p for p, _ in ia3}:
+        for path in {*runs, *gathered} | {p for p, _ in ia3}:
             wrapper = backbone.linears[path]
             wrapper.set_context(
                 lora=runs.get(path, ()),
@@ -88,6 +79,27 @@ def set_context(backbone: Backbone, plan: MixedBatchPlan, adapters: Sequence[Loa
         clear_context(touched)
         raise
     return touched
+
+
+def _gathered(
+    backbone: Backbone,
+    lora_segments: Sequence[LoraSegmentSpec],
+    adapters: Sequence[LoadedAdapter],
+    plan: MixedBatchPlan,
+    batch: int,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-row A/B for the modules that more than :data:`lora_layers.SEGMENT_LIMIT` segments target
+    (one gathered bmm pair each); empty, and nothing computed, for batches of fewer LoRA segments."""
+    if len(lora_segments) <= lora_layers.SEGMENT_LIMIT:
+        return {}
+    per_module: dict[str, list] = {}
+    for seg in plan.segments:
+        if seg.slot >= 0:
+            for path, (a_t, b_t) in adapters[seg.slot].lora.items():
+                per_module.setdefault(path, []).append((seg.start, seg.end, a_t, b_t))
+    many = {p: segs for p, segs in per_module.items() if len(segs) > lora_layers.SEGMENT_LIMIT}
+    shapes = {p: (backbone.linears[p].in_features, backbone.linears[p].out_features) for p in many}
+    return gather_rows(many, shapes, batch) if many else {}
 
 
 def _ia3_rows(ia3: dict, backbone: Backbone, path: str, is_in: bool, batch: int) -> torch.Tensor:
