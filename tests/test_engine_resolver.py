@@ -134,7 +134,9 @@ def test_an_expired_answer_rechecks_the_alias_only_and_notices_another_process_p
 
 def test_the_manifest_is_read_in_full_at_least_every_full_recheck_s(tmp_path, tiny_bert_dir, monkeypatch):
     """A store replaced under a running server starts its numbers at 1 again: the alias check alone
-    cannot tell its v1 from the old v1, the periodic full read does (by the manifest's creation time)."""
+    cannot tell its v1 from the old v1, the periodic full read does (by the manifest's whole content:
+    the new v1 here even carries the old one's creation time, which is stamped to the second)."""
+    import dataclasses
     import shutil
     import types
 
@@ -149,8 +151,9 @@ def test_the_manifest_is_read_in_full_at_least_every_full_recheck_s(tmp_path, ti
     resolver = AliasResolver(store, ttl_s=1.0)
     first = resolver.resolve("acme", "h")
     shutil.rmtree(root / "tenants")
-    time.sleep(1.0)  # created_at is stamped to the second
-    store.put(head_bundle(base, "acme", "h", 2, ["a", "b"])[0])  # version 1 again, other weights
+    replaced = head_bundle(base, "acme", "h", 2, ["a", "b"])[0]  # version 1 again, other weights,
+    stamp = {"created_at": first.manifest.created_at}  # put within the same second as the old v1
+    store.put(dataclasses.replace(replaced, manifest=replaced.manifest.model_copy(update=stamp)))
     clock[0] += 2.0  # expired, within FULL_RECHECK_S: the alias check alone keeps the old answer
     assert resolver.resolve("acme", "h").digest == first.digest
     clock[0] += resolver_module.FULL_RECHECK_S

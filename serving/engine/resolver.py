@@ -146,7 +146,10 @@ def _name_of(adapter: str) -> str:
 
 
 def _same_version(a: AdapterManifest, b: AdapterManifest) -> bool:
-    return (a.tenant, a.name, a.version, a.created_at) == (b.tenant, b.name, b.version, b.created_at)
+    """The same stored version, field for field. Its digest can then be kept. Comparing only the number
+    and ``created_at`` (stamped to the second) took a replaced store's new v1, put within the same
+    second, for the old one: the old weights stayed served under the new manifest."""
+    return a == b
 
 
 def _by_alias(read: Callable[[AdapterRef], T], ref: AdapterRef, explicit: bool) -> T:
