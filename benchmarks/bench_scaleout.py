@@ -233,7 +233,7 @@ class Load:
                     reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
                 writer.write(self._request(tenant, i))
                 status = int((await reader.readline()).split()[1])
-                length = 0
+                length, close = 0, not self.keepalive
                 while (line := await reader.readline()) not in (b"\r\n", b""):
                     name, _, value = line.partition(b":")
                     name = name.strip().lower()
@@ -241,8 +241,12 @@ class Load:
                         length = int(value)
                     elif name == b"retry-after":
                         retry = value.strip().decode()
+                    elif name == b"connection" and value.strip().lower() == b"close":
+                        # nginx closes a keep-alive connection after `keepalive_requests` (1,000)
+                        # requests; sending on it again would count as a failure of the server
+                        close = True
                 await reader.readexactly(length)
-                if not self.keepalive:
+                if close:
                     writer.close()
                     reader = writer = None
             except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
