@@ -78,7 +78,6 @@ def test_excess_over_max_inflight_gets_429_fast(tmp_path, tiny_bert_dir):
     text = "a long text to keep the worker busy " * 12  # ~100 tokens: within the tiny base's 128 positions
     body = {"items": [{"adapter": "a", "text": text}] * 64}
     try:
-
         # Every round's 2x-the-limit requests are sent together: started one by one, each client's
         # set-up staggered them enough on a fast host that no more than the limit were ever in
         # flight at once, and no 429 came (seen once in CI).
