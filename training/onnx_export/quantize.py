@@ -66,7 +66,11 @@ def _inside(folder: Path) -> Iterator[None]:
 def weight_matmuls(graph: onnx.ModelProto) -> list[str]:
     """Names of the MatMul nodes whose second input is a constant weight: the quantizable ones (those
     under :data:`FP32_SCOPE` excepted)."""
-    return [n for n in _const_b_matmuls(graph) if f"/{FP32_SCOPE}/" not in n]
+    return [n for n in _const_b_matmuls(graph) if not _in_fp32_scope(n)]
+
+
+def _in_fp32_scope(node: str) -> bool:
+    return f"/{FP32_SCOPE}/" in node
 
 
 def _const_b_matmuls(graph: onnx.ModelProto) -> list[str]:
@@ -89,7 +93,7 @@ def quantize_int8(
         unknown = set(plan.keep_fp32) - set(weight_matmuls(graph))
         if unknown:
             raise OnnxExportError(f"int8 plan {plan.name!r}: no weight MatMul named {sorted(unknown)}")
-        fp32_scope = [n for n in _const_b_matmuls(graph) if f"/{FP32_SCOPE}/" in n]
+        fp32_scope = [n for n in _const_b_matmuls(graph) if _in_fp32_scope(n)]
         out = Path(tmp) / "int8.onnx"
         quantize_dynamic(
             src,
