@@ -19,13 +19,7 @@ def engine(tmp_path_factory, tiny_bert_dir):
     store = open_store(str(root / "store"))
     base = store.register_base(describe_base("tiny", tiny_bert_dir))
     store.put(import_peft(save_lora(tiny_bert_dir, root / "l", 1, 4, 8, ["query", "value"]), "l", "a", base))
-    ia3 = save_ia3(
-        tiny_bert_dir,
-        root / "i",
-        seed=2,
-        targets=["key", "value", "output.dense"],
-        feedforward=["output.dense"],
-    )
+    ia3 = save_ia3(tiny_bert_dir, root / "i", seed=2)
     store.put(import_peft(ia3, "i", "a", base))
     store.put(partial_bundle(tiny_bert_dir, base, "p", "a", 3, 1, ["x", "y"])[0])
     return Engine(store, base="tiny", settings=EngineSettings(threads=1, runtime="torch"))

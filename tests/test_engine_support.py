@@ -50,10 +50,24 @@ def save_lora(
     return out
 
 
-def save_ia3(base_dir: Path, out: Path, seed: int, targets: list[str], feedforward: list[str]) -> Path:
+def save_ia3(
+    base_dir: Path,
+    out: Path,
+    seed: int,
+    targets: list[str] | None = None,
+    feedforward: list[str] | None = None,
+) -> Path:
+    """A PEFT IA3 adapter on the BERT at ``base_dir``; without ``targets``, on the modules training's
+    IA3 takes for BERT (``training.targets.IA3_TARGETS``)."""
     from peft import IA3Config, get_peft_model
     from transformers import BertModel
 
+    from training.targets import IA3_TARGETS
+
+    if targets is None:
+        targets, default_feedforward = IA3_TARGETS["bert"]
+        feedforward = default_feedforward if feedforward is None else feedforward
+    feedforward = feedforward or []
     torch.manual_seed(seed)
     peft_model = get_peft_model(
         BertModel.from_pretrained(base_dir),

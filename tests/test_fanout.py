@@ -61,13 +61,7 @@ def engine(tmp_path_factory, tiny_bert_dir):
             num_labels=3,
         )
         store.put(import_peft(d, "acme", f"lora{i}", base, labels=LABELS))
-    d = save_ia3(
-        tiny_bert_dir,
-        root / "ia3",
-        seed=60,
-        targets=["key", "value", "output.dense"],
-        feedforward=["output.dense"],
-    )
+    d = save_ia3(tiny_bert_dir, root / "ia3", seed=60)
     store.put(import_peft(d, "acme", "ia3", base))
     store.put(partial_bundle(tiny_bert_dir, base, "acme", "partial", seed=70, first=1, labels=LABELS)[0])
     return Engine(store, base="tiny", settings=EngineSettings(threads=1))

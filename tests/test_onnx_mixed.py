@@ -234,13 +234,7 @@ def test_graph_stored_before_ia3_still_serves_and_is_rebuilt(tmp_path, tiny_bert
     next export (base register / demo) rebuilds it with IA3."""
     store = open_store(str(tmp_path / "store"))
     base = store.register_base(describe_base("tiny", tiny_bert_dir))
-    d = save_ia3(
-        tiny_bert_dir,
-        tmp_path / "ia3",
-        seed=7,
-        targets=["key", "value", "output.dense"],
-        feedforward=["output.dense"],
-    )
+    d = save_ia3(tiny_bert_dir, tmp_path / "ia3", seed=7)
     store.put(import_peft(d, "i", "a", base))
     d = save_lora(tiny_bert_dir, tmp_path / "lora", 8, 4, 8, ["query", "value"])
     store.put(import_peft(d, "l", "a", base))

@@ -29,9 +29,7 @@ def wide(tmp_path_factory):
     for i, r in enumerate((24, 17, 8)):  # 3, 3 and 1 rank chunks
         d = save_lora(folder, root / f"l{i}", 30 + i, r, 2 * r, ["query", "value"])
         store.put(import_peft(d, f"l{i}", "a", base))
-    d = save_ia3(
-        folder, root / "ia3", seed=40, targets=["key", "value", "output.dense"], feedforward=["output.dense"]
-    )
+    d = save_ia3(folder, root / "ia3", seed=40)
     store.put(import_peft(d, "i", "a", base))
     settings = ExportSettings(threads=2, fusion="plain")
     export_base(store, "wide", settings=settings)
